@@ -227,22 +227,25 @@ class TorchOps:
 
 
 class CudaOps(TorchOps):
-    """The compiled arcana_kernels extension (csrc/), on CUDA tensors."""
+    """The compiled arcana_kernels extension (csrc/), on CUDA tensors. An op without a kernel yet falls back
+    to the PyTorch method it inherits."""
     name = "cuda"
 
 
-KERNELS_IMPORT_ERROR = None  # why `import arcana_kernels` failed, for the error message
+KERNELS = {"loaded": None, "error": None}  # whether `import arcana_kernels` worked, and why not
 
 
 def load_kernels():
-    """Import the extension once; True when torch.ops.arcana.* is usable."""
-    global KERNELS_IMPORT_ERROR
-    try:
-        import arcana_kernels  # noqa: F401  (importing registers torch.ops.arcana.*)
-    except ImportError as e:
-        KERNELS_IMPORT_ERROR = str(e)
-        return False
-    return True
+    """Import the extension once and register the Python half of its ops (fake implementations for
+    torch.compile, autograd); True when torch.ops.arcana.* is usable."""
+    if KERNELS["loaded"] is None:
+        try:
+            import arcana_kernels  # noqa: F401  (importing registers torch.ops.arcana.*)
+        except ImportError as e:
+            KERNELS.update(loaded=False, error=str(e))
+        else:
+            KERNELS["loaded"] = True
+    return KERNELS["loaded"]
 
 
 def select_ops(kernels, device_type):
@@ -254,7 +257,7 @@ def select_ops(kernels, device_type):
             raise UserError(f"--kernels cuda needs a CUDA device, but this run uses {device_type}; "
                             f"use --kernels torch (or auto) here")
         if not load_kernels():
-            raise UserError(f"--kernels cuda: the arcana_kernels extension is not built ({KERNELS_IMPORT_ERROR}); "
+            raise UserError(f"--kernels cuda: the arcana_kernels extension is not built ({KERNELS['error']}); "
                             f"build it with `python setup.py build_ext --inplace` on a machine with nvcc, "
                             f"or use --kernels torch")
         return CudaOps()
