@@ -23,6 +23,116 @@ def suite(name, description):
 
 
 # -----------------------------------------------------------------------------
+# tokenize: prepare.py's multi-process pipeline against single-process tiktoken
+
+def _words_text(n_chars, seed=0):
+    """English-like filler text (Zipf-distributed words, sentences, paragraphs) for when no --input is given."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = ("the of and to a in is that for it as was with be by on not he this are or his from at which but "
+             "have an they you were her she there been one all we their has would when if so no will more can "
+             "about out up what some time into only other new years could people also first after water cells "
+             "energy history students learning research children health system important different example "
+             "because through however between development environment information understanding").split()
+    weights = [1 / (rank + 1) for rank in range(len(vocab))]
+    parts, size = [], 0
+    while size < n_chars:
+        words = rng.choices(vocab, weights, k=rng.randint(6, 30))
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"])
+        if rng.random() < 0.15:
+            sentence += "\n\n"
+        else:
+            sentence += " "
+        parts.append(sentence)
+        size += len(sentence)
+    return "".join(parts)
+
+
+def _split_documents(text, doc_chars):
+    """Cut text into documents of about doc_chars characters, at spaces."""
+    docs, i = [], 0
+    while i < len(text):
+        j = text.find(" ", i + doc_chars)
+        j = len(text) if j < 0 else j
+        docs.append(text[i:j].strip())
+        i = j
+    return [d for d in docs if d]
+
+
+@suite("tokenize", "prepare.py: tokens/s with N processes vs one process")
+def bench_tokenize(argv):
+    import argparse
+    import contextlib
+    import io
+    import os
+    import platform
+    import tempfile
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import prepare
+
+    parser = argparse.ArgumentParser(
+        prog="bench.py tokenize",
+        description="Tokenization throughput: prepare.py's pipeline (reader, worker processes, shard writer) "
+                    "against single-process tiktoken encode_ordinary on the same documents. The goal is "
+                    "pipeline >= 0.8 x processes x single-process rate, with the writer never the bottleneck.")
+    parser.add_argument("--input", help="a text file to cut into documents (default: generated English-like text)")
+    parser.add_argument("--doc_chars", type=int, default=4500,
+                        help="document length in characters (FineWeb-edu averages about 4.5K, ~1K tokens)")
+    parser.add_argument("--mb", type=float, default=32.0, help="MB of text to tokenize (the input is repeated)")
+    parser.add_argument("--num_proc", type=int, nargs="+", default=None,
+                        help="worker process counts to measure (default: 1 and prepare.py's default, all cores but one)")
+    parser.add_argument("--shard_size", type=prepare._count, default=1_000_000,
+                        help="tokens per shard, small enough that the writer writes several")
+    args = parser.parse_args(argv)
+
+    text = open(args.input, encoding="utf-8").read() if args.input else _words_text(4_000_000)
+    docs = _split_documents(text, args.doc_chars)
+    target = int(args.mb * 1e6)
+    docs = (docs * (target // max(1, sum(map(len, docs))) + 1))
+    total, keep = 0, 0
+    while keep < len(docs) and total < target:
+        total += len(docs[keep])
+        keep += 1
+    docs = docs[:keep]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    counts = args.num_proc or sorted({1, prepare._default_num_proc()})
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} cores usable, "
+          f"python {platform.python_version()}")
+    print(f"text: {args.input or 'generated'}, {len(docs):,} documents of ~{args.doc_chars} chars, "
+          f"{total / 1e6:.1f} MB")
+
+    enc = prepare.gpt2_encoding()
+    t0 = time.perf_counter()
+    n_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)  # +1: the <|endoftext|> before each
+    single = n_tokens / (time.perf_counter() - t0)
+    print(f"single process, tiktoken encode_ordinary: {n_tokens:,} tokens, {single:,.0f} tokens/s "
+          f"({total / n_tokens:.2f} chars/token)")
+
+    print(f"{'procs':>5} | {'tokens/s':>12} | {'procs x single':>14} | {'ratio':>5} | "
+          f"{'reader busy':>11} | {'writer busy':>11} | {'main waits':>10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "docs.parquet")
+        pq.write_table(pa.table({"text": docs}), source)
+        for n in counts:
+            out = os.path.join(tmp, f"out{n}")
+            cfg = prepare.parse_args(["--input", source, "--out_dir", out, "--num_proc", str(n), "--shard_size",
+                                      str(args.shard_size), "--cache_dir", os.path.join(tmp, "hf_cache")])
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                s = prepare.prepare(cfg)  # its progress bar and summary would break up the table
+            ideal = n * single
+            # busy = share of the pipeline's wall time; "main waits" high means the workers set the pace
+            print(f"{n:>5} | {s['tokens_per_s']:>12,.0f} | {ideal:>14,.0f} | {s['tokens_per_s'] / ideal:>5.2f} | "
+                  f"{s['read_seconds'] / s['seconds']:>11.0%} | {s['write_seconds'] / s['seconds']:>11.0%} | "
+                  f"{s['wait_seconds'] / s['seconds']:>10.0%}", flush=True)
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # entry point
 
 def main(argv=None):

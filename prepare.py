@@ -361,18 +361,20 @@ def _is_network_error(e):
 
 
 def _text_columns(ds):
-    """Column names and, when the loader knows them, their types."""
+    """Column names and, when the loader knows them, their types; None for a stream with no rows at all."""
     if ds.column_names is not None:
         features = ds.features or {}
         return list(ds.column_names), {k: getattr(v, "dtype", type(v).__name__) for k, v in features.items()}
     first = next(iter(ds), None)  # a stream whose loader cannot say before reading: look at the first row
-    return (list(first) if first else []), {}
+    return (list(first), {}) if first is not None else (None, {})
 
 
-def _checked_source(name, ds, text_field, streaming):
+def _checked_source(name, ds, text_field):
     import datasets
 
     columns, dtypes = _text_columns(ds)
+    if columns is None:
+        raise PrepareError(f"{name} has no documents (0 rows); check the input")
     if text_field not in columns:
         raise PrepareError(f"{name} has no column {text_field!r}; its columns are "
                            f"{', '.join(map(repr, columns)) or '(none)'}: pass the one with the text as --text_field")
@@ -406,8 +408,11 @@ def load_hub(cfg):
                                f"`huggingface-cli login`: check --dataset ({e})") from None
         if isinstance(e, ValueError) and "BuilderConfig" in str(e):
             raise PrepareError(f"--subset {cfg.subset!r} is not a configuration of {cfg.dataset}: {e}") from None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PrepareError(f"the disk is full while downloading {name} ({e}); pass --streaming to tokenize "
+                               f"without a local copy, or --cache_dir on a disk with more room") from None
         raise
-    return [_checked_source(name, ds, cfg.text_field, cfg.streaming)]
+    return [_checked_source(name, ds, cfg.text_field)]
 
 
 def load_local(cfg, files, repaired):
@@ -438,7 +443,7 @@ def load_local(cfg, files, repaired):
         except Exception as e:
             raise PrepareError(f"cannot read {name}: {type(e).__name__}: {e}") from None
         text_field = "text" if loader == "text" else cfg.text_field
-        sources.append(_checked_source(name, ds, text_field, cfg.streaming))
+        sources.append(_checked_source(name, ds, text_field))
     return sources
 
 
@@ -462,7 +467,7 @@ def read_texts(sources, start_row, batch_rows=1000):
                         continue
                     texts, skip = texts[skip:], 0
                 yield from texts
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except Exception as e:  # the loaders raise many types; the user needs the file and the reason
             if _is_network_error(e):
                 raise PrepareError(f"lost the connection while streaming {src.name} ({e}); run the same "
                                    f"command again to resume from the last finished shard") from None
@@ -603,10 +608,13 @@ def read_manifest(out_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        manifest["settings"], manifest["shards"]  # noqa: B018 (the keys every manifest has)
-    except (ValueError, KeyError, TypeError) as e:
-        raise PrepareError(f"{path} is not a manifest prepare.py can read ({e}); pass --overwrite to start "
-                           f"over in {out_dir}") from None
+        problem = None if isinstance(manifest, dict) and {"settings", "shards", "complete"} <= manifest.keys() \
+            else "keys missing"
+    except ValueError as e:
+        problem = str(e)
+    if problem:
+        raise PrepareError(f"{path} is not a manifest prepare.py can read ({problem}); pass --overwrite to start "
+                           f"over in {out_dir}")
     return manifest
 
 
@@ -868,6 +876,10 @@ def prepare(cfg):
         print(f"resuming in {cfg.out_dir}/: {done - len(bad)} of {done} recorded shards are finished and verified")
 
     gpt2_encoding()  # fail early, and let forked workers inherit it
+    if files is not None:
+        files = [p for p in files if os.path.getsize(p) > 0]  # an empty file holds no document (and trips loaders)
+        if not files:
+            raise PrepareError(f"--input {' '.join(cfg.input)}: every file is empty, so there are no documents")
     sources = load_hub(cfg) if files is None else load_local(cfg, files, repaired)
     known_rows = sum(s.num_rows for s in sources) if all(s.num_rows is not None for s in sources) else None
     if known_rows == 0:

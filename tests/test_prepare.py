@@ -145,7 +145,8 @@ def test_parquet_with_fineweb_columns(tmp_path, streaming):
     assert np.array_equal(read_stream_in_order(out), expected_tokens(docs))
 
 
-def test_txt_documents_file_paragraph_line(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_txt_documents_file_paragraph_line(tmp_path, streaming):
     a = "First paragraph of a.\nStill the first.\n\nSecond paragraph of a.\n"
     b = "Only line of b\n"
     (tmp_path / "a.txt").write_text(a)
@@ -159,7 +160,7 @@ def test_txt_documents_file_paragraph_line(tmp_path):
     for mode, docs in cases.items():
         out = tmp_path / f"out_{mode}"
         assert run(tmp_path, "--input", pattern, "--txt_document", mode, "--out_dir", str(out),
-                   "--shard_size", "12") == 0
+                   "--shard_size", "12", *(["--streaming"] if streaming else [])) == 0
         assert np.array_equal(read_stream_in_order(out), expected_tokens(docs)), mode
 
 
@@ -316,11 +317,12 @@ def test_killed_run_resumes_to_identical_shards(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
-def test_resume_mid_document_and_rewrite_of_damaged_shards(tmp_path, capsys):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_mid_document_and_rewrite_of_damaged_shards(tmp_path, capsys, streaming):
     docs = make_docs(80, seed=7)
     src = write_jsonl(tmp_path / "c.jsonl", docs)
     out = tmp_path / "out"
-    args = ["--input", src, "--out_dir", str(out), "--shard_size", "1234"]
+    args = ["--input", src, "--out_dir", str(out), "--shard_size", "1234"] + (["--streaming"] if streaming else [])
     assert run(tmp_path, *args) == 0
     good = file_bytes(out)
     m = manifest(out)
@@ -364,16 +366,21 @@ def test_missing_path_glob_and_extension(tmp_path, capsys):
     assert "data.csv" in err and ".parquet" in err and "Traceback" not in err
 
 
-def test_input_without_documents(tmp_path, capsys):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_input_without_documents(tmp_path, capsys, streaming):
     out = str(tmp_path / "out")
+    flags = ["--out_dir", out] + (["--streaming"] if streaming else [])
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert run(tmp_path, "--input", str(empty), "--out_dir", out) == 1
+    assert run(tmp_path, "--input", str(empty), *flags) == 1
+    assert "no documents" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert run(tmp_path, "--input", str(tmp_path / "empty.jsonl"), *flags) == 1
     assert "no documents" in capsys.readouterr().err
     blank = write_jsonl(tmp_path / "blank.jsonl", ["", "", ""])
-    assert run(tmp_path, "--input", blank, "--out_dir", out) == 1
+    assert run(tmp_path, "--input", blank, *flags) == 1
     assert "no documents" in capsys.readouterr().err
-    assert not shard_files(out)
+    assert not shard_files(out) and not os.path.exists(os.path.join(out, "manifest.json"))
 
 
 def test_missing_text_field_lists_the_fields(tmp_path, capsys):
