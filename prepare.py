@@ -109,7 +109,7 @@ class Config:
         help="stop after this many tokens (the last shard may be short); default: the whole dataset"))
     # how
     num_proc: int = field(default_factory=_default_num_proc, metadata=dict(
-        type=int, help="tokenizer worker processes (default: all cores but one)"))
+        type=int, help="tokenizer worker processes; the default is all cores but one on this machine"))
     overwrite: bool = field(default=False, metadata=dict(
         help="delete the shards already in --out_dir (any *.npy named *train* or *val*) and start over"))
     cache_dir: Optional[str] = field(default=None, metadata=dict(
@@ -459,14 +459,14 @@ def read_texts(sources, start_row, batch_rows=1000):
                 continue
             ds, skip = ds.skip(skip), 0
         try:
-            for batch in ds.iter(batch_size=batch_rows):
-                texts = batch[src.text_field]
+            # Arrow batches: rows to skip are sliced off before any Python string is made
+            for table in ds.with_format("arrow").iter(batch_size=batch_rows):
                 if skip:
-                    if skip >= len(texts):
-                        skip -= len(texts)
+                    if skip >= table.num_rows:
+                        skip -= table.num_rows
                         continue
-                    texts, skip = texts[skip:], 0
-                yield from texts
+                    table, skip = table.slice(skip), 0
+                yield from table.column(src.text_field).to_pylist()
         except Exception as e:  # the loaders raise many types; the user needs the file and the reason
             if _is_network_error(e):
                 raise PrepareError(f"lost the connection while streaming {src.name} ({e}); run the same "
@@ -782,26 +782,16 @@ def _describe_difference(old, new):
     return "; ".join(diffs)
 
 
-def prepare_out_dir(cfg, settings):
-    """Check --out_dir against this run; returns the manifest to continue from (None: start afresh)."""
+def check_out_dir(cfg, settings):
+    """Check --out_dir against this run, changing nothing yet. Returns the manifest to continue from (None: start
+    afresh) and the files --overwrite is to delete."""
     out = cfg.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
-    os.makedirs(out, exist_ok=True)
-    manifest = read_manifest(out)
-    names = sorted(os.listdir(out))
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if cfg.overwrite:
-        doomed = [n for n in names if _is_shard_like(n) or n == MANIFEST or
-                  (n.endswith(".tmp") and (_is_shard_like(n[:-4]) or n[:-4] == MANIFEST))]
-        for n in doomed:
-            os.remove(os.path.join(out, n))
-        if doomed:
-            print(f"--overwrite: removed {len(doomed)} old files from {out}/")
-        return None
-    # leftovers of a write that was killed before its rename
-    for n in names:
-        if n.endswith(".tmp") and (SHARD_RE.match(n[:-4]) or n[:-4] == MANIFEST):
-            os.remove(os.path.join(out, n))
+        return None, [n for n in names if _is_shard_like(n) or n == MANIFEST]
+    manifest = read_manifest(out)
     recorded = {s["name"] for s in manifest["shards"]} if manifest else set()
 
     def ours(name):  # recorded, or a shard of this run that was renamed into place before the manifest caught up
@@ -818,9 +808,22 @@ def prepare_out_dir(cfg, settings):
             f"another --out_dir")
     if manifest is not None and manifest["settings"] != settings:
         raise PrepareError(
-            f"--out_dir {out} holds shards made with other settings ({_describe_difference(manifest['settings'], settings)}); "
-            f"refusing to mix them. Pass --overwrite to delete them and start over, or choose another --out_dir")
-    return manifest
+            f"--out_dir {out} holds shards made with other settings "
+            f"({_describe_difference(manifest['settings'], settings)}); refusing to mix them. Pass --overwrite to "
+            f"delete them and start over, or choose another --out_dir")
+    return manifest, []
+
+
+def clear_out_dir(out, doomed):
+    """Create --out_dir, remove what --overwrite doomed and the temporary files of writes killed mid-way."""
+    os.makedirs(out, exist_ok=True)
+    for name in doomed:
+        os.remove(os.path.join(out, name))
+    if doomed:
+        print(f"--overwrite: removed {len(doomed)} old files from {out}/")
+    for name in os.listdir(out):
+        if name.endswith(".tmp") and (SHARD_RE.match(name[:-4]) or name[:-4] == MANIFEST):
+            os.remove(os.path.join(out, name))
 
 
 def _summary_line(manifest):
@@ -845,7 +848,7 @@ def prepare(cfg):
             raise PrepareError(f"--input {' '.join(cfg.input)}: every file was left out (--on_decode_error skip), "
                                f"so there are no documents")
     settings = settings_of(cfg, files)
-    manifest = prepare_out_dir(cfg, settings)
+    manifest, doomed = check_out_dir(cfg, settings)
 
     # which shards to (re)write: those past the end of a previous run, and recorded ones that fail their hash
     if manifest is None:
@@ -885,6 +888,8 @@ def prepare(cfg):
     if known_rows == 0:
         raise PrepareError(f"{' + '.join(s.name for s in sources)} has no documents (0 rows); check the input")
 
+    # only now, with the data found and readable, is anything in --out_dir deleted
+    clear_out_dir(cfg.out_dir, doomed)
     from tqdm import tqdm
 
     timing = Timing()

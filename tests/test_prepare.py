@@ -423,12 +423,17 @@ def test_undecodable_bytes(tmp_path, capsys):
 
 
 def test_hub_unreachable_says_so_and_shows_input(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(out / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))  # an earlier run's shard
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "prepare.py", "--out_dir", str(tmp_path / "out"), "--num_proc", "1"],
+    proc = subprocess.run([sys.executable, "prepare.py", "--out_dir", str(out), "--num_proc", "1", "--overwrite"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "cannot reach the Hugging Face hub" in proc.stderr and "HuggingFaceFW/fineweb-edu" in proc.stderr
     assert "--input" in proc.stderr and "Traceback" not in proc.stderr
+    # --overwrite deletes nothing until the new data is there to replace it
+    assert os.listdir(out) == ["edufineweb_val_000000.npy"]
 
 
 def test_out_dir_with_other_shards_is_refused_unless_overwrite(tmp_path, capsys):
