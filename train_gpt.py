@@ -95,7 +95,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
     # evaluation, sampling, checkpoints
     val_every: int = 250  # validation loss every this many steps, and at the last step (0: last step only)
-    val_steps: int = 20  # micro-batches per validation
+    val_steps: int = 20  # validation batches of total_batch_size tokens (the same tokens however it is split)
     hellaswag_every: int = 250  # HellaSwag accuracy every this many steps and at the last step (0: never)
     hellaswag_dir: str = ""  # folder holding hellaswag_val.jsonl (default: hellaswag.py's cache folder)
     sample_every: int = 250  # print sample completions every this many steps (0: never)
@@ -222,7 +222,7 @@ class TorchOps:
     def lm_head_loss(self, h, weight, targets):
         """Logits h @ weight.T and their mean cross-entropy against targets (-1 = ignore)."""
         logits = F.linear(h, weight)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
 
@@ -655,18 +655,19 @@ def flops_per_token(model, T):
 # evaluation and sampling
 
 @torch.no_grad()
-def evaluate_val(model, loader, steps, rt, amp):
+def evaluate_val(model, loader, micro_batches, rt, amp):
+    """Mean loss over the first micro_batches windows of each rank in the val shards (always the same tokens)."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=rt.device)
-    for _ in range(steps):
+    for _ in range(micro_batches):
         x, y = loader.next_batch()
         x, y = x.to(rt.device), y.to(rt.device)
         with amp:
             _, loss = model(x, y)
         total += loss.detach().float()
     model.train()
-    return all_reduce_mean(total / steps, rt).item()
+    return all_reduce_mean(total / micro_batches, rt).item()
 
 
 def print_samples(model, prompt, num_samples, length, rt, amp, seed):
@@ -841,6 +842,24 @@ def learning_rate(step, cfg):
     return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
 
 
+def forward_backward(model, ddp_model, loader, grad_accum, device, amp, scaler=None):
+    """Gradients of one optimizer step's mean loss over grad_accum micro-batches, accumulated in .grad;
+    under DDP (ddp_model given) they are synchronized on the last micro-batch only. Returns the mean loss."""
+    model.train()
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync = ddp_model is None or micro_step == grad_accum - 1
+        with (nullcontext() if sync else ddp_model.no_sync()):
+            with amp:
+                _, loss = model(x, y)
+            loss = loss.float() / grad_accum  # the mean over the whole step, not a sum of micro-step means
+            loss_accum += loss.detach()
+            (scaler.scale(loss) if scaler else loss).backward()
+    return loss_accum
+
+
 def due(step, every, last):
     return last or (every > 0 and step % every == 0)
 
@@ -995,7 +1014,7 @@ def train(cfg):
             stopping = stop_agreed
             if not resumed_here and not stopping:
                 if due(step, cfg.val_every, last):
-                    val_loss = evaluate_val(model, val_loader, cfg.val_steps, rt, amp)
+                    val_loss = evaluate_val(model, val_loader, cfg.val_steps * grad_accum, rt, amp)
                     log.write(step, "val", f"{val_loss:.4f}")
                     if rt.master:
                         print(f"step:{step}/{cfg.max_steps} val_loss:{val_loss:.4f}")
@@ -1032,23 +1051,11 @@ def train(cfg):
                     print(f"nothing to do: {resume_path} is already at --max_steps {cfg.max_steps}")
                 break
 
-            # one optimizer step: grad_accum micro-steps, gradients synchronized on the last one only
             synchronize(rt.device_type)
             t0 = time.time()
-            model.train()
             optimizer.zero_grad(set_to_none=True)
-            loss_accum = torch.zeros((), device=rt.device)
-            for micro_step in range(grad_accum):
-                x, y = train_loader.next_batch()
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                sync = not rt.ddp or micro_step == grad_accum - 1
-                with (nullcontext() if sync else ddp_model.no_sync()):
-                    with amp:
-                        _, loss = model(x, y)
-                    loss = loss / grad_accum  # the mean over the whole step, not a sum of micro-step means
-                    loss_accum += loss.detach()
-                    (scaler.scale(loss) if scaler else loss).backward()
-            stats = torch.stack([loss_accum.float(), torch.tensor(float(stop.requested), device=rt.device)])
+            loss_accum = forward_backward(model, ddp_model, train_loader, grad_accum, rt.device, amp, scaler)
+            stats = torch.stack([loss_accum, torch.tensor(float(stop.requested), device=rt.device)])
             if rt.ddp:
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             loss_value = stats[0].item() / rt.world_size

@@ -1,0 +1,530 @@
+"""train_gpt.py on CPU: the model, the data loader, the training loop, checkpoints, resume, DDP and errors."""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from train_gpt import GPT, GPTConfig, ShardLoader, TorchOps, TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_gpt.py")
+
+# A small model and batch that run a training step on CPU in well under a second.
+SMALL = ["--model", "tiny", "--n_embd", "32", "--n_head", "2", "--device", "cpu", "--batch_size", "2",
+         "--block_size", "32", "--total_batch_size", "128", "--val_steps", "1", "--hellaswag_every", "0",
+         "--sample_every", "0", "--warmup_steps", "2", "--max_lr", "1e-3"]
+
+
+def make_shards(folder, n_train=2, train_tokens=6000, val_tokens=3000, seed=0):
+    """A val shard and n_train train shards of a repeating random pattern (learnable, like text)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pattern = rng.integers(0, 50257, 700)
+    np.save(os.path.join(folder, "tok_val_000000.npy"), np.resize(pattern, val_tokens).astype(np.uint16))
+    for i in range(1, n_train + 1):
+        tokens = np.resize(np.roll(pattern, 37 * i), train_tokens).astype(np.uint16)
+        np.save(os.path.join(folder, f"tok_train_{i:06d}.npy"), tokens)
+    return str(folder)
+
+
+def read_log(log_dir, stream=None):
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        lines = [line.split() for line in f if line.strip()]
+    return [(int(s), k, v) for s, k, v in lines if stream is None or k == stream]
+
+
+def run_script(args, env=None, timeout=300, launcher=None):
+    cmd = (launcher or [sys.executable]) + [SCRIPT] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_shards(tmp_path / "data")
+
+
+# -----------------------------------------------------------------------------
+# model
+
+def test_d12_parameter_count():
+    model = GPT(GPTConfig(vocab_size=50257))
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_presets_and_shapes():
+    for name, expect in [("d24", (24, 16, 1024)), ("d36", (36, 20, 1280)), ("d48", (48, 25, 1600))]:
+        mc = train_gpt.model_config(TrainConfig(model=name))
+        assert (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size, mc.vocab_size) == (*expect, 1024, 50304)
+    mc = train_gpt.model_config(TrainConfig(model="tiny", n_layer=3, block_size=16))
+    assert (mc.n_layer, mc.block_size) == (3, 16)
+    torch.manual_seed(0)
+    model = GPT(mc)
+    idx = torch.randint(0, 50257, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 50304) and loss is None
+    logits, loss = model(idx, torch.randint(0, 50257, (3, 16)))
+    assert loss.shape == () and abs(loss.item() - math.log(50304)) < 0.5  # near-uniform at init
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=50304, block_size=64))
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
+    scaled = 0.02 * (2 * 8) ** -0.5
+    assert abs(model.transformer.h[0].attn.c_proj.weight.std().item() - scaled) < 5e-4
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - scaled) < 5e-4
+    assert model.transformer.h[0].mlp.c_fc.bias.abs().max().item() == 0
+
+
+def randomized_hf_model(tmp_path, **overrides):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, **overrides)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # every weight random, biases and LayerNorm gains included, so nothing hides
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and p.numel() == 64 else 0.0))
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_logits_match_transformers(tmp_path):
+    hf = randomized_hf_model(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (2, 100))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_from_pretrained_bin_and_hub_layout(tmp_path):
+    hf = randomized_hf_model(tmp_path / "a")
+    # the layout of OpenAI's checkpoint on the hub: no "transformer." prefix, the causal-mask buffers,
+    # no lm_head (tied), pytorch_model.bin instead of safetensors
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 128, 128)
+    os.makedirs(tmp_path / "b")
+    torch.save(sd, tmp_path / "b" / "pytorch_model.bin")
+    with open(tmp_path / "a" / "config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "b" / "config.json", "w") as f:
+        json.dump(config, f)
+    model = GPT.from_pretrained(str(tmp_path / "b")).eval()
+    idx = torch.randint(0, 50257, (1, 50))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(train_gpt.UserError, match="neither a directory nor one of"):
+        GPT.from_pretrained("gpt5")
+    with pytest.raises(train_gpt.UserError, match="no config.json"):
+        GPT.from_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 50257, "n_positions": 8}, f)
+    with pytest.raises(train_gpt.UserError, match="neither model.safetensors nor pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=4, n_embd=128))
+    x = torch.randint(0, 50257, (2, 33))
+    optimizer = model.configure_optimizer(0.0, 3e-3, "cpu")
+    for _ in range(100):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_weight_decay_groups():
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizer(0.1, 1e-3, "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    ids = {id(p) for p in decay["params"]} | {id(p) for p in no_decay["params"]}
+    assert ids == {id(p) for p in model.parameters()}  # every parameter exactly once (wte/lm_head tied)
+    assert len(decay["params"]) == 2 + 2 * 4  # wte, wpe, and per block c_attn, c_proj, c_fc, c_proj
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    lr = lambda step: train_gpt.learning_rate(step, cfg)
+    assert lr(0) == pytest.approx(6e-5)  # (0 + 1) / 10 of the peak
+    assert lr(4) == pytest.approx(3e-4)
+    assert lr(9) == pytest.approx(6e-4)
+    assert lr(10) == pytest.approx(6e-4)
+    assert lr(60) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half-way through the cosine
+    assert lr(110) == pytest.approx(6e-5)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
+
+
+def test_torch_ops_match_plain_pytorch():
+    torch.manual_seed(0)
+    ops, B, T, H, D = TorchOps(), 2, 7, 3, 8
+    qkv = torch.randn(B, T, 3 * H * D)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+    att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+    expected = (att @ v).transpose(1, 2).reshape(B, T, H * D)
+    torch.testing.assert_close(ops.attention(qkv, H), expected, atol=1e-6, rtol=1e-5)
+    x = torch.randn(4, 8)
+    tanh_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    fc = torch.nn.Linear(8, 8)
+    torch.testing.assert_close(F.gelu(x, approximate="tanh"), tanh_gelu, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ops.linear_gelu(x, fc), F.gelu(fc(x), approximate="tanh"))
+    ln = torch.nn.LayerNorm(8)
+    r, h = ops.add_layer_norm(x, x, ln)
+    torch.testing.assert_close(r, 2 * x)
+    torch.testing.assert_close(h, ln(2 * x))
+
+
+def test_kernels_cuda_without_gpu_is_refused():
+    with pytest.raises(train_gpt.UserError, match="--kernels cuda needs a CUDA device"):
+        train_gpt.select_ops("cuda", "cpu")
+    assert train_gpt.select_ops("auto", "cpu").name == "torch"
+    assert train_gpt.select_ops("torch", "cuda").name == "torch"
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def test_loader_ranks_read_disjoint_windows_and_wrap(tmp_path):
+    folder = tmp_path / "d"
+    os.makedirs(folder)
+    np.save(folder / "a_train_000001.npy", np.arange(0, 1000, dtype=np.uint16))
+    np.save(folder / "a_train_000002.npy", np.arange(1000, 1500, dtype=np.uint16))
+    shards = train_gpt.find_shards(str(folder), "train")
+    B, T, W = 2, 10, 3
+    loaders = [ShardLoader(shards, B, T, rank, W) for rank in range(W)]
+    seen = []
+    for _ in range(20):
+        batches = [loader.next_batch() for loader in loaders]
+        for x, y in batches:
+            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # targets are the next tokens
+        starts = [int(x[0, 0]) for x, _ in batches]
+        assert starts[1] - starts[0] == B * T and starts[2] - starts[1] == B * T  # disjoint, contiguous
+        seen.append(starts[0])
+    # shard 1 holds 16 spans of 60 (+1) tokens, shard 2 holds 8; then it wraps to shard 1
+    assert seen[:3] == [0, 60, 120] and seen[16] == 1000 and seen[19] == 1180
+    assert ShardLoader(shards, B, T, 0, W).state_dict() == {"epoch": 0, "index": 0, "pos": 0}
+    assert [loaders[0].next_batch()[0][0, 0].item() for _ in range(5)] == [1240, 1300, 1360, 1420, 0]
+    assert loaders[0].state_dict()["epoch"] == 1
+
+
+def test_loader_state_round_trip_and_shuffle(tmp_path):
+    folder = tmp_path / "d"
+    os.makedirs(folder)
+    for i in range(4):
+        np.save(folder / f"a_train_{i:06d}.npy", np.arange(i * 1000, i * 1000 + 500, dtype=np.uint16))
+    shards = train_gpt.find_shards(str(folder), "train")
+    a = ShardLoader(shards, 2, 8, shuffle=True, seed=5)
+    for _ in range(37):
+        a.next_batch()
+    b = ShardLoader(shards, 2, 8, shuffle=True, seed=5)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for _ in range(50):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    orders = [ShardLoader(shards, 2, 8, shuffle=True, seed=5).order(e) for e in range(3)]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len({tuple(o) for o in orders}) > 1
+    assert ShardLoader(shards, 2, 8, shuffle=True, seed=6).order(0) != orders[0] or \
+        ShardLoader(shards, 2, 8, shuffle=True, seed=6).order(1) != orders[1]
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(train_gpt.UserError, match="does not exist; run `python prepare.py`"):
+        train_gpt.find_shards(str(tmp_path / "missing"), "train")
+    with pytest.raises(train_gpt.UserError, match="has no \\*_train_\\*.npy shards; run `python prepare.py`"):
+        train_gpt.find_shards(str(tmp_path), "train")
+    np.save(tmp_path / "x_train_000001.npy", np.zeros(10, dtype=np.uint16))
+    with pytest.raises(train_gpt.UserError, match="shorter than one batch"):
+        ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
+    np.save(tmp_path / "x_train_000002.npy", np.full(1000, 60000, dtype=np.uint16))
+    loader = ShardLoader([str(tmp_path / "x_train_000002.npy")], 2, 8, vocab_size=50304)
+    with pytest.raises(train_gpt.UserError, match="x_train_000002.npy holds token id 60000"):
+        loader.next_batch()
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    good = tmp_path / "x_train_000001.npy"
+    np.save(good, np.arange(5000, dtype=np.uint16))
+    data = good.read_bytes()
+    bad = tmp_path / "x_train_000002.npy"
+    bad.write_bytes(data[: len(data) // 2])  # truncated mid-array
+    with pytest.raises(train_gpt.UserError, match="x_train_000002.npy is corrupt or truncated"):
+        ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
+    bad.write_bytes(b"not a numpy file at all")
+    with pytest.raises(train_gpt.UserError, match="x_train_000002.npy is corrupt or truncated"):
+        ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+def test_accumulation_equals_larger_batch(data_dir):
+    torch.manual_seed(0)
+    model_a = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    model_b = copy.deepcopy(model_a)
+    shards = train_gpt.find_shards(data_dir, "train")
+    amp = train_gpt.autocast_context("cpu", torch.float32)
+    loss_a = train_gpt.forward_backward(model_a, None, ShardLoader(shards, 4, 32), 1, "cpu", amp)
+    loss_b = train_gpt.forward_backward(model_b, None, ShardLoader(shards, 2, 32), 2, "cpu", amp)
+    assert abs(loss_a.item() - loss_b.item()) < 1e-6
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        assert (pa.grad - pb.grad).abs().max().item() < 1e-6, name
+
+
+def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
+    log_dir = str(tmp_path / "log")
+    code = train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "6",
+                                   "--val_every", "3", "--checkpoint_every", "2", "--keep_checkpoints", "2"])
+    assert code == 0
+    log = read_log(log_dir)
+    assert [s for s, k, _ in log if k == "train"] == list(range(6))
+    assert [s for s, k, _ in log if k == "val"] == [0, 3, 6]
+    assert all(len(v.split(".")[1]) == (6 if k == "train" else 4) for _, k, v in log)
+    train_losses = [float(v) for _, k, v in log if k == "train"]
+    assert train_losses[-1] < train_losses[0]
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00004.pt", "model_00006.pt", "run.json"]
+    with open(os.path.join(log_dir, "run.json")) as f:
+        meta = json.load(f)
+    assert meta["tokens_per_step"] == 128 and meta["config"]["max_steps"] == 6 and meta["world_size"] == 1
+    assert meta["versions"]["torch"] == torch.__version__
+    ckpt = train_gpt.load_checkpoint(os.path.join(log_dir, "model_00006.pt"))
+    assert ckpt["step"] == 6 and ckpt["model_config"]["n_embd"] == 32 and ckpt["config"]["max_steps"] == 6
+    assert ckpt["val_loss"] == pytest.approx(float([v for s, k, v in log if k == "val"][-1]), abs=1e-4)
+    assert {"model", "optimizer", "train_loader", "rng"} <= set(ckpt)
+    model, _ = train_gpt.model_from_checkpoint(os.path.join(log_dir, "model_00006.pt"))
+    assert all("_orig_mod" not in k for k in ckpt["model"])
+    assert model.config.n_embd == 32
+
+
+def test_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    args = SMALL + ["--data_dir", data_dir, "--max_steps", "7", "--val_every", "2", "--checkpoint_every", "3",
+                    "--keep_checkpoints", "0", "--shuffle"]
+    assert train_gpt.main(args + ["--log_dir", full]) == 0
+    # a run that died after its step-3 checkpoint, having logged a few lines past it
+    os.makedirs(resumed)
+    with open(os.path.join(full, "model_00003.pt"), "rb") as f, \
+            open(os.path.join(resumed, "model_00003.pt"), "wb") as g:
+        g.write(f.read())
+    with open(os.path.join(full, "log.txt")) as f:
+        lines = f.readlines()
+    with open(os.path.join(resumed, "log.txt"), "w") as f:
+        f.writelines(line for line in lines if int(line.split()[0]) <= 4)  # logged past the checkpoint
+        f.write("5 tra")  # and a partial line from the kill
+    assert train_gpt.main(args + ["--log_dir", resumed, "--resume", "auto"]) == 0
+    with open(os.path.join(full, "log.txt")) as f, open(os.path.join(resumed, "log.txt")) as g:
+        assert g.read() == f.read()  # bitwise: same train lines, nothing duplicated, nothing lost
+    # resuming a finished run does nothing
+    assert train_gpt.main(args + ["--log_dir", resumed, "--resume", "auto"]) == 0
+    assert len(read_log(resumed, "train")) == 7
+
+
+def test_sigterm_checkpoints_and_resume_matches(data_dir, tmp_path):
+    full, interrupted = str(tmp_path / "full"), str(tmp_path / "interrupted")
+    args = SMALL + ["--data_dir", data_dir, "--max_steps", "12", "--val_every", "4", "--checkpoint_every", "0"]
+    # every part runs with the same thread count: float sums on CPU are bitwise reproducible only then
+    assert run_script(args + ["--log_dir", full]).returncode == 0
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args + ["--log_dir", interrupted], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log_txt = os.path.join(interrupted, "log.txt")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(log_txt) and len(read_log(interrupted, "train")) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "finishing this step" in err
+    checkpoints = train_gpt.list_checkpoints(interrupted)
+    assert len(checkpoints) == 1
+    stopped_at = checkpoints[0][0]
+    assert 2 <= stopped_at < 12 and len(read_log(interrupted, "train")) == stopped_at
+    assert run_script(args + ["--log_dir", interrupted, "--resume", "auto"]).returncode == 0
+    with open(os.path.join(full, "log.txt")) as f, open(log_txt) as g:
+        assert g.read() == f.read()
+
+
+def test_half_written_checkpoint_is_ignored(data_dir, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--val_every", "0"]
+    assert train_gpt.main(args + ["--max_steps", "2", "--checkpoint_every", "1", "--keep_checkpoints", "0"]) == 0
+    with open(os.path.join(log_dir, "model_00002.pt"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(log_dir, "model_00009.pt"), "wb") as f:
+        f.write(data[: len(data) // 3])  # a copy cut short, under a valid name
+    with open(os.path.join(log_dir, "model_00010.pt.tmp.123"), "wb") as f:
+        f.write(data[:100])  # an interrupted atomic write
+    path, ckpt = train_gpt.newest_valid_checkpoint(log_dir)
+    assert path.endswith("model_00002.pt") and ckpt["step"] == 2
+    assert "model_00009.pt does not load" in capsys.readouterr().err
+    assert train_gpt.main(args + ["--max_steps", "4", "--resume", "auto"]) == 0
+    assert [s for s, _, _ in read_log(log_dir, "train")] == [0, 1, 2, 3]
+
+
+def test_non_finite_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--val_every", "0", "--checkpoint_every", "2",
+                    "--keep_checkpoints", "0"]
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 6:  # micro-steps of steps 0-2 are fine; step 3 diverges
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    assert train_gpt.main(args + ["--max_steps", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "step 3: loss nan" in err and "model_00002.pt" in err
+    assert [p for _, p in train_gpt.list_checkpoints(log_dir)] == [os.path.join(log_dir, "model_00002.pt")]
+    ckpt = train_gpt.load_checkpoint(os.path.join(log_dir, "model_00002.pt"))
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert [s for s, _, _ in read_log(log_dir, "train")] == [0, 1, 2]
+
+
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = SMALL + ["--data_dir", data_dir, "--max_steps", "4", "--val_every", "2", "--checkpoint_every", "0"]
+    single = run_script(args + ["--log_dir", one])
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    multi = run_script(args + ["--log_dir", two], launcher=launcher)
+    assert multi.returncode == 0, multi.stderr
+    assert "2 process(es)" in multi.stdout and "x 2 x 1 accumulation steps" in multi.stdout
+    a, b = read_log(one), read_log(two)
+    assert [(s, k) for s, k, _ in a] == [(s, k) for s, k, _ in b]
+    for (_, _, va), (_, _, vb) in zip(a, b):
+        assert abs(float(va) - float(vb)) < 2e-5
+    ckpt_a = train_gpt.load_checkpoint(os.path.join(one, "model_00004.pt"))["model"]
+    ckpt_b = train_gpt.load_checkpoint(os.path.join(two, "model_00004.pt"))["model"]
+    assert max((ckpt_a[k] - ckpt_b[k]).abs().max().item() for k in ckpt_a) < 1e-5
+
+
+def test_compile_with_eval_and_sampling(data_dir, tmp_path, monkeypatch):
+    class FakeEncoding:  # sampling only needs encode/decode; the real tokenizer is tested with prepare.py
+        def encode_ordinary(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, tokens):
+            return " ".join(map(str, tokens))
+
+    import prepare
+    monkeypatch.setattr(prepare, "gpt2_encoding", lambda: FakeEncoding())
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "1",
+                    "--sample_every", "1", "--num_samples", "2", "--sample_length", "4", "--compile"]
+    assert train_gpt.main(args) == 0
+    log = read_log(log_dir)
+    assert [(s, k) for s, k, _ in log] == [(0, "val"), (0, "train"), (1, "val"), (1, "train"), (2, "val")]
+
+
+def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    class FakeEncoding:
+        def encode_ordinary(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, tokens):
+            return "|".join(map(str, tokens))
+
+    import prepare
+    monkeypatch.setattr(prepare, "gpt2_encoding", lambda: FakeEncoding())
+    log_dir = str(tmp_path / "log")
+    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1",
+                                   "--val_every", "0"]) == 0
+    capsys.readouterr()
+    code = train_gpt.main(["--resume", os.path.join(log_dir, "model_00001.pt"), "--sample", "Hi",
+                           "--num_samples", "3", "--sample_length", "5", "--device", "cpu"])
+    assert code == 0
+    samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 3 and all(s.split(": ", 1)[1].strip("'").startswith("72|105|") for s in samples)
+    assert all(len(s.split("|")) == 7 for s in samples)  # 2 prompt tokens + 5 new ones
+    code = train_gpt.main(["--resume", os.path.join(log_dir, "model_00001.pt"), "--sample", "Hi",
+                           "--block_size", "64", "--device", "cpu"])
+    assert code == 2 and "larger than checkpoint" in capsys.readouterr().err
+    assert train_gpt.main(["--sample", "Hi", "--log_dir", str(tmp_path / "none")]) == 2
+    assert "--sample needs a checkpoint" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# errors a user can cause
+
+@pytest.mark.parametrize("extra, message", [
+    (["--total_batch_size", "100"], "--total_batch_size 100 is not divisible by batch_size * block_size * "
+                                    "world_size = 2 * 32 * 1 = 64"),
+    (["--n_head", "3"], "--n_embd 32 is not divisible by --n_head 3"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--vocab_size", "1000"], "--vocab_size 1000 is smaller than GPT-2's 50257"),
+    (["--min_lr", "1"], "--min_lr 1.0 must lie between 0 and --max_lr"),
+])
+def test_bad_configuration_is_refused(data_dir, tmp_path, capsys, extra, message):
+    log_dir = str(tmp_path / "log")
+    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1"] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(log_dir, "log.txt"))  # refused before any work
+
+
+def test_unknown_model_and_help():
+    result = run_script(["--model", "d13"])
+    assert result.returncode == 2 and "invalid choice: 'd13'" in result.stderr
+    result = run_script(["--help"])
+    assert result.returncode == 0
+    for flag in ["--data_dir", "--log_dir", "--model", "--batch_size", "--block_size", "--total_batch_size",
+                 "--max_steps", "--warmup_steps", "--max_lr", "--min_lr", "--weight_decay", "--grad_clip",
+                 "--val_every", "--val_steps", "--hellaswag_every", "--sample_every", "--checkpoint_every",
+                 "--keep_checkpoints", "--resume", "--device", "--dtype", "--compile", "--kernels", "--seed",
+                 "--shuffle", "--n_layer", "--n_head", "--n_embd", "--vocab_size"]:
+        assert flag in result.stdout
+    assert "tokens per optimizer step" in result.stdout  # field comments are the help text
+
+
+def test_missing_and_empty_data_dir(tmp_path, capsys):
+    args = SMALL + ["--log_dir", str(tmp_path / "log"), "--max_steps", "1"]
+    assert train_gpt.main(args + ["--data_dir", str(tmp_path / "nope")]) == 2
+    assert "does not exist; run `python prepare.py` first" in capsys.readouterr().err
+    os.makedirs(tmp_path / "empty")
+    assert train_gpt.main(args + ["--data_dir", str(tmp_path / "empty")]) == 2
+    assert "has no *_train_*.npy shards; run `python prepare.py` first" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1", "--val_every", "0"]
+    assert train_gpt.main(args) == 0
+    capsys.readouterr()
+    assert train_gpt.main(args) == 2  # a fresh run would overwrite the first one
+    assert "already holds a run" in capsys.readouterr().err
+    assert train_gpt.main(args + ["--resume", "auto", "--n_layer", "3"]) == 2
+    assert "has a different model: n_layer=2 (this run: 3)" in capsys.readouterr().err
+    assert train_gpt.main(args + ["--resume", os.path.join(log_dir, "missing.pt")]) == 2
+    assert "missing.pt does not exist" in capsys.readouterr().err
