@@ -1,0 +1,374 @@
+// CPU emulation of the CUDA features csrc/attention.cu uses, so that its kernels and launchers run here, on
+// machines without a GPU (tests/test_attention.py builds this file with g++ and calls it through ctypes).
+//
+// Every CUDA thread of a block is an OS thread. __syncthreads is a barrier over the block; the warp-wide
+// instructions (shuffles, ldmatrix, mma) are barriers over the 32 threads of a warp that exchange each lane's
+// operands, and each lane then computes its own result from the PTX ISA's definition of the instruction:
+//   ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8 x 8 matrix i; lane l receives, in register i,
+//                 row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix i (with .trans: rows 2 (l % 4) and
+//                 2 (l % 4) + 1 of column l / 4), the lower column (row) in the lower 16 bits;
+//   mma m16n8k16: the fragment layouts of "Matrix fragments for mma.m16n8k16", written out below from the
+//                 element's side (which lane and register hold A[m][k], B[k][n]).
+// These are written independently of the kernel's helpers (which compute ldmatrix addresses), so a slip in
+// the kernel's index arithmetic shows up as a wrong answer here. If this file and the kernel shared a wrong
+// reading of the PTX ISA, attention_selftest on a GPU catches it.
+//
+// Also checked: cp.async copies land only at cp.async.wait (a missing wait reads stale shared memory), shared
+// memory starts as NaN bytes, every shared-memory access of ldmatrix/cp.async is in bounds and aligned, and a
+// collective that not every lane of a warp reaches (or a different one) aborts with a message instead of
+// hanging.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+thread_local uint3 threadIdx, blockIdx;
+thread_local dim3 blockDim, gridDim;
+
+namespace emu {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "attention emulator: %s (block %u,%u thread %u)\n", what, blockIdx.x, blockIdx.y, threadIdx.x);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// A reusable barrier for `count` threads; threads that exit leave it (as exited threads leave __syncthreads).
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const uint64_t gen = gen_;
+    if (++waiting_ == count_) {
+      release();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
+      fail("barrier timeout: some threads never reached this barrier or warp collective");
+    }
+  }
+  void drop() {
+    std::unique_lock<std::mutex> lock(m_);
+    --count_;
+    if (waiting_ > 0 && waiting_ == count_) release();
+  }
+
+ private:
+  void release() {
+    waiting_ = 0;
+    ++gen_;
+    cv_.notify_all();
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  int count_, waiting_ = 0;
+  uint64_t gen_ = 0;
+};
+
+enum Kind : int { kShfl = 1, kLdsm, kLdsmTrans, kMmaBf16, kMmaF16, kSyncwarp };
+
+struct Warp {
+  explicit Warp(int n) : bar(n) {}
+  Barrier bar;
+  int kind[32];
+  uint64_t slot[32][8];
+};
+
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+  bool valid;
+};
+
+struct ThreadState {
+  Warp* warp = nullptr;
+  Barrier* block_bar = nullptr;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+  int lane = 0;
+  std::vector<Copy> pending;                // issued, not yet committed
+  std::vector<std::vector<Copy>> groups;    // committed, not yet waited for
+};
+thread_local ThreadState tl;
+
+// Global buffers the kernels may read with cp.async (registered by the entry points).
+struct Range {
+  const unsigned char* lo;
+  const unsigned char* hi;
+};
+std::vector<Range> g_ranges;
+
+inline void check_smem(const void* p, size_t bytes, size_t align, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < tl.smem || c + bytes > tl.smem + tl.smem_bytes) fail(what);
+  if (reinterpret_cast<uintptr_t>(p) % align) fail("misaligned shared-memory access");
+}
+
+// Publish this lane's operands, wait for the warp, check that every lane is in the same collective.
+inline void arrive(int kind, const uint64_t* vals, int n) {
+  Warp& w = *tl.warp;
+  w.kind[tl.lane] = kind;
+  for (int i = 0; i < n; ++i) w.slot[tl.lane][i] = vals[i];
+  w.bar.wait();
+  for (int l = 0; l < 32; ++l) {
+    if (w.kind[l] != kind) fail("lanes of one warp are in different collectives");
+  }
+}
+inline void leave() { tl.warp->bar.wait(); }
+
+template <typename T>
+inline float bits_to_float(uint16_t bits) {
+  T v;
+  std::memcpy(static_cast<void*>(&v), &bits, 2);
+  return static_cast<float>(v);
+}
+
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const uint64_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  arrive(std::is_same<T, __nv_bfloat16>::value ? kMmaBf16 : kMmaF16, mine, 6);
+  const Warp& w = *tl.warp;
+  // A[m][k]: lane 4 (m % 8) + (k % 8) / 2, register (m / 8) + 2 (k / 8), half k % 2
+  // B[k][n]: lane 4 n + (k % 8) / 2, register k / 8, half k % 2
+  auto A = [&](int m, int k) {
+    const uint32_t r = static_cast<uint32_t>(w.slot[4 * (m % 8) + (k % 8) / 2][(m / 8) + 2 * (k / 8)]);
+    return bits_to_float<T>(static_cast<uint16_t>(k % 2 ? r >> 16 : r & 0xffff));
+  };
+  auto B = [&](int k, int n) {
+    const uint32_t r = static_cast<uint32_t>(w.slot[4 * n + (k % 8) / 2][4 + k / 8]);
+    return bits_to_float<T>(static_cast<uint16_t>(k % 2 ? r >> 16 : r & 0xffff));
+  };
+  const int lane = tl.lane;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {  // C[m][n]: m = lane / 4 + 8 (i / 2), n = 2 (lane % 4) + i % 2
+    const int m = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(m, k) * B(k, n);
+    out[i] = acc;
+  }
+  leave();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  check_smem(row, 16, 16, "ldmatrix row address outside shared memory");
+  const uint64_t mine = reinterpret_cast<uintptr_t>(row);
+  arrive(trans ? kLdsmTrans : kLdsm, &mine, 1);
+  const Warp& w = *tl.warp;
+  const int lane = tl.lane;
+  auto elem = [&](int matrix, int rr, int cc) {  // element (rr, cc) of 8 x 8 matrix `matrix`
+    const auto* p = reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w.slot[8 * matrix + rr][0]));
+    return static_cast<uint32_t>(p[cc]);
+  };
+  uint32_t out[4];
+  for (int i = 0; i < 4; ++i) {
+    if (!trans) out[i] = elem(i, lane / 4, 2 * (lane % 4)) | elem(i, lane / 4, 2 * (lane % 4) + 1) << 16;
+    else out[i] = elem(i, 2 * (lane % 4), lane / 4) | elem(i, 2 * (lane % 4) + 1, lane / 4) << 16;
+  }
+  leave();
+  for (int i = 0; i < 4; ++i) r[i] = out[i];
+}
+
+inline void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
+  check_smem(smem, bytes, bytes, "cp.async destination outside shared memory");
+  if (reinterpret_cast<uintptr_t>(gmem) % bytes) fail("misaligned cp.async source");
+  bool inside = false;
+  for (const Range& r : g_ranges) {
+    const auto* c = static_cast<const unsigned char*>(gmem);
+    inside |= c >= r.lo && c + bytes <= r.hi;
+  }
+  if (!inside) fail("cp.async source outside every input tensor");
+  tl.pending.push_back({smem, gmem, bytes, valid});
+}
+
+inline void cp_async_commit() {
+  tl.groups.push_back(std::move(tl.pending));
+  tl.pending.clear();
+}
+
+inline void cp_async_wait_all() {
+  for (auto& g : tl.groups) {
+    for (const Copy& c : g) {
+      if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
+      else std::memset(c.dst, 0, c.bytes);
+    }
+  }
+  tl.groups.clear();
+}
+
+template <typename K, typename... Args>
+void launch(K kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  if (n % 32) fail("block size must be a multiple of 32");
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        // static __shared__ arrays become thread-locals here, so only dynamic shared memory is modelled;
+        // it starts as all-ones bytes (NaN in bf16/fp16/fp32), like the garbage of a real launch
+        std::vector<unsigned char> smem(smem_bytes + 16, 0xFF);
+        unsigned char* base = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+        Barrier block_bar(n);
+        std::vector<std::unique_ptr<Warp>> warps;
+        for (int w = 0; w < n / 32; ++w) warps.emplace_back(new Warp(32));
+        std::vector<std::thread> threads;
+        threads.reserve(n);
+        for (int t = 0; t < n; ++t) {
+          threads.emplace_back([&, t] {
+            threadIdx = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            blockIdx = make_uint3(bx, by, bz);
+            blockDim = block;
+            gridDim = grid;
+            tl = ThreadState{};
+            tl.warp = warps[t / 32].get();
+            tl.block_bar = &block_bar;
+            tl.smem = base;
+            tl.smem_bytes = smem_bytes;
+            tl.lane = t % 32;
+            kernel(args...);
+            bool unwaited = !tl.pending.empty();
+            for (const auto& g : tl.groups) unwaited |= !g.empty();
+            if (unwaited) fail("cp.async copies never waited for");
+            tl.warp->bar.drop();
+            block_bar.drop();
+          });
+        }
+        for (auto& th : threads) th.join();
+      }
+    }
+  }
+}
+
+inline cudaError_t check(cudaError_t e) {
+  if (e != cudaSuccess) fail("CUDA call failed");
+  return e;
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::tl.block_bar->wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  emu::arrive(emu::kSyncwarp, nullptr, 0);
+  emu::leave();
+}
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int = 32) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, 4);
+  emu::arrive(emu::kShfl, &bits, 1);
+  float out;
+  std::memcpy(&out, &emu::tl.warp->slot[emu::tl.lane ^ lane_mask][0], 4);
+  emu::leave();
+  return out;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+#define ARCANA_EMULATE 1
+#define ARCANA_DYNAMIC_SMEM(name) unsigned char* name = emu::tl.smem
+#define ARCANA_LAUNCH(kernel, grid, block, smem, stream, ...) emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#define ARCANA_CUDA_CHECK(expr) emu::check(expr)
+#define cudaFuncSetAttribute(...) cudaSuccess
+#define cudaMemsetAsync(ptr, value, bytes, stream) (std::memset((ptr), (value), (bytes)), cudaSuccess)
+#define __launch_bounds__(...)
+#define __trap() std::abort()
+
+#include "../csrc/attention.cu"
+
+// -----------------------------------------------------------------------------
+// entry points for ctypes: dtype 0 = bfloat16, 1 = float16; the caller owns every buffer
+
+namespace {
+
+template <typename F>
+void dispatch(int dtype, int head_dim, F&& f) {
+  auto by_dim = [&](auto elem) {
+    if (head_dim == 64) f(elem, std::integral_constant<int, 64>{});
+    else f(elem, std::integral_constant<int, 128>{});
+  };
+  if (dtype == 0) by_dim(__nv_bfloat16{});
+  else by_dim(__half{});
+}
+
+void register_range(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  emu::g_ranges.push_back({c, c + bytes});
+}
+
+}  // namespace
+
+extern "C" {
+
+// qkv_bytes: the extent of qkv's storage from its data pointer (for the cp.async bounds check).
+int emu_attention_fwd(int dtype, int variant, const void* qkv, int64_t qkv_bytes, int64_t sb, int64_t st,
+                      int64_t s3, int64_t sh, int B, int T, int H, int D, void* out, float* lse) {
+  emu::g_ranges.clear();
+  register_range(qkv, qkv_bytes);
+  dispatch(dtype, D, [&](auto elem, auto dim) {
+    using E = decltype(elem);
+    constexpr int kD = decltype(dim)::value;
+    arcana_attention::FwdParams<E> p{};
+    p.qkv = static_cast<const E*>(qkv);
+    p.sb = sb; p.st = st; p.s3 = s3; p.sh = sh;
+    p.out = static_cast<E*>(out);
+    p.lse = lse;
+    p.B = B; p.T = T; p.H = H;
+    p.scale = 1.f / std::sqrt(static_cast<float>(kD));
+    arcana_attention::launch_fwd<E, kD>(p, variant, nullptr);
+  });
+  return 0;
+}
+
+int emu_attention_bwd(int dtype, int variant, const void* qkv, int64_t qkv_bytes, int64_t sb, int64_t st,
+                      int64_t s3, int64_t sh, int B, int T, int H, int D, const void* out, const void* dout,
+                      const float* lse, void* dqkv) {
+  const size_t rows = static_cast<size_t>(B) * T * H;
+  std::vector<float> delta(rows, NAN), dq_accum(rows * D, NAN);  // poisoned, like the real scratch buffers
+  emu::g_ranges.clear();
+  register_range(qkv, qkv_bytes);
+  register_range(dout, rows * D * 2);
+  register_range(lse, rows * 4);
+  register_range(delta.data(), rows * 4);
+  dispatch(dtype, D, [&](auto elem, auto dim) {
+    using E = decltype(elem);
+    constexpr int kD = decltype(dim)::value;
+    arcana_attention::BwdParams<E> p{};
+    p.qkv = static_cast<const E*>(qkv);
+    p.sb = sb; p.st = st; p.s3 = s3; p.sh = sh;
+    p.out = static_cast<const E*>(out);
+    p.dout = static_cast<const E*>(dout);
+    p.lse = lse;
+    p.delta = delta.data();
+    p.dq_accum = dq_accum.data();
+    p.dqkv = static_cast<E*>(dqkv);
+    p.B = B; p.T = T; p.H = H;
+    p.scale = 1.f / std::sqrt(static_cast<float>(kD));
+    arcana_attention::launch_bwd<E, kD>(p, variant, nullptr);
+  });
+  return 0;
+}
+
+int emu_attention_selftest(int dtype, const void* in, float* out) {
+  dispatch(dtype, 64, [&](auto elem, auto) {
+    using E = decltype(elem);
+    arcana_attention::launch_selftest<E>(static_cast<const E*>(in), out, nullptr);
+  });
+  return 0;
+}
+
+}  // extern "C"
