@@ -317,7 +317,7 @@ def _ending_losses(model, data, indices, device, batch_size):
         if logits.size(-1) < GPT2_VOCAB_SIZE:
             raise HellaSwagError(f"the model has {logits.size(-1)} output logits, fewer than GPT-2's "
                                  f"{GPT2_VOCAB_SIZE} tokens")
-        picked = logits.reshape(R * L, -1).index_select(0, at)[:, :GPT2_VOCAB_SIZE].float()  # (K, 50257)
+        picked = logits.reshape(R * L, -1)[at][:, :GPT2_VOCAB_SIZE].float()  # (K, 50257)
         token_loss = F.cross_entropy(picked, targets, reduction="none")  # (K,)
         row_loss = torch.zeros(m, device=token_loss.device).index_add_(0, torch.from_numpy(rows).to(device),
                                                                        token_loss)
@@ -507,7 +507,7 @@ def main(argv=None):
     try:
         return run(args)
     except (HellaSwagError, train_gpt.UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     finally:
         if dist.is_initialized():

@@ -1,0 +1,502 @@
+"""hellaswag.py on CPU without network: hand-made files in the official format, a tiny random GPT scored
+against a one-example-at-a-time reference, batching, fixed shapes, two processes, train_gpt.py's hella
+lines, downloads, and every bad input's message."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hellaswag
+import train_gpt
+from prepare import gpt2_encoding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK_SIZE = 64
+
+
+def example(ind, activity, ctx_a, ctx_b, endings, label=None, split="val"):
+    """A row with the official file's fields (ctx is ctx_a and ctx_b joined, as in the released data)."""
+    row = {"ind": ind, "activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b,
+           "ctx": f"{ctx_a} {ctx_b}".strip(), "split": split, "split_type": "indomain",
+           "endings": endings, "source_id": f"handmade~{ind}"}
+    if label is not None:
+        row["label"] = label
+    return row
+
+
+LONG_CONTEXT = " ".join(["She measures the board twice, marks it with a pencil, and checks the angle again."] * 6)
+LONG_ENDING = " ".join(["then he sands every edge of the frame until it is smooth to the touch"] * 6)
+
+EXAMPLES = [
+    example(11, "Making a sandwich", "A man lays two slices of bread on a cutting board.", "he",
+            ["spreads butter on one slice and adds cheese.", "throws the bread into the river.",
+             "begins to sing loudly at the ceiling.", "paints the board bright blue."], 0),
+    example(27, "Walking the dog", "A woman clips a leash onto a small brown dog.", "they",
+            ["fly over the mountains in a balloon.", "walk out the front door and down the street.",
+             "read a newspaper together at the table.", "disappear into a cloud of smoke."], 1),
+    example(35, "Washing a car", "A boy sprays water over the roof of a red car.", "the boy",
+            ["eats the hose.", "scrubs the doors with a soapy sponge and rinses them.",
+             "drives the car into the ocean.", "sits on the roof and sleeps."], 1),
+    example(48, "Playing the piano", "A girl sits down at a piano in a quiet room.", "she",
+            ["places her fingers on the keys and plays a slow melody.", "lifts the piano over her head.",
+             "pours milk into the piano.", "turns the piano into a boat."], 0),
+    example(52, "Shoveling snow", "Snow covers the driveway in front of a house.", "a man",
+            ["waters the snow with a garden hose.", "paints the snow green.",
+             "pushes a shovel along the driveway, clearing a path.", "plants flowers in the snow."], 2),
+    example(64, "Woodworking", LONG_CONTEXT, "She",
+            ["cuts along the line with a hand saw.", "eats the pencil.",
+             "throws the board out of the window.", "folds the board in half."], 0),
+    example(71, "Brushing teeth", "A child squeezes toothpaste onto a brush.", "the child",
+            ["brushes the dog instead.", "puts the brush in the oven.",
+             "climbs onto the roof.", "brushes each tooth in small circles and spits into the sink."], 3),
+    example(83, "Sanding", "A carpenter holds a square wooden frame.", "",
+            [LONG_ENDING, "drops it.", "eats it.", "paints it."], 0),
+    example(90, "Making tea", "A kettle whistles on the stove.", "a woman",
+            ["pours the hot water over a tea bag in a cup.", "puts the kettle in the freezer.",
+             "drinks the kettle.", "throws the cup at the wall."], 0),
+    example(104, "Riding a bike", "A teenager wheels a bicycle out of the garage.", "he",
+            ["swims across the driveway.", "bakes the bicycle into a pie.",
+             "buries the bike in the yard.", "climbs on, pushes the pedals, and rides away."], 3),
+    example(117, "Juggling", "A performer tosses three balls into the air.", "he",
+            ["catches each ball and throws it again in a steady loop.", "turns into a bird.",
+             "eats all the balls.", "falls asleep mid air."], 0),
+    example(123, "Raking leaves", "Leaves cover a green lawn in autumn.", "two kids",
+            ["glue the leaves back on the trees.", "rake the leaves into a tall pile and jump in it.",
+             "cook the leaves for dinner.", "mail the leaves to a friend."], 1),
+    example(131, "Fishing", "An old man casts a line from the end of a wooden dock.", "",
+            ["He waits quietly as the float bobs on the water.", "He", "The dock flies away.",
+             "The fish hand him a sandwich."], 0),
+]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+def tiny_gpt(seed=0):
+    """A small random GPT whose choices differ from example to example (a wide embedding init makes the
+    logits decisive instead of near-uniform)."""
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(train_gpt.GPTConfig(block_size=BLOCK_SIZE, vocab_size=50304, n_layer=2, n_head=2,
+                                              n_embd=32))
+    torch.nn.init.normal_(model.transformer.wte.weight, std=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl", EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def short_file(tmp_path_factory):
+    """5 examples whose rows all fit in 32 tokens."""
+    return write_jsonl(tmp_path_factory.mktemp("hellaswag") / "short.jsonl", EXAMPLES[:5])
+
+
+@pytest.fixture(scope="module")
+def unbatched(model, data_file):
+    return hellaswag.score(model, "cpu", path=data_file, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    path = str(tmp_path_factory.mktemp("ckpt") / "model_00007.pt")
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "step": 7}, path)
+    return path
+
+
+@torch.no_grad()
+def reference_losses(model, examples, block_size=BLOCK_SIZE):
+    """The straightforward computation: one example at a time, each ending its own unpadded forward pass.
+    Returns (summed, mean) ending cross-entropies, each (len(examples), 4)."""
+    enc = gpt2_encoding()
+    sums, means = np.zeros((len(examples), 4)), np.zeros((len(examples), 4))
+    for i, ex in enumerate(examples):
+        ctx = enc.encode_ordinary(ex["ctx"]) or [50256]  # an empty context reads <|endoftext|>
+        for j, ending in enumerate(ex["endings"]):
+            end = enc.encode_ordinary(" " + ending)
+            if len(end) >= block_size:  # an ending that fills the block: its start, after one context token
+                c, end = ctx[-1:], end[:block_size - 1]
+            else:  # the oldest context tokens go
+                c = ctx[max(0, len(ctx) + len(end) - block_size):]
+            tokens = torch.tensor([c + end])
+            logits = model(tokens)[0][0, :, :50257].float()  # (T, 50257): padded-vocab logits never count
+            losses = F.cross_entropy(logits[len(c) - 1:-1], tokens[0, len(c):], reduction="none")
+            sums[i, j], means[i, j] = losses.sum().item(), losses.mean().item()
+    return sums, means
+
+
+# -----------------------------------------------------------------------------
+# data files
+
+def test_load_keeps_every_field(data_file):
+    assert hellaswag.load_examples(data_file) == EXAMPLES
+    assert hellaswag.load_examples(data_file, limit=3) == EXAMPLES[:3]
+
+
+def test_find_data_is_local_only(tmp_path):
+    assert hellaswag.DEFAULT_DATA_DIR == os.path.join(ROOT, "hellaswag")
+    assert hellaswag.find_data("val", str(tmp_path)) is None
+    write_jsonl(tmp_path / "hellaswag_train.jsonl", EXAMPLES[:2])
+    assert hellaswag.find_data("train", str(tmp_path)) == str(tmp_path / "hellaswag_train.jsonl")
+    assert hellaswag.find_data("val", str(tmp_path)) is None
+
+
+def test_download_is_atomic(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    source.mkdir()
+    write_jsonl(source / "hellaswag_test.jsonl", [example(1, "a", "b", "c", ["w", "x", "y", "z"], split="test")])
+    monkeypatch.setattr(hellaswag, "URL", "file://" + str(source / "hellaswag_{split}.jsonl"))
+    cache = tmp_path / "cache"
+    path = hellaswag.download("test", str(cache))
+    assert path == str(cache / "hellaswag_test.jsonl")
+    assert hellaswag.find_data("test", str(cache)) == path
+    assert os.listdir(cache) == ["hellaswag_test.jsonl"]
+
+    (source / "hellaswag_val.jsonl").write_text('{"ind": 1, "ctx": "cut off in the midd')  # a broken transfer
+    with pytest.raises(hellaswag.HellaSwagError, match="not valid HellaSwag data.*nothing was saved"):
+        hellaswag.download("val", str(cache))
+    assert os.listdir(cache) == ["hellaswag_test.jsonl"]
+
+
+def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
+    with pytest.raises(hellaswag.HellaSwagError) as e:
+        hellaswag.download("val", str(tmp_path), timeout=5)
+    message = str(e.value)
+    assert "network may be unreachable" in message
+    assert str(tmp_path / "hellaswag_val.jsonl") in message and "--file" in message
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0', r"bad\.jsonl:3: malformed JSON"),
+    ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}', r"bad\.jsonl:3: example ind=5 has label 4"),
+    ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": -1}', r"ind=5 has label -1"),
+    ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": "2"}', r"ind=5 has label '2'"),
+    ('{"ind": 6, "ctx": "x", "endings": ["a", "b", "c"], "label": 0}', r"bad\.jsonl:3: example ind=6 has 3 endings"),
+    ('{"ind": 7, "ctx": "x", "label": 0}', r"ind=7 has no 'endings' list"),
+    ('{"ind": 8, "endings": ["a", "b", "c", "d"], "label": 0}', r"ind=8 has no 'ctx' string"),
+    ('[1, 2, 3]', r"bad\.jsonl:3: a JSON list, not an example"),
+])
+def test_bad_rows_name_file_line_and_ind(tmp_path, model, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", EXAMPLES[:1] + [""] + [line])  # line 2 is blank: skipped
+    with pytest.raises(hellaswag.HellaSwagError, match=message):
+        hellaswag.load_examples(path)
+    with pytest.raises(hellaswag.HellaSwagError, match=message):
+        hellaswag.evaluate(model, "cpu", path=path)
+
+
+def test_empty_file_and_unlabelled_rows(tmp_path, model):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(hellaswag.HellaSwagError, match="holds no examples"):
+        hellaswag.evaluate(model, "cpu", path=empty)
+    test_rows = [{k: v for k, v in ex.items() if k != "label"} for ex in EXAMPLES[:3]]
+    path = write_jsonl(tmp_path / "hellaswag_test.jsonl", test_rows)
+    assert hellaswag.load_examples(path) == test_rows  # loading and rendering need no label
+    assert hellaswag.render_example(test_rows[0]).label is None
+    with pytest.raises(hellaswag.HellaSwagError, match=r"hellaswag_test\.jsonl:1: example ind=11 has no label"):
+        hellaswag.evaluate(model, "cpu", path=path)
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+def test_render_is_context_then_space_ending():
+    enc = gpt2_encoding()
+    ex = EXAMPLES[1]
+    r = hellaswag.render_example(ex)
+    ctx = enc.encode_ordinary(ex["ctx"])
+    for row, start, ending in zip(r.rows, r.starts, ex["endings"]):
+        assert row == ctx + enc.encode_ordinary(" " + ending) and start == len(ctx)
+    assert r.label == 1 and not r.truncated
+    tokens, mask = r.tensors()
+    assert tokens.shape == mask.shape == (4, max(len(row) for row in r.rows))
+    for i, (row, start) in enumerate(zip(r.rows, r.starts)):
+        assert tokens[i, :len(row)].tolist() == row and tokens[i, len(row):].eq(0).all()
+        assert mask[i].tolist() == [0] * start + [1] * (len(row) - start) + [0] * (tokens.size(1) - len(row))
+
+
+def test_render_truncates_from_the_left_and_keeps_endings_whole():
+    enc = gpt2_encoding()
+    ex = EXAMPLES[5]  # a context longer than the block
+    r = hellaswag.render_example(ex, block_size=BLOCK_SIZE)
+    assert r.truncated
+    for row, start, ending in zip(r.rows, r.starts, ex["endings"]):
+        end = enc.encode_ordinary(" " + ending)
+        assert len(row) == BLOCK_SIZE and row[start:] == end
+        assert row[:start] == enc.encode_ordinary(ex["ctx"])[-start:]
+    assert not hellaswag.render_example(ex).truncated  # no block size, no truncation
+
+    r = hellaswag.render_example(EXAMPLES[7], block_size=BLOCK_SIZE)  # an ending longer than the block
+    long_end = enc.encode_ordinary(" " + LONG_ENDING)
+    assert len(long_end) > BLOCK_SIZE and r.truncated
+    assert r.rows[0] == enc.encode_ordinary(EXAMPLES[7]["ctx"])[-1:] + long_end[:BLOCK_SIZE - 1]
+    assert r.starts[0] == 1
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+def test_scores_equal_one_example_at_a_time(model, data_file, unbatched):
+    sums, means = reference_losses(model, EXAMPLES)
+    s = unbatched
+    np.testing.assert_allclose(s.sum_loss, sums, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(s.mean_loss, means, rtol=1e-5, atol=1e-5)
+    labels = np.array([ex["label"] for ex in EXAMPLES])
+    pred, pred_norm = s.predictions
+    assert pred.tolist() == sums.argmin(1).tolist() and pred_norm.tolist() == means.argmin(1).tolist()
+    assert len(set(pred_norm.tolist())) > 1 and len(set(pred.tolist())) > 1  # the data tells endings apart
+    assert (s.correct_norm, s.correct, s.total) == ((pred_norm == labels).sum(), (pred == labels).sum(), 13)
+    assert s.truncated == 2  # the long context and the long ending
+    assert hellaswag.evaluate(model, "cpu", path=data_file) == (s.correct_norm, s.correct, s.total)
+
+
+def test_batched_equals_unbatched(model, data_file, unbatched):
+    one = unbatched
+    for batch_size in (3, 5, 20):  # 13 examples: none of these divides them
+        s = hellaswag.score(model, "cpu", path=data_file, batch_size=batch_size)
+        np.testing.assert_allclose(s.sum_loss, one.sum_loss, rtol=1e-6, atol=1e-5)
+        assert (s.correct_norm, s.correct, s.total, s.truncated) == \
+               (one.correct_norm, one.correct, one.total, one.truncated)
+        assert [p.tolist() for p in s.predictions] == [p.tolist() for p in one.predictions]
+    limited = hellaswag.score(model, "cpu", path=data_file, batch_size=3, limit=5)
+    assert limited.total == 5 and np.array_equal(limited.indices, np.arange(5))
+    np.testing.assert_allclose(limited.sum_loss, one.sum_loss[:5], rtol=1e-6, atol=1e-5)
+
+
+def test_padded_vocabulary_is_never_scored(short_file):
+    model = tiny_gpt()
+    before = hellaswag.score(model, "cpu", path=short_file, batch_size=5)
+    with torch.no_grad():
+        model.lm_head.weight[50257:] = 10.0  # huge logits for the padding ids
+    after = hellaswag.score(model, "cpu", path=short_file, batch_size=5)
+    np.testing.assert_allclose(after.sum_loss, before.sum_loss, rtol=1e-6)
+
+
+class Recorder(torch.nn.Module):
+    """A DDP-like wrapper (the model under .module) that records every input shape."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.shapes = []
+
+    def forward(self, idx):
+        self.shapes.append(tuple(idx.shape))
+        return self.module(idx)
+
+
+def test_one_fixed_shape_through_wrappers_and_rng_untouched(model, data_file, short_file, unbatched):
+    wrapped = Recorder(model)
+    state = torch.get_rng_state()
+    s = hellaswag.score(wrapped, "cpu", path=data_file, batch_size=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert (s.correct_norm, s.correct) == (unbatched.correct_norm, unbatched.correct)
+    assert s.block_size == BLOCK_SIZE and s.length == BLOCK_SIZE  # the long example fills the block
+    assert wrapped.shapes == [(20, BLOCK_SIZE)] * 3  # 13 examples: 5 + 5 + 3 real, 2 dummy
+
+    wrapped.shapes.clear()
+    s = hellaswag.score(wrapped, "cpu", path=short_file, batch_size=2)
+    assert s.length == 32 and wrapped.shapes == [(8, 32)] * 3  # longest row < 32: one multiple of 32
+
+    with pytest.raises(hellaswag.HellaSwagError, match="pass block_size="):
+        hellaswag.evaluate(lambda idx: model(idx), "cpu", path=data_file)
+    assert hellaswag.evaluate(lambda idx: model(idx), "cpu", path=short_file, block_size=BLOCK_SIZE) == \
+           hellaswag.evaluate(model, "cpu", path=short_file)
+
+
+def test_compiled_model_compiles_once(model, short_file):
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend)
+    first = hellaswag.evaluate(compiled, "cpu", path=short_file, batch_size=2)  # 2 + 2 + 1 examples
+    second = hellaswag.evaluate(compiled, "cpu", path=short_file, batch_size=2)
+    assert first == second == hellaswag.evaluate(model, "cpu", path=short_file, batch_size=2)
+    assert len(compiles) == 1
+    torch._dynamo.reset()
+
+
+def test_world_size_needs_distributed(model, data_file):
+    with pytest.raises(hellaswag.HellaSwagError, match="torch.distributed"):
+        hellaswag.evaluate(model, "cpu", 1, 2, path=data_file)
+
+
+DISTRIBUTED_SCRIPT = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, {root!r})
+import hellaswag, train_gpt
+
+dist.init_process_group("gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+model, _ = train_gpt.model_from_checkpoint({checkpoint!r})
+model = DDP(model, broadcast_buffers=False).eval()  # as train_gpt.py wraps it
+state = torch.get_rng_state()
+# 5 examples, batch 2: rank 0 scores 3 in 2 forward passes, rank 1 scores 2 in 1
+s = hellaswag.score(model, "cpu", rank, world_size, path={data!r}, batch_size=2)
+assert torch.equal(state, torch.get_rng_state())
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump({{"counts": [s.correct_norm, s.correct, s.total, s.truncated], "indices": s.indices.tolist(),
+               "sum_loss": s.sum_loss.tolist()}}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_give_the_same_totals(tmp_path, model, checkpoint, short_file):
+    script = tmp_path / "score.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(root=ROOT, checkpoint=checkpoint, data=short_file, out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = hellaswag.score(model, "cpu", path=short_file, batch_size=5)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["counts"] == [one.correct_norm, one.correct, one.total, one.truncated]
+    assert ranks[0]["indices"] == [0, 2, 4] and ranks[1]["indices"] == [1, 3]
+    for r in ranks:
+        np.testing.assert_allclose(r["sum_loss"], one.sum_loss[r["indices"]], rtol=1e-5, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def run_cli(capsys, *argv):
+    code = hellaswag.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_scores_a_checkpoint(capsys, checkpoint, data_file, unbatched):
+    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--file", data_file, "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    s = unbatched
+    assert result["examples"] == 13 and result["truncated"] == 2 and result["block_size"] == BLOCK_SIZE
+    assert result["acc_norm"] == s.correct_norm / 13 and result["acc"] == s.correct / 13
+    assert result["model"] == f"{checkpoint} (step 7)"
+    assert {"seconds", "examples_per_s", "device", "dtype", "batch_size"} <= set(result)
+
+    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--file", data_file, "--limit", "4",
+                             "--batch_size", "3", "--device", "cpu")
+    assert code == 0, err
+    assert "4 examples (0 truncated" in out and "acc " in out and "acc_norm " in out and "examples/s" in out
+
+
+def test_cli_downloads_on_first_use(capsys, tmp_path, monkeypatch, checkpoint, data_file):
+    monkeypatch.setattr(hellaswag, "URL", "file://" + data_file.replace("hellaswag_val", "hellaswag_{split}"))
+    cache = tmp_path / "cache"
+    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--data_dir", str(cache), "--device", "cpu",
+                             "--limit", "2")
+    assert code == 0, err
+    assert "downloading" in out and os.path.isfile(cache / "hellaswag_val.jsonl")
+    code, out, err = run_cli(capsys, "--download", "--data_dir", str(cache))
+    assert code == 0 and "already there" in out
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path, monkeypatch, checkpoint, data_file):
+    def error_of(*argv):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (code, out, err)
+        return err
+
+    assert "exactly one of --checkpoint" in error_of("--file", data_file)
+    assert "(got --checkpoint and --model)" in error_of("--checkpoint", checkpoint, "--model", "gpt2")
+    assert "--file nowhere.jsonl does not exist" in error_of("--checkpoint", checkpoint, "--file", "nowhere.jsonl")
+
+    garbage = tmp_path / "model_00001.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert "does not load" in error_of("--checkpoint", str(garbage), "--file", data_file, "--device", "cpu")
+    assert "does not exist" in error_of("--checkpoint", str(tmp_path / "none.pt"), "--file", data_file)
+    other = tmp_path / "model_00002.pt"
+    state = tiny_gpt().state_dict()
+    torch.save({"model": state, "step": 2, "model_config": dict(asdict(tiny_gpt().config), n_embd=64)}, other)
+    assert "does not load into a GPT (RuntimeError" in error_of("--checkpoint", str(other), "--file", data_file,
+                                                                 "--device", "cpu")
+    assert "has no config.json" in error_of("--model_dir", str(tmp_path), "--file", data_file, "--device", "cpu")
+
+    monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
+    err = error_of("--checkpoint", checkpoint, "--data_dir", str(tmp_path / "empty"), "--device", "cpu")
+    assert "network may be unreachable" in err and str(tmp_path / "empty" / "hellaswag_val.jsonl") in err
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", EXAMPLES[:2] + ['{"ind": 9, "ctx": "x", "endings": ["a"], "label": 0}'])
+    assert "bad.jsonl:3: example ind=9 has 1 endings" in error_of("--checkpoint", checkpoint, "--file", bad,
+                                                                  "--device", "cpu")
+
+
+def test_cli_process_prints_no_traceback(tmp_path, checkpoint):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"ind": 1, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 9}'])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hellaswag.py"), "--checkpoint", checkpoint,
+                           "--file", bad, "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {bad}:1: example ind=1 has label 9; a label is the index of the right ending: " \
+                          f"0, 1, 2 or 3\n"
+
+
+# -----------------------------------------------------------------------------
+# train_gpt.py
+
+def train_command(tmp_path, hellaswag_dir, log_dir):
+    data = tmp_path / "shards"
+    if not data.exists():
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        np.save(data / "x_val_000000.npy", rng.integers(0, 50257, 4000).astype(np.uint16))
+        np.save(data / "x_train_000001.npy", rng.integers(0, 50257, 4000).astype(np.uint16))
+    return [sys.executable, os.path.join(ROOT, "train_gpt.py"), "--model", "tiny", "--device", "cpu",
+            "--data_dir", str(data), "--log_dir", str(log_dir), "--max_steps", "2", "--batch_size", "2",
+            "--block_size", "64", "--total_batch_size", "128", "--val_every", "1", "--val_steps", "1",
+            "--hellaswag_every", "1", "--hellaswag_dir", str(hellaswag_dir), "--sample_every", "0",
+            "--checkpoint_every", "0"]
+
+
+def test_train_gpt_logs_hella_lines(tmp_path):
+    folder = tmp_path / "hs"
+    folder.mkdir()
+    write_jsonl(folder / "hellaswag_val.jsonl", EXAMPLES[:4])
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(train_command(tmp_path, folder, tmp_path / "log"), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = (tmp_path / "log" / "log.txt").read_text().split("\n")
+    hella = [line.split() for line in lines if " hella " in line]
+    assert [h[0] for h in hella] == ["0", "1", "2"]
+    assert all(float(h[2]) * 4 == round(float(h[2]) * 4) for h in hella)  # k right of 4
+    assert "hella_acc_norm" in proc.stdout
+
+
+def test_train_gpt_skips_hellaswag_without_data(tmp_path):
+    empty = tmp_path / "hs"
+    empty.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(train_command(tmp_path, empty, tmp_path / "log"), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"HellaSwag data not found in {empty}") == 1
+    log = (tmp_path / "log" / "log.txt").read_text()
+    assert " hella " not in log and " val " in log
