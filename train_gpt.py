@@ -231,6 +231,11 @@ class CudaOps(TorchOps):
     to the PyTorch method it inherits."""
     name = "cuda"
 
+    def lm_head_loss(self, h, weight, targets):
+        """The loss without the full logits tensor (chunked, the softmax/cross-entropy/dlogits part in one
+        kernel pass); no logits are returned."""
+        return None, chunked_lm_head_loss(h, weight, targets, use_kernel=True)
+
 
 KERNELS = {"loaded": None, "error": None}  # whether `import arcana_kernels` worked, and why not
 
@@ -264,6 +269,87 @@ def select_ops(kernels, device_type):
     if kernels == "auto":
         return CudaOps() if device_type == "cuda" and load_kernels() else TorchOps()
     raise UserError(f"unknown --kernels {kernels!r}; choose auto, cuda or torch")
+
+
+def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
+    """One chunk of the loss: per-row cross-entropy (0 where the target is -1) and, when compute_grad,
+    d(sum of losses)/d(logits) * grad_scale in the logits' dtype (else an empty tensor). Softmax in fp32.
+    The PyTorch twin of the arcana::cross_entropy_fwd_bwd kernel."""
+    valid = targets != -1
+    safe = targets.clamp(min=0).unsqueeze(1)
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    losses = torch.where(valid, lse - lf.gather(1, safe).squeeze(1), 0.0)
+    if not compute_grad:
+        return losses, logits.new_empty(0)
+    grad = torch.exp(lf - lse.unsqueeze(1))  # softmax
+    grad.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))  # minus the one-hot target
+    grad *= (valid.float() * grad_scale).unsqueeze(1)
+    return losses, grad.to(logits.dtype)
+
+
+@torch.library.custom_op("arcana::lm_head_loss", mutates_args=())
+def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                    compute_grad: bool, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits = h @ weight.T against targets (-1 = ignore), computed chunk_rows rows at
+    a time so the (rows, vocab) logits never exist whole. The gradients are computed on the way (each chunk's
+    dlogits is used at once and dropped), returned as (loss, dh, dweight); empty when not compute_grad."""
+    h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    count = (t != -1).sum()
+    grad_scale = 1.0 / max(int(count), 1)
+    loss = torch.zeros((), dtype=torch.float64, device=h.device)  # a sum of many rows: keep its digits
+    dh = torch.empty_like(h2) if compute_grad else h.new_empty(0)
+    dweight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad else weight.new_empty(0)
+    for start in range(0, h2.size(0), chunk_rows):
+        hc, tc = h2[start:start + chunk_rows], t[start:start + chunk_rows]
+        logits = hc @ weight.t()  # (rows, vocab)
+        if use_kernel:
+            losses, dlogits = torch.ops.arcana.cross_entropy_fwd_bwd(logits, tc, grad_scale, compute_grad)
+        else:
+            losses, dlogits = cross_entropy_rows(logits, tc, grad_scale, compute_grad)
+        loss += losses.sum(dtype=torch.float64)
+        if compute_grad:
+            dh[start:start + chunk_rows] = dlogits @ weight
+            dweight += (dlogits.t() @ hc).float()
+    loss = (loss / count).float()  # F.cross_entropy's mean (NaN when no target counts, as there)
+    return loss, dh.view_as(h) if compute_grad else dh, dweight
+
+
+@lm_head_loss_op.register_fake
+def _(h, weight, targets, chunk_rows, compute_grad, use_kernel):
+    loss = h.new_empty((), dtype=torch.float32)
+    if not compute_grad:
+        return loss, h.new_empty(0), weight.new_empty(0)
+    return loss, torch.empty_like(h), torch.empty_like(weight, dtype=torch.float32)
+
+
+def _lm_head_loss_setup(ctx, inputs, output):
+    h, weight = inputs[0], inputs[1]
+    _, dh, dweight = output
+    ctx.save_for_backward(dh, dweight)
+    ctx.weight_dtype = weight.dtype
+
+
+def _lm_head_loss_backward(ctx, grad_loss, grad_dh, grad_dweight):
+    dh, dweight = ctx.saved_tensors
+    if dh.numel() == 0:
+        raise RuntimeError("arcana::lm_head_loss was called with compute_grad=False, so it has no gradients")
+    return grad_loss.to(dh.dtype) * dh, (grad_loss * dweight).to(ctx.weight_dtype), None, None, None, None
+
+
+lm_head_loss_op.register_autograd(_lm_head_loss_backward, setup_context=_lm_head_loss_setup)
+
+
+def chunked_lm_head_loss(h, weight, targets, chunk_rows=8192, use_kernel=False):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) without materializing the logits: peak
+    memory holds one chunk of (chunk_rows, vocab) logits instead of all (B*T, vocab). Under autocast the
+    matmuls run in the autocast dtype, as F.linear's would."""
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    loss, _, _ = lm_head_loss_op(h, weight, targets, chunk_rows, compute_grad, use_kernel)
+    return loss
 
 
 # -----------------------------------------------------------------------------

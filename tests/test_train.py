@@ -200,6 +200,59 @@ def test_torch_ops_match_plain_pytorch():
     torch.testing.assert_close(h, ln(2 * x))
 
 
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 48, 97, 4096])
+def test_chunked_loss_equals_cross_entropy(padding, chunk_rows):
+    torch.manual_seed(chunk_rows)
+    h = torch.randn(4, 50, 32, requires_grad=True)
+    weight = (torch.randn(3000, 32) * 0.5).requires_grad_()
+    targets = torch.randint(0, 3000, (4, 50))
+    if padding:
+        targets[0, :7] = -1
+        targets[3, -11:] = -1
+    expected = F.cross_entropy((h @ weight.t()).view(-1, 3000), targets.view(-1), ignore_index=-1)
+    expected_grads = torch.autograd.grad(expected, (h, weight))
+    loss = train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(loss, (h, weight))
+    assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+    for g, e in zip(grads, expected_grads):
+        assert (g - e).abs().max().item() < 1e-6
+    with torch.no_grad():  # evaluation: no gradient work, same loss
+        assert train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows).item() == loss.item()
+
+
+def test_chunked_loss_op_registration():
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 8, requires_grad=True)
+    weight = torch.randn(100, 8, requires_grad=True)
+    targets = torch.randint(0, 100, (2, 9))
+    targets[1, 2] = -1
+    torch.library.opcheck(train_gpt.lm_head_loss_op, (h, weight, targets, 5, True, False))
+    torch.library.opcheck(train_gpt.lm_head_loss_op, (h.detach(), weight.detach(), targets, 5, False, False))
+
+
+def test_model_with_chunked_loss_trains_like_torch_path():
+    class ChunkedOps(TorchOps):
+        def lm_head_loss(self, h, weight, targets):
+            return None, train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=40)
+
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    chunked = copy.deepcopy(reference)
+    chunked.set_ops(ChunkedOps())
+    x, y = torch.randint(0, 50257, (3, 32)), torch.randint(0, 50257, (3, 32))
+    logits, loss_ref = reference(x, y)
+    none, loss = chunked(x, y)
+    assert logits.shape == (3, 32, 50304) and none is None
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * loss_ref.item()
+    loss_ref.backward()
+    loss.backward()
+    for (name, a), b in zip(reference.named_parameters(), chunked.parameters()):
+        assert (a.grad - b.grad).abs().max().item() < 1e-6, name
+    compiled = torch.compile(chunked, fullgraph=True)
+    assert abs(compiled(x, y)[1].item() - loss_ref.item()) <= 1e-5 * loss_ref.item()
+
+
 def test_kernels_cuda_without_gpu_is_refused():
     with pytest.raises(train_gpt.UserError, match="--kernels cuda needs a CUDA device"):
         train_gpt.select_ops("cuda", "cpu")
