@@ -1025,7 +1025,7 @@ def train(cfg):
                          for k, v in asdict(mc).items() if ckpt["model_config"].get(k) != v)
         raise UserError(f"checkpoint {resume_path} has a different model: {diff}; "
                         f"pass the same --model/--n_* flags, or another --log_dir")
-    if ckpt is None:
+    if not cfg.resume:
         check_fresh_log_dir(cfg)
 
     train_loader = ShardLoader(find_shards(cfg.data_dir, "train"), B, T, rt.rank, rt.world_size,

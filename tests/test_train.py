@@ -581,3 +581,17 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
     assert "has a different model: n_layer=2 (this run: 3)" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", os.path.join(log_dir, "missing.pt")]) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
+    # --resume auto with a log but no usable checkpoint starts over, keeping the old log beside the new one
+    os.remove(os.path.join(log_dir, "model_00001.pt"))
+    assert train_gpt.main(args + ["--resume", "auto"]) == 0
+    assert "no valid checkpoint" in capsys.readouterr().out
+    with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(log_dir, "log.txt.bak")) as g:
+        new, old = f.read(), g.read()
+    assert new == old and new.startswith("0 train ")  # the same deterministic run, logged again
+
+
+def test_readme_documents_every_flag():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    missing = [f.name for f in train_gpt.dataclasses.fields(TrainConfig) if f"`--{f.name}`" not in readme]
+    assert not missing, f"README's flag table lacks {missing}"
