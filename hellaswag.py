@@ -297,36 +297,36 @@ class Score:
 @torch.no_grad()
 def _ending_losses(model, data, indices, device, batch_size):
     """(summed, mean) ending losses, each (len(indices), 4), from forward passes of one fixed shape
-    (4 * batch_size, L): the last batch is filled with dummy rows, so a compiled model compiles once."""
+    (4 * batch_size, L): the last batch is filled with dummy rows, so a compiled model compiles once. Inputs
+    and targets go to the device in one copy and the losses come back in one, so the device never waits on
+    the host between passes."""
     L = data.tokens.shape[2]
-    R = 4 * batch_size
+    R = 4 * batch_size  # rows per forward pass
+    n = len(indices)
+    batches = -(-n // batch_size)
+    rows = np.zeros((batches * R, L), np.int64)  # dummy rows stay all zeros
+    rows[:4 * n] = data.tokens[indices].reshape(4 * n, L)
     positions = np.arange(1, L)  # a token at position t is predicted by the logits at t - 1
-    sums, counts = [], []
-    for b in range(0, len(indices), batch_size):
-        ids = indices[b:b + batch_size]
-        m = 4 * len(ids)
-        idx = np.zeros((R, L), np.int64)
-        idx[:m] = data.tokens[ids].reshape(m, L)
-        first = np.maximum(data.starts[ids].reshape(m, 1), 1)
-        scored = (positions >= first) & (positions < data.lengths[ids].reshape(m, 1))  # (m, L - 1)
-        rows, cols = np.nonzero(scored)
-        at = torch.from_numpy(rows * L + cols).to(device)  # flat (row, position) of each predicting logit
-        targets = torch.from_numpy(idx[rows, cols + 1]).to(device)
-        logits = model(torch.from_numpy(idx).to(device))
+    first = np.maximum(data.starts[indices].reshape(4 * n, 1), 1)
+    scored = (positions >= first) & (positions < data.lengths[indices].reshape(4 * n, 1))  # (4n, L - 1)
+    row, col = np.nonzero(scored)  # ordered by row, so each batch's scored tokens are one slice
+    bounds = np.searchsorted(row, np.arange(batches + 1) * R).tolist()
+    inputs = torch.from_numpy(rows).to(device)
+    row_t = torch.from_numpy(row).to(device)
+    at = torch.from_numpy(row % R * L + col).to(device)  # flat (row, position) in its batch's logits
+    targets = torch.from_numpy(rows[row, col + 1]).to(device)
+    summed = torch.zeros(4 * n, dtype=torch.float32, device=device)
+    for b in range(batches):
+        logits = model(inputs[b * R:(b + 1) * R])
         logits = logits[0] if isinstance(logits, tuple) else logits  # (R, L, V)
         if logits.size(-1) < GPT2_VOCAB_SIZE:
             raise HellaSwagError(f"the model has {logits.size(-1)} output logits, fewer than GPT-2's "
                                  f"{GPT2_VOCAB_SIZE} tokens")
-        picked = logits.reshape(R * L, -1)[at][:, :GPT2_VOCAB_SIZE].float()  # (K, 50257)
-        token_loss = F.cross_entropy(picked, targets, reduction="none")  # (K,)
-        row_loss = torch.zeros(m, device=token_loss.device).index_add_(0, torch.from_numpy(rows).to(device),
-                                                                       token_loss)
-        sums.append(row_loss)
-        counts.append(scored.sum(1))
-    if not sums:
-        return np.zeros((0, 4)), np.zeros((0, 4))
-    summed = torch.cat(sums).double().cpu().numpy().reshape(-1, 4)  # the one device sync of the evaluation
-    return summed, summed / np.concatenate(counts).reshape(-1, 4)
+        s, e = bounds[b], bounds[b + 1]
+        picked = logits.reshape(R * L, -1)[at[s:e]][:, :GPT2_VOCAB_SIZE].float()  # (K, 50257)
+        summed.index_add_(0, row_t[s:e], F.cross_entropy(picked, targets[s:e], reduction="none"))
+    summed = summed.double().cpu().numpy().reshape(n, 4)
+    return summed, summed / scored.sum(1).reshape(n, 4)
 
 
 def score(model, device, rank=0, world_size=1, *, path=None, split="val", batch_size=None, limit=None,
@@ -354,7 +354,7 @@ def score(model, device, rank=0, world_size=1, *, path=None, split="val", batch_
     counts = torch.tensor([(mean_loss.argmin(1) == labels).sum(), (sum_loss.argmin(1) == labels).sum(),
                            len(indices), data.truncated[indices].sum()], dtype=torch.long)
     if world_size > 1:
-        counts = counts.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        counts = counts.to(device) if dist.get_backend() == "nccl" else counts  # nccl reduces GPU tensors only
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct_norm, correct, total, truncated = counts.tolist()
     return Score(correct_norm, correct, total, truncated, block_size, data.tokens.shape[2], indices, sum_loss,
