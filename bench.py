@@ -6,6 +6,7 @@ ArcanaGPT benchmarks: scripts that measure, with their output recorded in bench/
     python bench.py kernels ...     # LayerNorm / GELU kernels vs PyTorch eager and torch.compile (GPU)
     python bench.py attention ...   # causal attention vs F.scaled_dot_product_attention backends (GPU)
     python bench.py train ...       # whole training steps: tokens/s, MFU, peak memory per configuration
+    python bench.py hellaswag ...   # hellaswag.py: examples/s scoring the val split (10,042 in < 10 s on an H100)
 
 Each suite parses its own flags: `python bench.py SUITE --help`.
 """
@@ -244,6 +245,107 @@ def bench_train(argv):
             break
         else:
             print(f"{name:<16} no micro-batch in {candidates} fits in memory")
+
+
+# -----------------------------------------------------------------------------
+# hellaswag: hellaswag.py's batched scoring, examples/s
+
+def _synthetic_hellaswag(path, n, seed=0):
+    """n examples in the official format whose token counts spread like the val split's (contexts of about
+    15-110 tokens, endings of 4-40): a stand-in for throughput where the real file is not at hand."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ("the a man woman person is are then they he she it and with on in to of his her into while "
+             "takes puts holds shows walks runs talks looks turns picks water ball floor table camera room "
+             "hand hands paper board slowly again around down up over next front back").split()
+
+    def phrase(lo, hi):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) + "."
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"ind": i, "activity_label": "synthetic", "ctx": phrase(15, 110),
+                                "endings": [phrase(3, 39) for _ in range(4)], "label": i % 4,
+                                "split": "val", "source_id": f"synthetic~{i}"}) + "\n")
+
+
+@suite("hellaswag", "hellaswag.py: examples/s scoring HellaSwag (a random d12 GPT unless a model is given)")
+def bench_hellaswag(argv):
+    import argparse
+    import os
+    import tempfile
+    import time
+
+    import torch
+
+    import hellaswag
+    import train_gpt as tg
+    parser = argparse.ArgumentParser(
+        prog="bench.py hellaswag",
+        description="HellaSwag scoring throughput of hellaswag.score: examples/s after a warm-up call (which "
+                    "tokenizes the file and, with --compile, compiles the model). Goal on one H100: the "
+                    "10,042-example val split in under 10 s with the 124M model.")
+    parser.add_argument("--checkpoint", help="a train_gpt.py checkpoint (default: a randomly initialized d12)")
+    parser.add_argument("--model_dir", help="a local Hugging Face GPT-2 directory")
+    parser.add_argument("--file", help="a HellaSwag jsonl (default: the cached val split if present, else "
+                                       "synthetic data of the same shape)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="examples to score (default: all of the file on CUDA, 8 elsewhere)")
+    parser.add_argument("--batch_size", type=int, default=None, help="examples per forward pass "
+                                                                     "(default: hellaswag.py's for the device)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls after the warm-up; the median counts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--kernels", default="auto", choices=["auto", "cuda", "torch"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = parser.parse_args(argv)
+
+    rt = tg.setup_runtime(args.device)
+    dtype = tg.resolve_dtype(args.dtype, rt.device_type)
+    if rt.device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    ops = tg.select_ops(args.kernels, rt.device_type)
+    if args.checkpoint:
+        model, name = tg.model_from_checkpoint(args.checkpoint, rt.device, ops)[0], args.checkpoint
+    elif args.model_dir:
+        model, name = tg.GPT.from_pretrained(args.model_dir, ops=ops).to(rt.device), args.model_dir
+    else:
+        torch.manual_seed(0)
+        model, name = tg.GPT(tg.GPTConfig(), ops).to(rt.device), "random d12 (124M)"
+    model.eval()
+    scored = torch.compile(model) if args.compile else model
+    limit = args.limit or (None if rt.device_type == "cuda" else 8)
+    batch_size = args.batch_size or hellaswag.default_batch_size(rt.device)
+    amp = tg.autocast_context(rt.device_type, dtype)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.file or hellaswag.find_data("val")
+        data = path or "synthetic (val-shaped)"
+        if path is None:
+            path = os.path.join(tmp, "synthetic_val.jsonl")
+            _synthetic_hellaswag(path, 10042)
+        t0 = time.perf_counter()
+        with amp:
+            s = hellaswag.score(scored, rt.device, path=path, batch_size=batch_size, limit=limit)
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            with amp:  # score() ends by copying the losses to the host: the clock stops after the device
+                s = hellaswag.score(scored, rt.device, path=path, batch_size=batch_size, limit=limit)
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2] if times else first
+    rate = s.total / dt
+    print(f"device {tg.device_name(rt)} ({rt.device}), {str(dtype).replace('torch.', '')}, kernels {ops.name}, "
+          f"compile {args.compile}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print(f"model {name}; data {data}: {s.total} examples, rows padded to {s.length} tokens, "
+          f"batch {batch_size} examples = {4 * batch_size} rows")
+    rate_s = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3f}"
+    print(f"first call {first:.2f} s (tokenizing{' and compiling' if args.compile else ''}); then {dt:.3f} s = "
+          f"{rate_s} examples/s: the 10,042-example val split would take {10042 / rate:,.1f} s")
+    return 0
 
 
 # -----------------------------------------------------------------------------
