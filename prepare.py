@@ -63,7 +63,7 @@ def _count(text):
             value = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count (write e.g. 100000000, 1e8 or 100M)")
-    if value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of tokens")
     return int(value)
 
@@ -500,25 +500,39 @@ def _init_worker():
     _worker_encoding = gpt2_encoding()
 
 
+def encode_ordinary_ids(enc, text):
+    """enc.encode_ordinary(text) as a uint32 array.
+
+    encode_to_numpy with no special token allowed or disallowed is the same encoding (text that looks like
+    <|endoftext|> stays plain text), but hands back tiktoken's buffer instead of building a Python list of ints
+    and converting it: about 30% less CPU per token (bench.py tokenize). Text with lone surrogates, which only
+    encode_ordinary knows how to repair, takes that path.
+    """
+    try:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:
+        return np.array(enc.encode_ordinary(text), dtype=np.uint32)
+
+
 def encode_task(texts):
     """Tokenize a task's documents: (uint16 tokens of all of them, int64 token count of each document).
 
-    A document is <|endoftext|> followed by encode_ordinary(text) (special-token text in documents is plain
-    text, never a special token). Empty or missing texts are no document and count 0 tokens.
+    A document is <|endoftext|> followed by encode_ordinary(text). Empty or missing texts are no document and
+    count 0 tokens.
     """
     enc = _worker_encoding or gpt2_encoding()
-    tokens = []
+    eot = np.array([GPT2_EOT], dtype=np.uint32)
+    parts = []
     lengths = np.zeros(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         if text:
-            ids = enc.encode_ordinary(text)
-            tokens.append(GPT2_EOT)
-            tokens.extend(ids)
+            ids = encode_ordinary_ids(enc, text)
+            parts += (eot, ids)
             lengths[i] = len(ids) + 1
-    array = np.array(tokens, dtype=np.int64)
-    if array.size and (array.min() < 0 or array.max() >= 2**16):
-        raise ValueError(f"token id {int(array.max())} does not fit in uint16 (max 65535)")
-    return array.astype(np.uint16), lengths
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    if tokens.size and tokens.max() >= 2**16:
+        raise ValueError(f"token id {int(tokens.max())} does not fit in uint16 (at most 65535)")
+    return tokens.astype(np.uint16), lengths
 
 
 # -----------------------------------------------------------------------------

