@@ -159,6 +159,120 @@ def bench_tokenize(argv):
 
 
 # -----------------------------------------------------------------------------
+# train: whole optimizer steps of train_gpt.py, per kernels/compile configuration, on synthetic tokens
+
+class _RandomTokens:
+    """Stands in for ShardLoader: random token windows already on the device, so data loading is not timed."""
+
+    def __init__(self, B, T, device, seed=0):
+        import torch
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.batches = [torch.randint(0, 50257, (B, T + 1), generator=gen).to(device) for _ in range(4)]
+        self.i = 0
+
+    def next_batch(self):
+        buf = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return buf[:, :-1], buf[:, 1:]
+
+
+def _time_training(tg, cfg, kernels, compile_model, B, steps, warmup, rt, dtype):
+    """(tokens/s, MFU or None, peak bytes or None, last loss) for `steps` timed optimizer steps of micro-batch B."""
+    import time
+
+    import torch
+    mc = tg.model_config(cfg)
+    T = mc.block_size
+    ops = tg.select_ops(kernels, rt.device_type)
+    if kernels == "cuda" and ops.name != "cuda":
+        raise RuntimeError("the arcana_kernels extension is not built")
+    torch.manual_seed(0)
+    raw_model = tg.GPT(mc, ops).to(rt.device)
+    model = torch.compile(raw_model) if compile_model else raw_model
+    optimizer = raw_model.configure_optimizer(0.1, 6e-4, rt.device_type)
+    amp = tg.autocast_context(rt.device_type, dtype)
+    loader = _RandomTokens(B, T, rt.device)
+    grad_accum = max(1, cfg.total_batch_size // (B * T))
+    if rt.device_type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    times = []
+    for step in range(warmup + steps):
+        tg.synchronize(rt.device_type)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = tg.forward_backward(model, None, loader, grad_accum, rt.device, amp)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+        optimizer.step()
+        tg.synchronize(rt.device_type)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    dt = times[len(times) // 2]  # median step
+    tokens = grad_accum * B * T
+    peak = tg.peak_flops(rt, dtype)
+    mfu = tg.flops_per_token(raw_model, T) * tokens / dt / peak if peak else None
+    memory = torch.cuda.max_memory_allocated(rt.device) if rt.device_type == "cuda" else None
+    return tokens / dt, mfu, memory, loss.item()
+
+
+@suite("train", "whole training steps: tokens/s, MFU, peak memory per kernels/compile configuration")
+def bench_train(argv):
+    import argparse
+
+    import torch
+    import train_gpt as tg
+    parser = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
+    parser.add_argument("--model", default="d12", choices=sorted(tg.MODEL_PRESETS))
+    parser.add_argument("--block_size", type=int, default=None, help="T (default: the preset's)")
+    parser.add_argument("--batch_size", default="auto",
+                        help="micro-batch B, or 'auto': the largest of 64, 32, 16, 8, 4, 2, 1 that fits (GPU)")
+    parser.add_argument("--total_batch_size", type=int, default=0,
+                        help="tokens per optimizer step (default: one micro-batch, no accumulation)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--configs", default="torch,torch+compile,cuda,cuda+compile",
+                        help="comma-separated kernels[+compile] configurations")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    rt = tg.setup_runtime(args.device)
+    dtype = tg.resolve_dtype(args.dtype, rt.device_type)
+    if rt.device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    cfg = tg.TrainConfig(model=args.model, block_size=args.block_size)
+    T = tg.model_config(cfg).block_size
+    candidates = [int(args.batch_size)] if args.batch_size != "auto" else \
+        ([64, 32, 16, 8, 4, 2, 1] if rt.device_type == "cuda" else [4])
+    print(f"device {tg.device_name(rt)} ({rt.device}), {str(dtype).replace('torch.', '')}, model {args.model}, "
+          f"T={T}, torch {torch.__version__}")
+    print(f"{'config':<16} {'B':>3} {'tokens/s':>12} {'MFU':>7} {'peak mem':>10} {'loss':>8}")
+    for name in args.configs.split(","):
+        kernels, _, flag = name.partition("+")
+        if kernels == "cuda" and rt.device_type != "cuda":
+            print(f"{name:<16} skipped: needs a CUDA device")
+            continue
+        for B in candidates:
+            cfg.total_batch_size = args.total_batch_size or B * T
+            try:
+                tok_s, mfu, memory, loss = _time_training(tg, cfg, kernels, flag == "compile", B, args.steps,
+                                                          args.warmup, rt, dtype)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                continue
+            except (RuntimeError, tg.UserError) as e:
+                print(f"{name:<16} failed: {str(e).splitlines()[0]}")
+                break
+            mfu_s = f"{100 * mfu:.1f}%" if mfu else "-"
+            mem_s = f"{memory / 2**30:.2f} GiB" if memory else "-"
+            print(f"{name:<16} {B:>3} {tok_s:>12,.0f} {mfu_s:>7} {mem_s:>10} {loss:>8.4f}", flush=True)
+            break
+        else:
+            print(f"{name:<16} no micro-batch in {candidates} fits in memory")
+
+
+# -----------------------------------------------------------------------------
 # hellaswag: hellaswag.py's batched scoring, examples/s
 
 def _synthetic_hellaswag(path, n, seed=0):
