@@ -339,6 +339,14 @@ def test_compiled_model_compiles_once(model, short_file):
     torch._dynamo.reset()
 
 
+def test_a_process_with_no_examples_runs_no_forward_pass(short_file):
+    # world_size larger than the file: the ranks past its end score nothing and contribute zero counts
+    data = hellaswag.load_rendered(short_file, BLOCK_SIZE)
+    wrapped = Recorder(tiny_gpt())
+    summed, mean = hellaswag._ending_losses(wrapped, data, np.arange(7, 5, 8), "cpu", 2)
+    assert summed.shape == mean.shape == (0, 4) and wrapped.shapes == []
+
+
 def test_world_size_needs_distributed(model, data_file):
     with pytest.raises(hellaswag.HellaSwagError, match="torch.distributed"):
         hellaswag.evaluate(model, "cpu", 1, 2, path=data_file)
