@@ -231,6 +231,17 @@ class CudaOps(TorchOps):
     to the PyTorch method it inherits."""
     name = "cuda"
 
+    def attention(self, qkv, n_head):
+        """The fused causal attention kernel, reading q, k and v in place from c_attn's output. It takes bf16 or
+        fp16 (autocast runs) and head sizes 64 and 128; float32 runs (no autocast) and other head sizes get
+        the PyTorch path, rather than a silent cast that would lower a float32 run's precision."""
+        B, T, C3 = qkv.shape
+        hs = C3 // (3 * n_head)
+        if qkv.dtype not in (torch.bfloat16, torch.float16) or hs not in (64, 128):
+            return super().attention(qkv, n_head)
+        y, _ = torch.ops.arcana.attention_fwd(qkv.view(B, T, 3, n_head, hs))  # (B, T, nh, hs)
+        return y.view(B, T, C3 // 3)
+
     def lm_head_loss(self, h, weight, targets):
         """The loss without the full logits tensor (chunked, the softmax/cross-entropy/dlogits part in one
         kernel pass); no logits are returned."""
@@ -249,8 +260,36 @@ def load_kernels():
         except ImportError as e:
             KERNELS.update(loaded=False, error=str(e))
         else:
+            register_attention_ops()
             KERNELS["loaded"] = True
     return KERNELS["loaded"]
+
+
+def register_attention_ops():
+    """The Python half of torch.ops.arcana.attention_fwd/_bwd (csrc/attention.cu): fake implementations, so
+    torch.compile traces through them, and autograd: the backward of attention_fwd is attention_bwd, which
+    recomputes the scores from qkv, out and lse; lse is an output without a gradient."""
+    @torch.library.register_fake("arcana::attention_fwd")
+    def _(qkv, variant=1):
+        B, T, _, H, D = qkv.shape  # qkv (B, T, 3, H, D)
+        return qkv.new_empty(B, T, H, D), qkv.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.register_fake("arcana::attention_bwd")
+    def _(dout, qkv, out, lse, variant=1):
+        return qkv.new_empty(qkv.shape)  # dqkv (B, T, 3, H, D), contiguous whatever qkv's strides
+
+    def setup_context(ctx, inputs, output):
+        qkv, variant = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.variant = variant
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, dlse):
+        qkv, out, lse = ctx.saved_tensors
+        return torch.ops.arcana.attention_bwd(dout, qkv, out, lse, ctx.variant), None
+
+    torch.library.register_autograd("arcana::attention_fwd", backward, setup_context=setup_context)
 
 
 def select_ops(kernels, device_type):

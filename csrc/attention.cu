@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(128) attention_bwd_plain_dkv_kernel(BwdParams<
 // -----------------------------------------------------------------------------
 // variant 1, forward
 //
-// A block owns BR = 128 query rows of one (b, h): 8 warps of 16 rows each. Q goes to shared memory once and
+// A block owns BR = 128 query rows of one (b, h) (64 for D = 128): 16 rows per warp. Q goes to shared memory once and
 // then into registers as A fragments; K and V tiles of BC = 64 keys stream through two shared-memory stages
 // (cp.async of tile j + 1 overlaps the math on tile j). Per tile and warp: S (16 x 64) = Q K^T on tensor
 // cores, the causal/length mask (only on tiles that cross the diagonal or T), online softmax in fp32 (base-2
@@ -444,8 +444,10 @@ __global__ void __launch_bounds__(128) attention_bwd_plain_dkv_kernel(BwdParams<
 
 template <int D>
 struct FwdCfg {
-  static constexpr int BR = 128, BC = 64, WARPS = BR / 16, THREADS = WARPS * 32, LD = D + 8;
+  // D = 128 takes 64 query rows (4 warps): 87 KB of shared memory, under the 99 KB per block of sm_86/sm_89
+  static constexpr int BR = D == 64 ? 128 : 64, BC = 64, WARPS = BR / 16, THREADS = WARPS * 32, LD = D + 8;
   static constexpr int SMEM = (BR + 4 * BC) * LD * 2;  // Q, then K and V in two stages each (16-bit elements)
+  static_assert(SMEM <= 99 * 1024, "must fit the dynamic shared memory of every sm_8x/sm_90 GPU");
 };
 
 template <typename T, int D>
@@ -633,6 +635,7 @@ struct BwdCfg {
   // fp32 lse and delta (2 stages each), then 16-bit K, V, Q (2 stages), dO (2 stages), dS^T
   static constexpr int SMEM = 4 * BR * 4 + (2 * BC * LD + 4 * BR * LD + BC * LDS) * 2;
   static_assert(WARPS % ROW_GROUPS == 0 && DQC % 16 == 0, "dQ tiles must split evenly among the warps");
+  static_assert(SMEM <= 99 * 1024, "must fit the dynamic shared memory of every sm_8x/sm_90 GPU");
   static_assert(2 * BR <= THREADS, "one thread per lse and delta entry");
 };
 
