@@ -374,6 +374,135 @@ def bench_hellaswag(argv):
 
 
 # -----------------------------------------------------------------------------
+# attention: the causal attention kernels (csrc/attention.cu) against F.scaled_dot_product_attention's backends
+
+def _attention_time_ms(fn, warmup, reps, flush):
+    """Median milliseconds of fn() over reps runs, each timed with CUDA events after `flush` (a buffer larger
+    than the L2 cache) is overwritten, so every run reads its inputs from device memory."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _attention_peak_mib(fn):
+    """MiB allocated at fn()'s peak above what was allocated before it."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@suite("attention", "causal attention: arcana kernels vs F.scaled_dot_product_attention backends, TFLOP/s, memory")
+def bench_attention(argv):
+    """TFLOP/s of forward, backward and forward+backward, and peak memory of forward+backward, for the arcana
+    kernels (both variants) and each SDPA backend, through the model's interface: CudaOps.attention and
+    TorchOps.attention on c_attn's (B, T, 3C) output, autograd included. Causal FLOPs: forward
+    4 B H T^2 D / 2, backward 2.5 x forward."""
+    import argparse
+    import contextlib
+
+    import torch
+    import train_gpt as tg
+    parser = argparse.ArgumentParser(prog="bench.py attention", description=bench_attention.__doc__)
+    parser.add_argument("--B", type=int, default=16)
+    parser.add_argument("--H", type=int, default=12)
+    parser.add_argument("--D", type=int, default=64, choices=[64, 128])
+    parser.add_argument("--T", default="1024,2048", help="comma-separated sequence lengths")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--variants", default="1,0", help="arcana kernel variants to time (1 fast, 0 plain)")
+    parser.add_argument("--backends", default="default,flash,efficient,cudnn,math",
+                        help="SDPA backends: default (PyTorch's choice), flash, efficient, cudnn, math")
+    parser.add_argument("--reps", type=int, default=10, help="timed runs per measurement (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("attention: needs a CUDA GPU; skipped")
+        return 0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    impls = []  # (name, ops object, context manager factory)
+    if tg.load_kernels():
+        for v in (int(v) for v in args.variants.split(",") if v):
+            ops = tg.CudaOps()
+            ops.attention = lambda qkv, n_head, v=v: torch.ops.arcana.attention_fwd(
+                qkv.view(*qkv.shape[:2], 3, n_head, -1), v)[0].flatten(2)
+            impls.append((f"arcana v{v}", ops, contextlib.nullcontext))
+    else:
+        print(f"arcana_kernels is not built ({tg.KERNELS['error']}): SDPA rows only")
+    for name in (b for b in args.backends.split(",") if b):
+        impls.append((f"sdpa {name}", tg.TorchOps(),
+                      contextlib.nullcontext if name == "default" else (lambda b=backends[name]: sdpa_kernel(b))))
+
+    dtype = getattr(torch, args.dtype)
+    B, H, D = args.B, args.H, args.D
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > the L2 of any current GPU
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} D={D} {args.dtype}, "
+          f"causal; median of {args.reps} runs, L2 flushed before each; TFLOP/s with causal FLOPs "
+          f"(forward 4*B*H*T^2*D/2, backward 2.5x)")
+    print(f"{'T':>5} {'implementation':<15} {'fwd ms':>8} {'fwd TF/s':>9} {'bwd ms':>8} {'bwd TF/s':>9} "
+          f"{'f+b ms':>8} {'f+b TF/s':>9} {'peak MiB':>9}")
+    best = {}
+    for T in (int(t) for t in args.T.split(",") if t):
+        flops_fwd = 4 * B * H * T * T * D / 2
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=dtype, generator=gen)
+        grad = torch.randn(B, T, H * D, device="cuda", dtype=dtype, generator=gen)
+        for name, ops, context in impls:
+            try:
+                with context():
+                    x = qkv.detach().requires_grad_()
+                    y = ops.attention(x, H)
+
+                    def fwd():
+                        with torch.no_grad():
+                            ops.attention(qkv, H)
+
+                    def bwd():
+                        torch.autograd.grad(y, x, grad, retain_graph=True)
+
+                    def fwd_bwd():
+                        xx = qkv.detach().requires_grad_()
+                        ops.attention(xx, H).backward(grad)
+
+                    t_f = _attention_time_ms(fwd, args.warmup, args.reps, flush)
+                    t_b = _attention_time_ms(bwd, args.warmup, args.reps, flush)
+                    t_fb = _attention_time_ms(fwd_bwd, args.warmup, args.reps, flush)
+                    del y, x
+                    peak = _attention_peak_mib(fwd_bwd)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                torch.cuda.empty_cache()
+                print(f"{T:>5} {name:<15} skipped: {str(e).splitlines()[0][:100]}")
+                continue
+            tf = [flops_fwd * k / (t * 1e-3) / 1e12 for k, t in ((1, t_f), (2.5, t_b), (3.5, t_fb))]
+            print(f"{T:>5} {name:<15} {t_f:8.3f} {tf[0]:9.1f} {t_b:8.3f} {tf[1]:9.1f} {t_fb:8.3f} {tf[2]:9.1f} "
+                  f"{peak:9.1f}", flush=True)
+            best.setdefault(T, []).append((tf[2], name))
+    for T, rows in best.items():
+        rows.sort(reverse=True)
+        ours = [r for r in rows if r[1] == "arcana v1"]
+        sdpa = [r for r in rows if r[1].startswith("sdpa")]
+        if ours and sdpa:
+            print(f"T={T}: arcana v1 forward+backward {ours[0][0]:.1f} TFLOP/s (goal on an H100: >= 190); fastest "
+                  f"SDPA backend {sdpa[0][1]} {sdpa[0][0]:.1f} TFLOP/s")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # entry point
 
 def main(argv=None):
