@@ -209,7 +209,7 @@ def render_example(example, block_size=None, enc=None):
 @dataclass
 class RenderedSet:
     """Every example of a file, rendered into fixed-shape arrays; L is the one padded row length."""
-    tokens: np.ndarray  # (n, 4, L) int64 token ids, zero past each row's end
+    tokens: np.ndarray  # (n, 4, L) int32 token ids, zero past each row's end
     starts: np.ndarray  # (n, 4) index of each row's first ending token
     lengths: np.ndarray  # (n, 4) tokens in each row
     labels: np.ndarray  # (n,) right ending
@@ -231,7 +231,7 @@ def render_all(examples, block_size, enc=None):
             truncated[i] |= cut
     lengths = np.array([len(r) for r in rows], np.int64).reshape(n, 4)
     L = min(-(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE, block_size)
-    tokens = np.zeros((n * 4, L), np.int64)
+    tokens = np.zeros((n * 4, L), np.int32)
     for k, row in enumerate(rows):
         tokens[k, :len(row)] = row
     labels = np.array([-1 if ex.get("label") is None else ex["label"] for ex in examples], np.int64)
@@ -286,7 +286,7 @@ class Score:
     sum_loss: np.ndarray  # (len(indices), 4) summed cross-entropy of each ending
     mean_loss: np.ndarray  # (len(indices), 4) mean cross-entropy per token of each ending
     load_seconds: float  # reading and tokenizing the file (next to nothing when it came from memory)
-    seconds: float  # forward passes and scoring on this process
+    seconds: float  # forward passes and scoring, all processes done
 
     @property
     def predictions(self):
@@ -304,7 +304,7 @@ def _ending_losses(model, data, indices, device, batch_size):
     R = 4 * batch_size  # rows per forward pass
     n = len(indices)
     batches = -(-n // batch_size)
-    rows = np.zeros((batches * R, L), np.int64)  # dummy rows stay all zeros
+    rows = np.zeros((batches * R, L), np.int32)  # dummy rows stay all zeros
     rows[:4 * n] = data.tokens[indices].reshape(4 * n, L)
     positions = np.arange(1, L)  # a token at position t is predicted by the logits at t - 1
     first = np.maximum(data.starts[indices].reshape(4 * n, 1), 1)
@@ -314,10 +314,10 @@ def _ending_losses(model, data, indices, device, batch_size):
     inputs = torch.from_numpy(rows).to(device)
     row_t = torch.from_numpy(row).to(device)
     at = torch.from_numpy(row % R * L + col).to(device)  # flat (row, position) in its batch's logits
-    targets = torch.from_numpy(rows[row, col + 1]).to(device)
+    targets = torch.from_numpy(rows[row, col + 1].astype(np.int64)).to(device)
     summed = torch.zeros(4 * n, dtype=torch.float32, device=device)
     for b in range(batches):
-        logits = model(inputs[b * R:(b + 1) * R])
+        logits = model(inputs[b * R:(b + 1) * R].long())  # a fresh (R, L) tensor each pass
         logits = logits[0] if isinstance(logits, tuple) else logits  # (R, L, V)
         if logits.size(-1) < GPT2_VOCAB_SIZE:
             raise HellaSwagError(f"the model has {logits.size(-1)} output logits, fewer than GPT-2's "
@@ -342,14 +342,13 @@ def score(model, device, rank=0, world_size=1, *, path=None, split="val", batch_
     if path is None:
         path = find_data(split) or download(split)
     block_size = block_size or model_block_size(model)
-    t0 = time.time()
+    t0 = time.perf_counter()
     data = load_rendered(path, block_size, limit)
-    load_seconds = time.time() - t0
+    load_seconds = time.perf_counter() - t0
     indices = np.arange(rank, len(data.labels), world_size)
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     sum_loss, mean_loss = _ending_losses(model, data, indices, device, batch_size)
-    seconds = time.time() - t0
     labels = data.labels[indices]
     counts = torch.tensor([(mean_loss.argmin(1) == labels).sum(), (sum_loss.argmin(1) == labels).sum(),
                            len(indices), data.truncated[indices].sum()], dtype=torch.long)
@@ -357,6 +356,7 @@ def score(model, device, rank=0, world_size=1, *, path=None, split="val", batch_
         counts = counts.to(device) if dist.get_backend() == "nccl" else counts  # nccl reduces GPU tensors only
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct_norm, correct, total, truncated = counts.tolist()
+    seconds = time.perf_counter() - t0  # with several processes, until the slowest has finished
     return Score(correct_norm, correct, total, truncated, block_size, data.tokens.shape[2], indices, sum_loss,
                  mean_loss, load_seconds, seconds)
 
