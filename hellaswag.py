@@ -89,10 +89,15 @@ def download(split="val", data_dir=None, timeout=DOWNLOAD_TIMEOUT):
             raise HellaSwagError(f"the download from {url} is not valid HellaSwag data ({e}); nothing was "
                                  f"saved. Try again, or {manual}") from None
         os.replace(tmp, dest)
-    except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError and timeouts are OSErrors
+    except urllib.error.HTTPError as e:
+        raise HellaSwagError(f"could not download HellaSwag {split}: the server answered {e.code} {e.reason}. "
+                             f"Try again later, or {manual}") from None
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download HellaSwag {split} ({type(e).__name__}: {reason}); the network "
                              f"may be unreachable. To work offline, {manual}") from None
+    except OSError as e:  # the download's own file: permissions, a full disk
+        raise HellaSwagError(f"could not write {dest} ({e.strerror or e}); pass another --data_dir") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -180,7 +185,7 @@ def fit_row(ctx, ending, block_size=None):
 
 @dataclass
 class Rendered:
-    """One example as the model reads it: 4 rows of context tokens followed by one ending's tokens."""
+    """One example as the model reads it: 4 rows, each the context's tokens followed by one ending's."""
     rows: list  # 4 lists of token ids
     starts: list  # index in each row of its first ending token
     label: Optional[int]  # the right ending, None for the unlabelled test split
@@ -217,6 +222,7 @@ class RenderedSet:
 
 
 def render_all(examples, block_size, enc=None):
+    """Examples (dicts as loaded, labelled) fitted to block_size and padded to one length L."""
     enc = enc or gpt2_encoding()
     if block_size < 2:
         raise HellaSwagError(f"block_size {block_size} is too small: a row needs a context token and an ending token")

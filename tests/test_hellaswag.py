@@ -185,6 +185,10 @@ def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypat
     assert str(tmp_path / "hellaswag_val.jsonl") in message and "--file" in message
     assert os.listdir(tmp_path) == []
 
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(hellaswag.HellaSwagError, match=r"could not write .*a_file/sub/hellaswag_val\.jsonl.*--data_dir"):
+        hellaswag.download("val", str(tmp_path / "a_file" / "sub"), timeout=5)
+
 
 @pytest.mark.parametrize("line, message", [
     ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0', r"bad\.jsonl:3: malformed JSON"),
@@ -414,6 +418,30 @@ def test_cli_scores_a_checkpoint(capsys, checkpoint, data_file, unbatched):
                              "--batch_size", "3", "--device", "cpu")
     assert code == 0, err
     assert "4 examples (0 truncated" in out and "acc " in out and "acc_norm " in out and "examples/s" in out
+
+
+def test_cli_scores_a_hugging_face_directory(capsys, tmp_path, model, data_file, unbatched):
+    # the tiny model in Hugging Face's GPT-2 layout, with the unpadded 50,257-token vocabulary: the same
+    # weights for every real token, so the same scores as the padded model
+    from safetensors.torch import save_file
+
+    conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        value = value[:50257] if name == "transformer.wte.weight" else value
+        tensors[name] = (value.t() if name.endswith(conv1d) else value).contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    c = model.config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "n_positions": c.block_size, "vocab_size": 50257, "n_layer": c.n_layer, "n_head": c.n_head,
+        "n_embd": c.n_embd, "activation_function": "gelu_new"}))
+    code, out, err = run_cli(capsys, "--model_dir", str(tmp_path), "--file", data_file, "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["correct_norm"], result["correct"], result["examples"]) == \
+           (unbatched.correct_norm, unbatched.correct, 13)
 
 
 def test_cli_downloads_on_first_use(capsys, tmp_path, monkeypatch, checkpoint, data_file):
