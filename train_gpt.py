@@ -231,6 +231,32 @@ class CudaOps(TorchOps):
     to the PyTorch method it inherits."""
     name = "cuda"
 
+    def layer_norm(self, x, ln):
+        """arcana::layer_norm_fwd: out has x's dtype, as F.layer_norm's (under autocast x is the float32
+        residual stream, so both give float32)."""
+        if ln.weight is None or ln.bias is None:
+            return super().layer_norm(x, ln)
+        out, _, _ = torch.ops.arcana.layer_norm_fwd(x.contiguous(), ln.weight, ln.bias, ln.eps)
+        return out
+
+    def add_layer_norm(self, x, y, ln):
+        """arcana::add_layer_norm_fwd, reading the residual stream x and the branch output y once. Under
+        autocast x is float32 and y bfloat16: the kernel takes that pair as it is and adds in fp32, as x + y
+        does. Any other pair of dtypes is first cast to the dtype x + y would have."""
+        if ln.weight is None or ln.bias is None:
+            return super().add_layer_norm(x, y, ln)
+        if y.dtype != x.dtype and x.dtype != torch.float32:
+            dtype = torch.promote_types(x.dtype, y.dtype)
+            x, y = x.to(dtype), y.to(dtype)
+        r, h, _, _ = torch.ops.arcana.add_layer_norm_fwd(x.contiguous(), y.contiguous(), ln.weight, ln.bias, ln.eps)
+        return r, h
+
+    def linear_gelu(self, x, fc):
+        """The matmul without its bias, then arcana::gelu_fwd adding the bias and applying GELU in one pass
+        over the (B, T, 4C) activation. Under autocast the matmul gives bf16 and the kernel reads the float32
+        bias as it is; the output has the matmul's dtype, as the PyTorch path's."""
+        return torch.ops.arcana.gelu_fwd(F.linear(x, fc.weight).contiguous(), fc.bias)
+
     def attention(self, qkv, n_head):
         """The fused causal attention kernel, reading q, k and v in place from c_attn's output. It takes bf16 or
         fp16 (autocast runs) and head sizes 64 and 128; float32 runs (no autocast) and other head sizes get
@@ -260,9 +286,91 @@ def load_kernels():
         except ImportError as e:
             KERNELS.update(loaded=False, error=str(e))
         else:
+            register_norm_gelu_ops()
             register_attention_ops()
             KERNELS["loaded"] = True
     return KERNELS["loaded"]
+
+
+def register_norm_gelu_ops():
+    """The Python half of the LayerNorm and GELU ops (csrc/layernorm.cu, csrc/gelu.cu; schemas in
+    csrc/ops.cpp): fake implementations, so torch.compile traces through them without graph breaks, and
+    autograd, each forward's backward calling its backward op with the forward's variant. mean and rstd are
+    outputs without a gradient. A backward op computes every gradient it can; the ones no input needs are
+    dropped here."""
+    @torch.library.register_fake("arcana::layer_norm_fwd")
+    def _(x, weight, bias, eps, variant=1):
+        rows = x.shape[:-1]
+        return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+    @torch.library.register_fake("arcana::add_layer_norm_fwd")
+    def _(x, y, weight, bias, eps, variant=1):
+        rows = x.shape[:-1]
+        return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32),
+                x.new_empty(rows, dtype=torch.float32))
+
+    @torch.library.register_fake("arcana::layer_norm_bwd")
+    def _(dout, x, weight, mean, rstd, dr=None, variant=1):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("arcana::gelu_fwd")
+    def _(x, bias=None, variant=1):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("arcana::gelu_bwd")
+    def _(dout, x, bias=None, variant=1):
+        dbias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0, dtype=torch.float32)
+        return x.new_empty(x.shape), dbias
+
+    def layer_norm_setup(ctx, inputs, output):
+        x, weight, bias, eps, variant = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.variant, ctx.bias_dtype = variant, bias.dtype
+
+    def layer_norm_backward(ctx, dout, dmean, drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), x, weight, mean, rstd, None,
+                                                             ctx.variant)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dweight if need[1] else None,
+                dbias.to(ctx.bias_dtype) if need[2] else None, None, None)
+
+    torch.library.register_autograd("arcana::layer_norm_fwd", layer_norm_backward, setup_context=layer_norm_setup)
+
+    def add_layer_norm_setup(ctx, inputs, output):
+        x, y, weight, bias, eps, variant = inputs
+        r, _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(r, weight, mean, rstd)  # the backward normalizes r, not x
+        ctx.variant, ctx.y_dtype, ctx.bias_dtype = variant, y.dtype, bias.dtype
+
+    def add_layer_norm_backward(ctx, dr, dout, dmean, drstd):
+        r, weight, mean, rstd = ctx.saved_tensors
+        # d(loss)/dr = the gradient arriving at r (the next blocks) + the one through LayerNorm(r); x and y
+        # get it both, y in its own dtype.
+        dx, dweight, dbias = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), r, weight, mean, rstd,
+                                                             None if dr is None else dr.contiguous(), ctx.variant)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dx.to(ctx.y_dtype) if need[1] else None, dweight if need[2] else None,
+                dbias.to(ctx.bias_dtype) if need[3] else None, None, None)
+
+    torch.library.register_autograd("arcana::add_layer_norm_fwd", add_layer_norm_backward,
+                                    setup_context=add_layer_norm_setup)
+
+    def gelu_setup(ctx, inputs, output):
+        x, bias, variant = inputs
+        ctx.save_for_backward(x, bias)
+        ctx.variant = variant
+
+    def gelu_backward(ctx, dout):
+        x, bias = ctx.saved_tensors
+        dx, dbias = torch.ops.arcana.gelu_bwd(dout.contiguous(), x, bias, ctx.variant)
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dbias if bias is not None and need[1] else None, None
+
+    torch.library.register_autograd("arcana::gelu_fwd", gelu_backward, setup_context=gelu_setup)
 
 
 def register_attention_ops():

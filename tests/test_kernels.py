@@ -1,0 +1,618 @@
+"""The LayerNorm and GELU ops of the arcana_kernels extension (csrc/layernorm.cu, csrc/gelu.cu, schemas in
+csrc/ops.cpp) and their Python half in train_gpt.py (fake implementations, autograd, CudaOps).
+
+Without a GPU (CI): the module imports (a failure when ARCANA_REQUIRE_KERNELS=1, else a skip), every op has its
+schema, the fake implementations give the right shapes, dtypes and strides on meta and fake tensors, autograd
+reaches every backward op, torch.compile(fullgraph=True) traces through the ops, CPU tensors get the clear error,
+and --kernels cuda is refused on CPU.
+
+On a GPU (marker cuda): every op and its backward, plain (variant 0) and fast (variant 1), against PyTorch on
+fresh random inputs at C = 768, 1000, 1024, 1600 (GELU also 3072) and 1, 7, 4097, 65536 rows, with every output
+buffer poisoned with NaN first (torch.ops.arcana._set_poison) so an unwritten element fails. Tolerances: fp32
+inputs, max-norm relative error under 1e-5 against the op in float64; bf16/fp16 inputs, at most twice PyTorch's
+own bf16/fp16 error against the op in fp32 on the same inputs (or under the fp32 tolerance, where PyTorch
+computes in fp32 too). Then opcheck, input checks, determinism, CudaOps against TorchOps under autocast, a
+torch.compile(fullgraph=True) GPT, and 50 training steps with --kernels cuda against --kernels torch. The worst
+error of each op, output and dtype is printed as a table at the end.
+"""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCHEMAS = {
+    "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps, int variant=1)"
+                      " -> (Tensor out, Tensor mean, Tensor rstd)",
+    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps,"
+                          " int variant=1) -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
+    "layer_norm_bwd": "arcana::layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd,"
+                      " Tensor? dr=None, int variant=1) -> (Tensor dx, Tensor dweight, Tensor dbias)",
+    "gelu_fwd": "arcana::gelu_fwd(Tensor x, Tensor? bias=None, int variant=1) -> Tensor",
+    "gelu_bwd": "arcana::gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None, int variant=1)"
+                " -> (Tensor dx, Tensor dbias)",
+    "_set_poison": "arcana::_set_poison(bool enabled) -> ()",
+}
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def arcana():
+    """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
+    if not train_gpt.load_kernels():
+        reason = (f"the arcana_kernels extension is not built ({train_gpt.KERNELS['error']}); "
+                  f"build it with `python setup.py build_ext --inplace`")
+        if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
+            pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
+        pytest.skip(reason)
+    return torch.ops.arcana
+
+
+def ln_params(C, device, dtype=torch.float32, requires_grad=False):
+    weight = (1 + 0.1 * torch.randn(C, device=device)).to(dtype).requires_grad_(requires_grad)
+    bias = (0.1 * torch.randn(C, device=device)).to(dtype).requires_grad_(requires_grad)
+    return weight, bias
+
+
+# -----------------------------------------------------------------------------
+# without a GPU
+
+def test_import_and_schemas(arcana):
+    for name, schema in SCHEMAS.items():
+        assert hasattr(arcana, name), f"torch.ops.arcana.{name} is missing"
+        assert str(getattr(arcana, name).default._schema) == schema
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_shapes_on_meta(arcana, dtype):
+    B, T, C = 2, 5, 16
+    x = torch.empty(B, T, C, device="meta", dtype=dtype)
+    w = torch.empty(C, device="meta")
+    out, mean, rstd = arcana.layer_norm_fwd(x, w, w, EPS)
+    assert (out.shape, out.dtype, out.is_contiguous()) == (x.shape, dtype, True)
+    for stat in (mean, rstd):
+        assert (stat.shape, stat.dtype) == ((B, T), torch.float32)
+    y = torch.empty(B, T, C, device="meta", dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+    r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, w, EPS, 0)
+    assert (r.shape, r.dtype, out.shape, out.dtype) == (x.shape, dtype, x.shape, dtype)
+    assert (mean.shape, rstd.dtype) == ((B, T), torch.float32)
+    dx, dw, db = arcana.layer_norm_bwd(x, x, w, mean, rstd, x)
+    assert (dx.shape, dx.dtype, dw.shape, dw.dtype, db.shape) == (x.shape, dtype, (C,), torch.float32, (C,))
+    u = torch.empty(B, T, 4 * C, device="meta", dtype=dtype)
+    fb = torch.empty(4 * C, device="meta")
+    assert (arcana.gelu_fwd(u, fb).shape, arcana.gelu_fwd(u).dtype) == (u.shape, dtype)
+    du, dfb = arcana.gelu_bwd(u, u, fb)
+    assert (du.shape, du.dtype, dfb.shape, dfb.dtype) == (u.shape, dtype, (4 * C,), torch.float32)
+    du, dfb = arcana.gelu_bwd(u, u)
+    assert (du.shape, dfb.shape, dfb.dtype) == (u.shape, (0,), torch.float32)
+
+
+def test_fake_shapes_in_fake_tensor_mode(arcana):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(3, 7, 24, dtype=torch.bfloat16)
+        w = torch.empty(24)
+        out, mean, rstd = arcana.layer_norm_fwd(x, w, w, EPS)
+        dx, dw, db = arcana.layer_norm_bwd(out, x, w, mean, rstd)
+        dg, dgb = arcana.gelu_bwd(x, x, w.to(torch.bfloat16))
+    assert (out.shape, mean.shape, dx.dtype, dw.shape) == ((3, 7, 24), (3, 7), torch.bfloat16, (24,))
+    assert (dg.shape, dgb.dtype) == ((3, 7, 24), torch.bfloat16)
+
+
+def test_autograd_reaches_every_backward_op_on_meta(arcana):
+    """Gradients of every input, with the model's dtypes under autocast: residual stream float32, branch output
+    and MLP activation bfloat16, parameters float32."""
+    B, T, C = 2, 5, 16
+    x = torch.empty(B, T, C, device="meta", requires_grad=True)
+    y = torch.empty(B, T, C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w, b = (torch.empty(C, device="meta", requires_grad=True) for _ in range(2))
+    r, h, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, b, EPS)
+    assert not mean.requires_grad and not rstd.requires_grad
+    u = torch.empty(B, T, 4 * C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    fb = torch.empty(4 * C, device="meta", requires_grad=True)
+    h2, _, _ = arcana.layer_norm_fwd(h, w, b, EPS)
+    (r.sum() + h2.sum() + arcana.gelu_fwd(u, fb).float().sum()).backward()
+    assert (x.grad.shape, x.grad.dtype, y.grad.dtype) == (x.shape, torch.float32, torch.bfloat16)
+    assert (w.grad.shape, b.grad.dtype, u.grad.dtype, fb.grad.shape) == ((C,), torch.float32, torch.bfloat16, (4 * C,))
+
+
+class NormGeluOps(train_gpt.CudaOps):
+    """CudaOps with only this file's ops: attention and the loss from PyTorch."""
+    attention = train_gpt.TorchOps.attention
+    lm_head_loss = train_gpt.TorchOps.lm_head_loss
+
+
+def test_compile_fullgraph_traces_through_the_ops(arcana):
+    """The model with the LayerNorm/GELU kernels compiles with fullgraph=True (no graph break) and runs its
+    backward: traced on meta tensors with the aot_eager backend, which needs no GPU."""
+    torch._dynamo.reset()
+    mc = train_gpt.GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
+    model = train_gpt.GPT(mc, NormGeluOps()).to("meta")
+    idx = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    _, loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, idx)
+    loss.backward()
+    assert model.transformer.h[0].ln_2.weight.grad.shape == (64,)
+    assert model.transformer.h[0].mlp.c_fc.bias.grad.shape == (256,)
+
+
+def test_cpu_tensors_get_the_clear_error(arcana):
+    x = torch.randn(4, 8)
+    w, b = torch.ones(8), torch.zeros(8)
+    calls = {
+        "layer_norm_fwd": lambda: arcana.layer_norm_fwd(x, w, b, EPS),
+        "add_layer_norm_fwd": lambda: arcana.add_layer_norm_fwd(x, x, w, b, EPS),
+        "layer_norm_bwd": lambda: arcana.layer_norm_bwd(x, x, w, x[:, 0], x[:, 0]),
+        "gelu_fwd": lambda: arcana.gelu_fwd(x, b),
+        "gelu_bwd": lambda: arcana.gelu_bwd(x, x),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"arcana::{name}: \w+ must be a CUDA tensor, got cpu; move it "
+                                               rf"with \.cuda\(\) or use --kernels torch"):
+            call()
+
+
+def test_kernels_cuda_is_refused_on_cpu():
+    with pytest.raises(train_gpt.UserError, match="--kernels cuda needs a CUDA device"):
+        train_gpt.select_ops("cuda", "cpu")
+    assert isinstance(train_gpt.select_ops("auto", "cpu"), train_gpt.TorchOps)
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: helpers
+
+ROWS = [1, 7, 4097, 65536]
+WIDTHS = [768, 1000, 1024, 1600]
+REPORT = {}  # (op, output, dtype, variant) -> worst row: (ratio to tolerance, shape, err, torch err, tol)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def error_table(request):
+    """Print the worst error of each op/output/dtype/variant after the GPU tests."""
+    yield
+    if not REPORT:
+        return
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    write = tr.write_line if tr is not None else print
+    write("")
+    write(f"{'op':20s} {'output':8s} {'dtype':9s} {'var':>3s} {'worst shape':18s} {'max err':>10s} "
+          f"{'torch err':>10s} {'tolerance':>10s}  result")
+    for (op, out, dtype, variant), (ratio, shape, err, ref_err, tol) in sorted(REPORT.items()):
+        torch_err = "-" if ref_err is None else f"{ref_err:10.3e}"
+        write(f"{op:20s} {out:8s} {dtype:9s} {variant:3d} {shape:18s} {err:10.3e} {torch_err:>10s} {tol:10.3e}  "
+              f"{'pass' if ratio <= 1 else 'FAIL'}")
+
+
+@pytest.fixture
+def poison(arcana):
+    """Every output and scratch buffer of the ops starts as NaN, so an element left unwritten fails."""
+    arcana._set_poison(True)
+    yield
+    arcana._set_poison(False)
+
+
+@pytest.fixture
+def seed():
+    """Fresh random inputs each run; the seed is in every failure message to reproduce it."""
+    s = random.randrange(2 ** 31)
+    torch.manual_seed(s)
+    return s
+
+
+def short(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def check(op, name, ours, ref, torch_lowp, variant, seed, shape):
+    """ours against ref (float64 for fp32 inputs, fp32 for 16-bit ones); torch_lowp is PyTorch's own result on
+    the 16-bit inputs (None for fp32). Errors are max-norm: max |a - ref|, relative to max |ref| for fp32."""
+    ours = ours.detach()
+    assert torch.isfinite(ours).all(), (f"{op} {name}: non-finite values (an element left unwritten, still NaN "
+                                        f"from the poisoning?); seed {seed}")
+    ref = ref.detach().double()
+    scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    if torch_lowp is None:
+        ref_err, tol = None, 1e-5 * scale
+    else:
+        ref_err = (torch_lowp.detach().double() - ref).abs().max().item() if ref.numel() else 0.0
+        tol = max(2 * ref_err, 1e-5 * scale)
+    key = (op, name, short(ours.dtype), variant)
+    ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
+    if key not in REPORT or ratio > REPORT[key][0]:
+        REPORT[key] = (ratio, "x".join(map(str, shape)), err, ref_err, tol)
+    assert err <= tol, (f"{op} {name} ({short(ours.dtype)}, shape {tuple(shape)}, variant {variant}): max error "
+                        f"{err:.3e} > tolerance {tol:.3e} (PyTorch's own {short(ours.dtype)} error: {ref_err}); "
+                        f"seed {seed}")
+
+
+def reference_dtype(dtype):
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def ln_reference(x, weight, bias, dout, y=None, dr=None, round_to=None):
+    """LayerNorm of r = x (+ y) and its gradients (dr, if given, is the gradient arriving at r) with PyTorch in
+    x's dtype: (r, out, dx, dy, dweight, dbias). With round_to, PyTorch's 16-bit result as it computes one for
+    16-bit inputs and float32 weights: in fp32, with r rounded to round_to before it is normalized (it is
+    stored) and r, out, dx, dy rounded at the end; dweight and dbias stay float32, as the weights."""
+    x = x.detach().requires_grad_()
+    weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+    inputs = [x, weight, bias]
+    r = x
+    if y is not None:
+        y = y.detach().requires_grad_()
+        inputs.insert(1, y)
+        r = x + y
+    if round_to is not None:
+        r = r.to(round_to).to(x.dtype)
+    out = F.layer_norm(r, (r.size(-1),), weight, bias, EPS)
+    outputs, grads_in = [out], [dout.to(out.dtype)]
+    if dr is not None:
+        outputs.append(r)
+        grads_in.append(dr.to(r.dtype))
+    grads = list(torch.autograd.grad(outputs, inputs, grads_in))
+    if y is None:
+        grads.insert(1, None)
+    dx, dy, dw, db = grads
+    result = [r.detach(), out.detach(), dx, dy]
+    if round_to is not None:
+        result = [None if t is None else t.to(round_to) for t in result]
+    return (*result, dw, db)
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: LayerNorm
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("C", WIDTHS)
+@pytest.mark.parametrize("N", ROWS)
+def test_layer_norm(arcana, poison, seed, N, C, dtype, variant):
+    """layer_norm_fwd (out, mean, rstd) and layer_norm_bwd (dx, dweight, dbias), weights in float32 as the
+    model's; x has a non-zero mean so a one-pass variance would show its cancellation."""
+    x = (2 * torch.randn(N, C, device="cuda") + 3).to(dtype)
+    weight, bias = ln_params(C, "cuda")
+    dout = torch.randn(N, C, device="cuda").to(dtype)
+    out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS, variant)
+    dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd, None, variant)
+
+    rd = reference_dtype(dtype)
+    _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd))
+    xr = x.to(rd)
+    mean_ref = xr.mean(-1)
+    rstd_ref = torch.rsqrt(xr.var(-1, unbiased=False) + EPS)
+    low = None if dtype == torch.float32 else ln_reference(x.float(), weight, bias, dout.float(), round_to=dtype)
+    args = ("layer_norm", variant, seed, (N, C))
+    check(args[0], "out", out, out_ref, None if low is None else low[1], *args[1:])
+    check(args[0], "mean", mean, mean_ref, None if low is None else mean_ref.float(), *args[1:])
+    check(args[0], "rstd", rstd, rstd_ref, None if low is None else rstd_ref.float(), *args[1:])
+    check(args[0], "dx", dx, dx_ref, None if low is None else low[2], *args[1:])
+    check(args[0], "dweight", dw, dw_ref, None if low is None else low[4], *args[1:])
+    check(args[0], "dbias", db, db_ref, None if low is None else low[5], *args[1:])
+    assert (out.dtype, dx.dtype, mean.dtype, dw.dtype) == (dtype, dtype, torch.float32, torch.float32)
+
+
+ADD_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+              (torch.float32, torch.bfloat16), (torch.float32, torch.float16)]  # (x, y): the last two as autocast
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("dtypes", ADD_DTYPES, ids=lambda d: f"{short(d[0])}+{short(d[1])}")
+@pytest.mark.parametrize("C", WIDTHS)
+@pytest.mark.parametrize("N", ROWS)
+def test_add_layer_norm(arcana, poison, seed, N, C, dtypes, variant):
+    """add_layer_norm_fwd (r, out, mean, rstd) and its backward: layer_norm_bwd on r with the incoming dr."""
+    xdt, ydt = dtypes
+    x = (2 * torch.randn(N, C, device="cuda") + 1).to(xdt)
+    y = torch.randn(N, C, device="cuda").to(ydt)
+    weight, bias = ln_params(C, "cuda")
+    dout = torch.randn(N, C, device="cuda").to(xdt)
+    dr = torch.randn(N, C, device="cuda").to(xdt)
+    r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, weight, bias, EPS, variant)
+    dx, dw, db = arcana.layer_norm_bwd(dout, r, weight, mean, rstd, dr, variant)
+
+    lowp = xdt != torch.float32
+    rd = torch.float32 if lowp else torch.float64
+    r_ref, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd),
+                                                             y=y.to(rd), dr=dr.to(rd))
+    low = None
+    if lowp:
+        low = ln_reference(x.float(), weight, bias, dout.float(), y=y.float(), dr=dr.float(), round_to=xdt)
+    args = (f"add_layer_norm[{short(ydt)}]", variant, seed, (N, C))
+    check(args[0], "r", r, r_ref, None if low is None else low[0], *args[1:])
+    check(args[0], "out", out, out_ref, None if low is None else low[1], *args[1:])
+    check(args[0], "dx", dx, dx_ref, None if low is None else low[2], *args[1:])
+    check(args[0], "dweight", dw, dw_ref, None if low is None else low[4], *args[1:])
+    check(args[0], "dbias", db, db_ref, None if low is None else low[5], *args[1:])
+    assert (r.dtype, out.dtype, dx.dtype) == (xdt, xdt, xdt)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("shape", [(5, 37), (3, 2, 100), (4, 2056)], ids=str)
+def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, variant):
+    """Rows whose bytes are not a multiple of 16 (C = 37, C = 100 in bf16) and 3-D inputs run correctly with
+    either variant (variant 1 falls back to the plain kernels where its 128-bit loads cannot be used)."""
+    for dtype in DTYPES:
+        x = torch.randn(shape, device="cuda").to(dtype)
+        C = shape[-1]
+        weight, bias = ln_params(C, "cuda")
+        dout = torch.randn(shape, device="cuda").to(dtype)
+        out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS, variant)
+        dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd, None, variant)
+        rd = reference_dtype(dtype)
+        _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd))
+        low = None if dtype == torch.float32 else ln_reference(x.float(), weight, bias, dout.float(),
+                                                               round_to=dtype)
+        assert mean.shape == shape[:-1]
+        for name, ours, ref, i in (("out", out, out_ref, 1), ("dx", dx, dx_ref, 2), ("dweight", dw, dw_ref, 4),
+                                   ("dbias", db, db_ref, 5)):
+            check("layer_norm[odd]", name, ours, ref, None if low is None else low[i], variant, seed, shape)
+
+
+@pytest.mark.cuda
+def test_layer_norm_weights_in_low_precision(arcana, poison, seed):
+    """weight and bias in the input's dtype (a model cast with .to(bfloat16)): gradients come back in it."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(4097, 768, device="cuda").to(dtype)
+        weight, bias = ln_params(768, "cuda", dtype)
+        dout = torch.randn(4097, 768, device="cuda").to(dtype)
+        out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS)
+        dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
+        _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.float(), weight.float(), bias.float(), dout.float())
+        low = ln_reference(x, weight, bias, dout)  # PyTorch's LayerNorm all in 16 bits
+        assert (dw.dtype, db.dtype) == (dtype, dtype)
+        for name, ours, ref, i in (("out", out, out_ref, 1), ("dx", dx, dx_ref, 2), ("dweight", dw, dw_ref, 4),
+                                   ("dbias", db, db_ref, 5)):
+            check("layer_norm[w16]", name, ours, ref, low[i], 1, seed, (4097, 768))
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: GELU
+
+def gelu_reference(x, bias, dout):
+    """GELU of x (+ bias) and its gradients in x's dtype: (out, dx, dbias)."""
+    x = x.detach().requires_grad_()
+    b = None if bias is None else bias.detach().requires_grad_()
+    out = F.gelu(x if b is None else x + b, approximate="tanh")
+    grads = torch.autograd.grad(out, [x] + ([b] if b is not None else []), dout.to(out.dtype))
+    return out.detach(), grads[0], grads[1] if b is not None else None
+
+
+def gelu_torch_lowp(x, bias, dout):
+    """PyTorch's 16-bit version as the model runs it: under autocast the bias is added in the matmul and u
+    rounded to x's dtype; GELU and its gradient in that dtype; dbias is the sum of the 16-bit gradients."""
+    u = x if bias is None else (x.float() + bias.float()).to(x.dtype)
+    out = F.gelu(u, approximate="tanh")
+    dx = torch.ops.aten.gelu_backward(dout, u, approximate="tanh")
+    dbias = None if bias is None else dx.reshape(-1, dx.size(-1)).sum(0).float()
+    return out, dx, dbias
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("C", WIDTHS + [3072])
+@pytest.mark.parametrize("N", ROWS)
+def test_gelu(arcana, poison, seed, N, C, dtype, with_bias, variant):
+    """gelu_fwd and gelu_bwd (dx, dbias) with the bias in float32 as the model's c_fc.bias."""
+    x = (3 * torch.randn(N, C, device="cuda")).to(dtype)
+    bias = 0.5 * torch.randn(C, device="cuda") if with_bias else None
+    dout = torch.randn(N, C, device="cuda").to(dtype)
+    out = arcana.gelu_fwd(x, bias, variant)
+    dx, dbias = arcana.gelu_bwd(dout, x, bias, variant)
+
+    rd = reference_dtype(dtype)
+    out_ref, dx_ref, db_ref = gelu_reference(x.to(rd), None if bias is None else bias.to(rd), dout.to(rd))
+    low = None if dtype == torch.float32 else gelu_torch_lowp(x, bias, dout)
+    args = ("gelu+bias" if with_bias else "gelu", variant, seed, (N, C))
+    check(args[0], "out", out, out_ref, None if low is None else low[0], *args[1:])
+    check(args[0], "dx", dx, dx_ref, None if low is None else low[1], *args[1:])
+    if with_bias:
+        check(args[0], "dbias", dbias, db_ref, None if low is None else low[2], *args[1:])
+        assert dbias.dtype == torch.float32
+    else:
+        assert dbias.shape == (0,)
+    assert (out.dtype, dx.dtype) == (dtype, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1])
+def test_gelu_shapes_off_the_fast_path(arcana, poison, seed, variant):
+    """A flat tail (numel not a multiple of 8), a misaligned view (offset by one element), a bias row of 1001
+    (not a multiple of 8), and a 3-D input all run correctly."""
+    base = torch.randn(7 * 1001 + 1, device="cuda")
+    cases = [(base[:7 * 1001].view(7, 1001), False), (base[1:].view(7, 1001), False),
+             (base[1:].view(7, 1001), True), (torch.randn(2, 9, 3072, device="cuda"), True)]
+    for x32, with_bias in cases:
+        for dtype in DTYPES:
+            x = x32.to(dtype) if dtype != torch.float32 else x32
+            C = x.size(-1)
+            bias = 0.5 * torch.randn(C, device="cuda") if with_bias else None
+            dout = torch.randn(x.shape, device="cuda").to(dtype)
+            out = arcana.gelu_fwd(x, bias, variant)
+            dx, dbias = arcana.gelu_bwd(dout, x, bias, variant)
+            rd = reference_dtype(dtype)
+            out_ref, dx_ref, db_ref = gelu_reference(x.to(rd), None if bias is None else bias.to(rd), dout.to(rd))
+            low = None if dtype == torch.float32 else gelu_torch_lowp(x, bias, dout)
+            name = f"gelu[odd{'+bias' if with_bias else ''}]"
+            check(name, "out", out, out_ref, None if low is None else low[0], variant, seed, x.shape)
+            check(name, "dx", dx, dx_ref, None if low is None else low[1], variant, seed, x.shape)
+            if with_bias:
+                check(name, "dbias", dbias, db_ref, None if low is None else low[2], variant, seed, x.shape)
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: registration, input checks, determinism
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1])
+def test_opcheck(arcana, variant):
+    """torch.library.opcheck: schema, autograd registration, fake tensors and AOT dispatch of every op."""
+    N, C = 7, 1000
+    for dtype in DTYPES:
+        x = torch.randn(N, C, device="cuda").to(dtype).requires_grad_()
+        w, b = ln_params(C, "cuda", requires_grad=True)
+        ydt = torch.bfloat16 if dtype == torch.float32 else dtype
+        y = torch.randn(N, C, device="cuda").to(ydt).requires_grad_()
+        torch.library.opcheck(arcana.layer_norm_fwd.default, (x, w, b, EPS, variant))
+        torch.library.opcheck(arcana.add_layer_norm_fwd.default, (x, y, w, b, EPS, variant))
+        _, mean, rstd = arcana.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
+        d = torch.randn(N, C, device="cuda").to(dtype)
+        torch.library.opcheck(arcana.layer_norm_bwd.default, (d, x.detach(), w.detach(), mean, rstd, d, variant))
+        fb = torch.randn(C, device="cuda", requires_grad=True)
+        torch.library.opcheck(arcana.gelu_fwd.default, (x, fb, variant))
+        torch.library.opcheck(arcana.gelu_fwd.default, (x, None, variant))
+        torch.library.opcheck(arcana.gelu_bwd.default, (d, x.detach(), fb.detach(), variant))
+        torch.library.opcheck(arcana.gelu_bwd.default, (d, x.detach(), None, variant))
+
+
+@pytest.mark.cuda
+def test_bad_inputs_get_clear_errors(arcana):
+    x = torch.randn(8, 64, device="cuda")
+    w, b = ln_params(64, "cuda")
+    cases = [
+        (lambda: arcana.layer_norm_fwd(x.double(), w, b, EPS), r"x has dtype Double; expected float32, bfloat16"),
+        (lambda: arcana.layer_norm_fwd(x.t(), w, b, EPS), r"x must be contiguous"),
+        (lambda: arcana.layer_norm_fwd(x, w[:32], b, EPS), r"weight must have shape \(64,\)"),
+        (lambda: arcana.layer_norm_fwd(x, w, b.cpu(), EPS), r"bias must be a CUDA tensor, got cpu"),
+        (lambda: arcana.layer_norm_fwd(x, w, b, EPS, 2), r"variant must be 0 \(plain kernel\) or 1"),
+        (lambda: arcana.add_layer_norm_fwd(x.bfloat16(), x, w, b, EPS), r"y must have x's dtype, or x must be"),
+        (lambda: arcana.add_layer_norm_fwd(x, x[:4], w, b, EPS), r"y has shape \[4, 64\] but x has shape"),
+        (lambda: arcana.layer_norm_bwd(x, x, w, x[:, 0].contiguous(), x[:4, 0].contiguous()),
+         r"rstd must hold one value per row of x \(8\)"),
+        (lambda: arcana.layer_norm_bwd(x.half(), x, w, x[:, 0].contiguous(), x[:, 0].contiguous()),
+         r"dout has dtype Half but x has dtype Float"),
+        (lambda: arcana.gelu_fwd(x, w[:10]), r"bias must have shape \(64,\)"),
+        (lambda: arcana.gelu_bwd(x.half(), x), r"dout .* must have x's shape and dtype"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.cuda
+def test_backward_reductions_are_deterministic(arcana):
+    """dweight, dbias (LayerNorm) and dbias (GELU) come from fixed-order sums: bitwise equal run to run."""
+    x = torch.randn(65536, 768, device="cuda", dtype=torch.bfloat16)
+    w, b = ln_params(768, "cuda")
+    _, mean, rstd = arcana.layer_norm_fwd(x, w, b, EPS)
+    first = arcana.layer_norm_bwd(x, x, w, mean, rstd)
+    second = arcana.layer_norm_bwd(x, x, w, mean, rstd)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    u = torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16)
+    fb = torch.randn(3072, device="cuda")
+    assert torch.equal(arcana.gelu_bwd(u, u, fb)[1], arcana.gelu_bwd(u, u, fb)[1])
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: the model
+
+@pytest.mark.cuda
+def test_cuda_ops_match_torch_ops_under_autocast(arcana, seed):
+    """CudaOps gives what TorchOps gives, dtypes included, with the model's dtypes under bf16 autocast: the
+    float32 residual stream, bf16 branch outputs, float32 LayerNorm outputs, bf16 MLP activations."""
+    C = 768
+    ln = torch.nn.LayerNorm(C).cuda()
+    fc = torch.nn.Linear(C, 4 * C).cuda()
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.1)
+        ln.bias.normal_(0, 0.1)
+        fc.bias.normal_(0, 0.1)
+    x = torch.randn(4, 64, C, device="cuda")
+    y = torch.randn(4, 64, C, device="cuda", dtype=torch.bfloat16)
+    cuda, ref = NormGeluOps(), train_gpt.TorchOps()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for a, b in ((cuda.layer_norm(x, ln), ref.layer_norm(x, ln)),
+                     *zip(cuda.add_layer_norm(x, y, ln), ref.add_layer_norm(x, y, ln)),
+                     (cuda.linear_gelu(x, fc), ref.linear_gelu(x, fc))):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            tol = 1e-4 if a.dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{m} (seed {seed})")
+
+
+def grads_close(model_a, model_b, rtol):
+    for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        err = (pa.grad.float() - pb.grad.float()).norm().item()
+        scale = pb.grad.float().norm().item()
+        assert err <= rtol * scale + 1e-6, f"{name}: gradient differs by {err:.3e} (norm {scale:.3e})"
+
+
+@pytest.mark.cuda
+def test_compiled_model_with_kernels_matches_eager_torch(arcana, seed):
+    """A torch.compile(fullgraph=True) GPT with the kernels, forward and backward under bf16 autocast, against
+    the eager PyTorch model with the same weights."""
+    torch._dynamo.reset()
+    mc = train_gpt.GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=4, n_embd=256)
+    ref = train_gpt.GPT(mc, train_gpt.TorchOps()).cuda()
+    model = train_gpt.GPT(mc, NormGeluOps()).cuda()
+    model.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50257, (4, 128), device="cuda")
+    targets = torch.randint(0, 50257, (4, 128), device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = compiled(idx, targets)
+        _, loss_ref = ref(idx, targets)
+    loss.backward()
+    loss_ref.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 1e-2 * abs(loss_ref.item()), f"seed {seed}"
+    grads_close(model, ref, rtol=5e-2)
+
+
+def write_shards(folder, seed):
+    """A small learnable token stream: a fixed random sequence of 97 tokens repeated, 5% of them replaced."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    period = rng.integers(0, 1000, size=97)
+    for name, n in (("x_train_000001.npy", 40000), ("x_val_000000.npy", 8192)):
+        tokens = np.resize(period, n)
+        noise = rng.random(n) < 0.05
+        tokens[noise] = rng.integers(0, 1000, size=noise.sum())
+        np.save(os.path.join(folder, name), tokens.astype(np.uint16))
+
+
+def train_losses(data_dir, log_dir, kernels):
+    cmd = [sys.executable, "train_gpt.py", "--model", "tiny", "--kernels", kernels, "--device", "cuda",
+           "--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "50", "--warmup_steps", "10",
+           "--batch_size", "4", "--block_size", "128", "--total_batch_size", "1024", "--val_every", "0",
+           "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    with open(os.path.join(log_dir, "run.json")) as f:
+        assert json.load(f)["kernels"] == kernels
+    losses = {}
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for line in f:
+            step, stream, value = line.split()
+            if stream == "train":
+                losses[int(step)] = float(value)
+    return [losses[s] for s in sorted(losses)]
+
+
+@pytest.mark.cuda
+def test_training_with_kernels_matches_torch(arcana, tmp_path, seed):
+    """50 steps of the tiny model: the loss curve with --kernels cuda follows --kernels torch within bf16
+    tolerance (2% per step, the drift of 50 steps of bf16 rounding differences), and it goes down."""
+    data = str(tmp_path / "data")
+    write_shards(data, seed)
+    cuda = train_losses(data, str(tmp_path / "cuda"), "cuda")
+    ref = train_losses(data, str(tmp_path / "torch"), "torch")
+    assert len(cuda) == len(ref) == 50
+    worst = max(abs(a - b) / b for a, b in zip(cuda, ref))
+    assert worst <= 2e-2, f"loss curves differ by up to {100 * worst:.2f}%:\ncuda  {cuda}\ntorch {ref}"
+    assert ref[-1] < ref[0] - 1.0, f"the loss did not go down: {ref}"
