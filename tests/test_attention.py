@@ -68,7 +68,17 @@ def make_inputs(B, T, H, D, dtype, seed, device="cpu", layout="packed"):
 
 
 def reference(qkv, dout):
-    """fp32 math attention on the upcast inputs: out (B, T, H, D), lse (B, H, T), dqkv (B, T, 3, H, D)."""
+    """fp32 math attention on the upcast inputs: out (B, T, H, D), lse (B, H, T), dqkv (B, T, 3, H, D).
+    Full fp32 matmuls even where a training run in this process set TF32 ("high")."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _reference(qkv, dout)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _reference(qkv, dout):
     x = qkv.detach().float().requires_grad_()
     q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
     T, D = q.shape[-2:]
@@ -403,29 +413,39 @@ def peak_bytes(fn):
 
 @pytest.mark.cuda
 def test_peak_memory_not_above_sdpa():
-    """Training (forward + backward through the model's interface) and inference, against PyTorch's
-    default SDPA backend on the same (B, T, 3C) c_attn output."""
+    """Training (forward + backward through the model's interface) against PyTorch's default SDPA backend on
+    the same (B, T, 3C) c_attn output; inference likewise, allowing for the fp32 lse (B H T 4 bytes, 1/32 of
+    the output at D = 64) that our forward always returns and PyTorch's no-grad paths may skip. And nothing
+    grows with T^2: doubling T at most doubles our peak."""
     require_kernels()
-    B, T, H, D = 8, 1024, 12, 64
-    qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16)
+    H, D = 12, 64
 
-    def train(ops):
+    def inputs(B, T):
+        return (torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16),
+                torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16))
+
+    def train(ops, qkv, grad):
         def run():
             x = qkv.detach().requires_grad_()
             ops.attention(x, H).backward(grad)
         return run
 
-    def infer(ops):
+    def infer(ops, qkv, grad):
         def run():
             with torch.no_grad():
                 ops.attention(qkv, H)
         return run
 
-    for mode in (train, infer):
+    B, T = 8, 1024
+    qkv, grad = inputs(B, T)
+    lse_bytes = B * H * T * 4
+    for mode, allowance in ((train, 0), (infer, lse_bytes)):
         for _ in range(2):  # the second round is measured, after any one-time workspace allocations
-            ours, sdpa = peak_bytes(mode(CudaOps())), peak_bytes(mode(TorchOps()))
-        assert ours <= sdpa, f"{mode.__name__}: peak {ours / 2**20:.1f} MiB > SDPA's {sdpa / 2**20:.1f} MiB"
+            ours, sdpa = peak_bytes(mode(CudaOps(), qkv, grad)), peak_bytes(mode(TorchOps(), qkv, grad))
+        assert ours <= sdpa + allowance, (f"{mode.__name__}: peak {ours / 2**20:.1f} MiB > SDPA's "
+                                          f"{sdpa / 2**20:.1f} MiB (+ {allowance / 2**20:.2f} MiB)")
+    peaks = [peak_bytes(train(CudaOps(), *inputs(2, t))) for t in (1024, 2048)]
+    assert peaks[1] <= 2.05 * peaks[0], f"peak {peaks[0] / 2**20:.1f} MiB at T=1024, {peaks[1] / 2**20:.1f} at 2048"
 
 
 @pytest.mark.cuda
@@ -490,6 +510,6 @@ def test_training_with_cuda_kernels_tracks_torch(tmp_path):
             losses[kernels] = [float(v) for s, k, v in (line.split() for line in f if line.strip()) if k == "train"]
     torch_losses, cuda_losses = np.array(losses["torch"]), np.array(losses["cuda"])
     assert len(torch_losses) == len(cuda_losses) == 30
-    assert torch_losses[-1] < torch_losses[0] - 1.0, "the tiny model should learn the repeating pattern"
+    assert torch_losses[-1] < torch_losses[0] - 0.5, "the tiny model should learn the repeating pattern"
     rel = np.abs(cuda_losses - torch_losses) / torch_losses
     assert rel.max() < 0.02, f"losses diverge: torch {torch_losses.round(4)} cuda {cuda_losses.round(4)}"
