@@ -979,7 +979,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} does not load ({type(e).__name__}: {e}); "
+        reason = " ".join(str(e).split())  # torch's messages span lines; errors here are one line
+        raise UserError(f"checkpoint {path} does not load ({type(e).__name__}: {reason}); "
                         f"it may be truncated or not an ArcanaGPT checkpoint") from e
     if not isinstance(ckpt, dict) or not {"model", "model_config", "step"} <= set(ckpt):
         raise UserError(f"checkpoint {path} is not an ArcanaGPT checkpoint (no model, model_config and step)")
@@ -1230,6 +1231,11 @@ def train(cfg):
     if cfg.hellaswag_every > 0:
         import hellaswag
         hellaswag_path = hellaswag.find_data("val", cfg.hellaswag_dir or None)
+        if hellaswag_path is not None:
+            try:  # a bad file is refused now, not at the first evaluation
+                hellaswag.load_examples(hellaswag_path, require_labels=True)
+            except hellaswag.HellaSwagError as e:
+                raise UserError(f"--hellaswag_dir: {e}") from None
         if hellaswag_path is None and rt.master:
             print(f"HellaSwag data not found in {cfg.hellaswag_dir or hellaswag.DEFAULT_DATA_DIR}: skipping it "
                   f"(run `python hellaswag.py --download` once to fetch it)")
