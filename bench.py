@@ -503,6 +503,242 @@ def bench_attention(argv):
 
 
 # -----------------------------------------------------------------------------
+# GPU timing helpers: CUDA-event medians with the L2 cache flushed, the copy-bandwidth ceiling, tables
+
+def gpu_flush_buffer():
+    """A byte buffer four times the device's L2 cache (256 MiB at least): zeroing it before a timed run
+    evicts that run's inputs from L2, so they are read from device memory as in training."""
+    import torch
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+    return torch.empty(max(4 * l2, 256 * 2**20), dtype=torch.uint8, device="cuda")
+
+
+def gpu_median_ms(fn, flush, reps=20, warmup=3):
+    """Median milliseconds of fn() over reps runs, each timed alone with CUDA events after the flush."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def gpu_copy_bandwidth(flush, nbytes=2**30, reps=20):
+    """GB/s of a device-to-device copy of nbytes (bytes read + bytes written over the time): the ceiling that
+    a memory-bound kernel's achieved GB/s is measured against."""
+    import torch
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = gpu_median_ms(lambda: dst.copy_(src), flush, reps)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def print_table(header, rows):
+    """Rows of strings (or numbers) under header, each column as wide as its widest cell; returns the lines."""
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    for line in lines:
+        print(line)
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# kernels: the LayerNorm and GELU kernels (csrc/layernorm.cu, csrc/gelu.cu) vs PyTorch eager and torch.compile
+
+KERNEL_GOALS = {  # kernel -> least fraction of the copy bandwidth (issue goals on an H100)
+    "layer_norm fwd": 0.80, "layer_norm bwd": 0.65, "add_layer_norm fwd": 0.80, "add_layer_norm bwd": 0.65,
+    "gelu fwd": 0.85, "gelu bwd": 0.85, "gelu+bias fwd": 0.85, "gelu+bias bwd": 0.85,
+}
+
+
+def _kernel_cases(torch, N, C, dtype, eps=1e-5):
+    """(name, bytes moved at least, {implementation: fn}) for each kernel, on fresh random inputs. The byte count
+    is what any implementation must read and write once (16-bit tensors, fp32 weights, mean/rstd), so every
+    row's GB/s is effective bandwidth on the same work. The torch.compile rows compile the same math as the
+    kernel (for the backward, the gradient formulas) so Inductor generates its fused kernels for it."""
+    import torch.nn.functional as F
+    A = torch.ops.arcana
+    s = torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(N, C, device="cuda", dtype=dtype)
+    y = torch.randn(N, C, device="cuda", dtype=dtype)
+    dy = torch.randn(N, C, device="cuda", dtype=dtype)
+    w = 1 + 0.1 * torch.randn(C, device="cuda")
+    b = 0.1 * torch.randn(C, device="cuda")
+    u = torch.randn(N, 4 * C, device="cuda", dtype=dtype)
+    du = torch.randn(N, 4 * C, device="cuda", dtype=dtype)
+    fb = 0.1 * torch.randn(4 * C, device="cuda")
+    try:  # PyTorch's CUDA LayerNorm with 16-bit x and float32 weights, where this version has it
+        torch.ops.aten.native_layer_norm(x[:1], [C], w, b, eps)
+        w_eager, b_eager = w, b
+    except RuntimeError:
+        w_eager, b_eager = w.to(dtype), b.to(dtype)
+    _, mean, rstd = A.layer_norm_fwd(x, w, b, eps)
+    r, _, mean_r, rstd_r = A.add_layer_norm_fwd(x, y, w, b, eps)
+    _, mean_e, rstd_e = torch.ops.aten.native_layer_norm(x, [C], w_eager, b_eager, eps)  # (N, 1) each
+    _, mean_re, rstd_re = torch.ops.aten.native_layer_norm(r, [C], w_eager, b_eager, eps)
+
+    def ln_bwd_math(dy, x, w, mean, rstd):
+        xhat = (x.float() - mean[:, None]) * rstd[:, None]
+        g = dy.float() * w
+        dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), (dy.float() * xhat).sum(0), dy.float().sum(0)
+
+    def add_ln_fwd_math(x, y, w, b):
+        r = x + y
+        return r, F.layer_norm(r, (C,), w, b, eps)
+
+    def add_ln_bwd_math(dy, r, w, mean, rstd, dr):
+        dx, dw, db = ln_bwd_math(dy, r, w, mean, rstd)
+        return dx + dr, dw, db
+
+    def gelu_bwd_bias_math(du, u, fb):
+        dx = torch.ops.aten.gelu_backward(du, u + fb, approximate="tanh")
+        return dx, dx.float().sum(0)
+
+    ln = lambda x, w, b: F.layer_norm(x, (C,), w, b, eps)
+    gelu = lambda u: F.gelu(u, approximate="tanh")
+    gelu_b = lambda u, fb: F.gelu(u + fb, approximate="tanh")
+    gelu_bwd = lambda du, u: torch.ops.aten.gelu_backward(du, u, approximate="tanh")
+    rows = N * C * s
+    return [
+        ("layer_norm fwd", 2 * rows + 8 * N + 8 * C, {
+            "arcana": lambda v: A.layer_norm_fwd(x, w, b, eps, v),
+            "eager": lambda: torch.ops.aten.native_layer_norm(x, [C], w_eager, b_eager, eps),
+            "compile": (ln, (x, w, b))}),
+        ("layer_norm bwd", 3 * rows + 8 * N + 12 * C, {
+            "arcana": lambda v: A.layer_norm_bwd(dy, x, w, mean, rstd, None, v),
+            "eager": lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [C], mean_e, rstd_e, w_eager, b_eager,
+                                                                       [True, True, True]),
+            "compile": (ln_bwd_math, (dy, x, w, mean, rstd))}),
+        ("add_layer_norm fwd", 4 * rows + 8 * N + 8 * C, {
+            "arcana": lambda v: A.add_layer_norm_fwd(x, y, w, b, eps, v),
+            "eager": lambda: torch.ops.aten.native_layer_norm(x + y, [C], w_eager, b_eager, eps),
+            "compile": (add_ln_fwd_math, (x, y, w, b))}),
+        ("add_layer_norm bwd", 4 * rows + 8 * N + 12 * C, {
+            "arcana": lambda v: A.layer_norm_bwd(dy, r, w, mean_r, rstd_r, y, v),
+            "eager": lambda: torch.ops.aten.native_layer_norm_backward(dy, r, [C], mean_re, rstd_re, w_eager, b_eager,
+                                                                       [True, True, True])[0].add_(y),
+            "compile": (add_ln_bwd_math, (dy, r, w, mean_r, rstd_r, y))}),
+        ("gelu fwd", 2 * 4 * rows, {
+            "arcana": lambda v: A.gelu_fwd(u, None, v),
+            "eager": lambda: gelu(u),
+            "compile": (gelu, (u,))}),
+        ("gelu bwd", 3 * 4 * rows, {
+            "arcana": lambda v: A.gelu_bwd(du, u, None, v),
+            "eager": lambda: gelu_bwd(du, u),
+            "compile": (gelu_bwd, (du, u))}),
+        ("gelu+bias fwd", 2 * 4 * rows + 16 * C, {
+            "arcana": lambda v: A.gelu_fwd(u, fb, v),
+            "eager": lambda: gelu_b(u, fb),
+            "compile": (gelu_b, (u, fb))}),
+        ("gelu+bias bwd", 3 * 4 * rows + 32 * C, {
+            "arcana": lambda v: A.gelu_bwd(du, u, fb, v),
+            "eager": lambda: gelu_bwd_bias_math(du, u, fb),
+            "compile": (gelu_bwd_bias_math, (du, u, fb))}),
+    ]
+
+
+@suite("kernels", "LayerNorm / GELU kernels vs PyTorch eager and torch.compile: time, GB/s, share of copy bandwidth")
+def bench_kernels(argv):
+    """Median time (CUDA events, L2 flushed before each run) and achieved GB/s of each LayerNorm and GELU kernel
+    at GPT-2 124M shapes (B*T = 65536 rows, C = 768, GELU on the 4C = 3072-wide MLP activation, bf16), and of
+    PyTorch eager and torch.compile's generated kernels for the same work; the ceiling is the device's measured
+    copy bandwidth. Checks the goals: LayerNorm forward >= 80% of copy bandwidth and backward >= 65%, GELU
+    forward and backward >= 85%, each >= 1.2x eager and no slower than torch.compile."""
+    import argparse
+    import datetime
+    import os
+    import subprocess
+
+    import torch
+    import train_gpt as tg
+    parser = argparse.ArgumentParser(prog="bench.py kernels", description=bench_kernels.__doc__)
+    parser.add_argument("--rows", type=int, default=65536, help="rows B*T")
+    parser.add_argument("--C", type=int, default=768, help="LayerNorm width n_embd (GELU runs on 4C)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--variants", default="1", help="arcana variants to time: 1 fast, 0 plain (e.g. 1,0)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels: needs a CUDA GPU; skipped")
+        return 0
+    if not tg.load_kernels():
+        print(f"kernels: the arcana_kernels extension is not built ({tg.KERNELS['error']}); run "
+              f"`python setup.py build_ext --inplace` first")
+        return 1
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    flush = gpu_flush_buffer()
+    ceiling = gpu_copy_bandwidth(flush, reps=args.reps)
+    device = torch.cuda.get_device_name()
+    setup = (f"rows={args.rows} C={args.C} {args.dtype} (GELU {args.rows}x{4 * args.C}), weights float32; median "
+             f"of {args.reps} runs, L2 flushed before each; copy bandwidth {ceiling:.0f} GB/s")
+    print(f"device {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(setup)
+    variants = [int(v) for v in args.variants.split(",") if v]
+    rows, verdicts = [], []
+    for name, nbytes, impls in _kernel_cases(torch, args.rows, args.C, dtype):
+        times = {}
+        for v in variants:
+            times[f"arcana v{v}"] = gpu_median_ms(lambda: impls["arcana"](v), flush, args.reps, args.warmup)
+        times["eager"] = gpu_median_ms(impls["eager"], flush, args.reps, args.warmup)
+        if args.compile:
+            fn, inputs = impls["compile"]
+            compiled = torch.compile(fn)
+            try:
+                times["compile"] = gpu_median_ms(lambda: compiled(*inputs), flush, args.reps, args.warmup)
+            except Exception as e:  # an Inductor failure costs the row, not the run
+                print(f"{name}: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        for impl, ms in times.items():
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append([name, impl, f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / ceiling:.0f}%",
+                         f"{times['eager'] / ms:.2f}x", f"{times['compile'] / ms:.2f}x" if "compile" in times else "-"])
+        if "arcana v1" in times:
+            ms = times["arcana v1"]
+            share = nbytes / (ms * 1e-3) / 1e9 / ceiling
+            checks = [f"{100 * share:.0f}% of copy >= {100 * KERNEL_GOALS[name]:.0f}%: "
+                      f"{'yes' if share >= KERNEL_GOALS[name] else 'NO'}",
+                      f"{times['eager'] / ms:.2f}x eager >= 1.2x: {'yes' if times['eager'] / ms >= 1.2 else 'NO'}"]
+            if "compile" in times:
+                checks.append(f"{times['compile'] / ms:.2f}x compile >= 1x: "
+                              f"{'yes' if times['compile'] >= ms else 'NO'}")
+            verdicts.append(f"{name}: " + "; ".join(checks))
+    print()
+    lines = print_table(["kernel", "implementation", "us", "GB/s", "of copy", "vs eager", "vs compile"], rows)
+    print("\ngoals (arcana v1):")
+    for line in verdicts:
+        print("  " + line)
+    if args.record:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n## kernels: {device}, {datetime.date.today().isoformat()}, commit {commit}\n\n"
+                    f"`python bench.py kernels {' '.join(argv)}`; torch {torch.__version__}, "
+                    f"CUDA {torch.version.cuda}; {setup}\n\n```\n" + "\n".join(lines) + "\n\ngoals (arcana v1):\n" +
+                    "\n".join("  " + v for v in verdicts) + "\n```\n")
+        print(f"recorded in {path}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # entry point
 
 def main(argv=None):
