@@ -86,7 +86,9 @@ def bench_tokenize(argv):
     parser.add_argument("--input", help="a text file to cut into documents (default: generated English-like text)")
     parser.add_argument("--doc_chars", type=int, default=4500,
                         help="document length in characters (FineWeb-edu averages about 4.5K, ~1K tokens)")
-    parser.add_argument("--mb", type=float, default=32.0, help="MB of text to tokenize (the input is repeated)")
+    parser.add_argument("--mb", type=float, default=None,
+                        help="MB of text to tokenize, the input repeated as needed (default: 32, or 8 per "
+                             "process when more, so that every worker gets several of prepare.py's ~2 MB tasks)")
     parser.add_argument("--num_proc", type=int, nargs="+", default=None,
                         help="worker process counts to measure (default: 1 and prepare.py's default, all cores but one)")
     parser.add_argument("--shard_size", type=prepare._count, default=1_000_000,
@@ -97,7 +99,8 @@ def bench_tokenize(argv):
 
     text = open(args.input, encoding="utf-8").read() if args.input else _words_text(4_000_000)
     docs = _split_documents(text, args.doc_chars)
-    target = int(args.mb * 1e6)
+    counts = args.num_proc or sorted({1, prepare._default_num_proc()})
+    target = int((args.mb or max(32.0, 8.0 * max(counts))) * 1e6)
     docs = (docs * (target // max(1, sum(map(len, docs))) + 1))
     total, keep = 0, 0
     while keep < len(docs) and total < target:
@@ -105,7 +108,6 @@ def bench_tokenize(argv):
         keep += 1
     docs = docs[:keep]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    counts = args.num_proc or sorted({1, prepare._default_num_proc()})
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} cores usable, "
           f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
     print(f"text: {args.input or 'generated'}, {len(docs):,} documents of ~{args.doc_chars} chars, "
@@ -126,7 +128,9 @@ def bench_tokenize(argv):
     print(f"{n_tokens:,} tokens ({total / n_tokens:.2f} chars/token)")
     # Wall-clock rates depend on what else the machine runs; CPU seconds do not. "worker cpu" is tiktoken's
     # CPU time for these tokens in one process over the workers' CPU time for them (1.00: no overhead);
-    # "main cpu" is the main process's CPU time (reading, copying, writing) over the workers'.
+    # "main cpu" is the main process's CPU time while tokenizing (reading, handing out tasks, collecting
+    # results, writing shards; all its threads) over the workers': the main process keeps up with 1 / that
+    # many workers.
     print(f"{'procs':>5} | {'single tok/s':>12} | {'pipeline tok/s':>14} | {'procs x single':>14} | {'ratio':>5} | "
           f"{'worker cpu':>10} | {'main cpu':>8} | {'writer busy':>11} | {'main waits':>10}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,12 +145,12 @@ def bench_tokenize(argv):
                 out = os.path.join(tmp, f"out{n}_{r}")
                 cfg = prepare.parse_args(["--input", source, "--out_dir", out, "--num_proc", str(n), "--shard_size",
                                           str(args.shard_size), "--cache_dir", os.path.join(tmp, "hf_cache")])
-                children, me = cpu_seconds(resource.RUSAGE_CHILDREN), cpu_seconds(resource.RUSAGE_SELF)
+                children = cpu_seconds(resource.RUSAGE_CHILDREN)
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     s = prepare.prepare(cfg)  # its progress bar and summary would break up the table
                 # the pool's workers have exited and been reaped, so their CPU time is in RUSAGE_CHILDREN
                 worker_cpu = min(worker_cpu, cpu_seconds(resource.RUSAGE_CHILDREN) - children)
-                main_cpu = min(main_cpu, cpu_seconds(resource.RUSAGE_SELF) - me)
+                main_cpu = min(main_cpu, s["main_cpu_seconds"])
                 if best is None or s["tokens_per_s"] > best["tokens_per_s"]:
                     best = s
             s, ideal = best, n * single

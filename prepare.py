@@ -474,9 +474,10 @@ def read_texts(sources, start_row, batch_rows=1000):
             raise PrepareError(f"cannot read {src.name}: {type(e).__name__}: {e}") from None
 
 
-def group_tasks(texts, task_chars=1 << 20, task_docs=4096):
-    """Group documents into tasks of about task_chars characters: big enough that sending a task to a worker
-    costs little next to tokenizing it, small enough that every worker stays busy."""
+def group_tasks(texts, task_chars=1 << 21, task_docs=16384):
+    """Group documents into tasks of about task_chars characters (~0.5M tokens, a few tenths of a second of a
+    worker's time). Every task costs the main process a fixed overhead (multiprocessing's bookkeeping wakes up
+    on each result), so tasks are large; the main process must keep up with all the workers at once."""
     task, chars = [], 0
     for text in texts:
         task.append(text)
@@ -661,6 +662,7 @@ class Timing:
     read: float = 0.0   # main process reading documents from the dataset
     wait: float = 0.0   # main process waiting for a worker's tokens (the workers are the bottleneck)
     write: float = 0.0  # writer thread writing and hashing shards
+    cpu: float = 0.0    # CPU time of the whole main process (every thread) while tokenizing
 
 
 def tokenize(pool, num_proc, sources, start, first_index, last_index, shard_size, max_tokens, on_shard, bar, timing,
@@ -688,9 +690,10 @@ def tokenize(pool, num_proc, sources, start, first_index, last_index, shard_size
         if task is not None:
             pending.append(pool.apply_async(encode_task, (task,)))
 
-    # Pool.imap would also keep order, but it pulls its whole input into memory as fast as it can read it;
-    # a bounded queue of tasks keeps every worker busy and no more than a few tasks per worker in memory
-    for _ in range(4 * num_proc):
+    # Pool.imap would also keep order, but it pulls its whole input into memory as fast as it can read it; a
+    # bounded queue (about two tasks per worker: one being tokenized, one waiting) keeps every worker busy
+    # and the text in memory small
+    for _ in range(2 * num_proc + 2):
         submit()
     while pending:
         t0 = time.perf_counter()
@@ -951,7 +954,7 @@ def prepare(cfg):
                 desc = f"rewriting shards {first}-{last}"
             bar = tqdm(total=total, initial=start.tokens if last is None else 0, unit="tok", unit_scale=True,
                        desc=desc, mininterval=1.0, smoothing=0.05, dynamic_ncols=True)
-            seg_start_tokens = start.tokens
+            seg_start_tokens, cpu0 = start.tokens, time.process_time()
             try:
                 end = tokenize(pool, cfg.num_proc, sources, start, first, last, cfg.shard_size, cfg.max_tokens,
                                on_shard, bar, timing, known_rows if last is None else None)
@@ -960,6 +963,7 @@ def prepare(cfg):
             if in_flight:
                 in_flight.pop().result()
             produced += end.tokens - seg_start_tokens
+            timing.cpu += time.process_time() - cpu0
     elapsed = time.perf_counter() - t_start
 
     shards = manifest["shards"]
@@ -971,7 +975,7 @@ def prepare(cfg):
                    val_shards=1, train_shards=len(shards) - 1, tokens_this_run=produced,
                    seconds=round(elapsed, 3), tokens_per_s=round(produced / elapsed, 1) if elapsed > 0 else 0.0,
                    read_seconds=round(timing.read, 3), wait_seconds=round(timing.wait, 3),
-                   write_seconds=round(timing.write, 3))
+                   write_seconds=round(timing.write, 3), main_cpu_seconds=round(timing.cpu, 3))
     manifest["complete"] = True
     manifest["summary"] = dict(documents=summary["documents"], tokens=tokens_total, shards=len(shards))
     write_manifest(cfg.out_dir, manifest)
