@@ -43,12 +43,15 @@ void cpu_tensor_error(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
               ".cuda() or use --kernels torch");
 }
 
-// The ops of the namespace that exist now (Python code may add its own with torch.library before this
-// library loads).
+// The ops of the namespace that are declared now (Python code may add its own with torch.library before this
+// library loads). Only names with a schema count: the TORCH_LIBRARY_IMPL blocks of the .cu files, whose static
+// initializers run first when their objects come first at link time, leave schema-less entries for their ops.
 std::vector<std::string> arcana_op_names() {
   std::vector<std::string> names;
   for (const c10::OperatorName& op : c10::Dispatcher::singleton().getAllOpNames()) {
-    if (op.name.rfind("arcana::", 0) == 0) names.push_back(op.name.substr(8));
+    if (op.name.rfind("arcana::", 0) == 0 && c10::Dispatcher::singleton().findSchema(op).has_value()) {
+      names.push_back(op.name.substr(8));
+    }
   }
   return names;
 }
