@@ -1027,8 +1027,9 @@ QkvShape check_qkv(const at::Tensor& qkv, const char* op) {
                 "(16-byte loads), got strides ", qkv.strides(), "; call .contiguous() first");
   }
   TORCH_CHECK(aligned16(qkv.data_ptr()), op, ": qkv's data must be 16-byte aligned; call .contiguous() first");
-  TORCH_CHECK(qkv.size(0) * qkv.size(3) <= INT32_MAX && qkv.size(1) <= (1 << 22), op,
-              ": B * H must fit in int32 and T must be at most 4194304, got B=", qkv.size(0), ", H=", qkv.size(3),
+  // grids are (B * H, tiles of 64 rows or more): B * H within int32, at most 65535 tiles
+  TORCH_CHECK(qkv.size(0) * qkv.size(3) <= INT32_MAX && qkv.size(1) <= (1 << 21), op,
+              ": B * H must fit in int32 and T must be at most 2097152, got B=", qkv.size(0), ", H=", qkv.size(3),
               ", T=", qkv.size(1));
   return {qkv.size(0), qkv.size(1), qkv.size(3), D};
 }

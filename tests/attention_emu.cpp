@@ -372,3 +372,33 @@ int emu_attention_selftest(int dtype, const void* in, float* out) {
 }
 
 }  // extern "C"
+
+#ifdef ARCANA_EMU_MAIN
+// A standalone run for race detection (tests/test_attention.py builds it with g++ -fsanitize=thread
+// -DARCANA_EMU_MAIN). The barriers above are mutexes and condition variables, so ThreadSanitizer sees
+// __syncthreads and the warp collectives as the orderings they are, and reports any shared-memory access that
+// two threads make without one in between: a missing __syncthreads, or a stage refilled while still read.
+#include <random>
+
+int main() {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  struct Shape {
+    int B, T, H, D;
+  };
+  for (const Shape s : {Shape{1, 80, 1, 64}, Shape{1, 70, 1, 128}}) {  // two tiles of each loop, ragged ends
+    const size_t n = static_cast<size_t>(s.B) * s.T * 3 * s.H * s.D, rows = static_cast<size_t>(s.B) * s.T * s.H;
+    std::vector<__nv_bfloat16> qkv(n), out(rows * s.D), dout(rows * s.D), dqkv(n);
+    for (auto& x : qkv) x = __float2bfloat16(normal(rng));
+    for (auto& x : dout) x = __float2bfloat16(normal(rng));
+    std::vector<float> lse(rows);
+    const int64_t st = 3 * s.H * s.D;
+    emu_attention_fwd(0, 1, qkv.data(), n * 2, s.T * st, st, s.H * s.D, s.D, s.B, s.T, s.H, s.D, out.data(),
+                      lse.data());
+    emu_attention_bwd(0, 1, qkv.data(), n * 2, s.T * st, st, s.H * s.D, s.D, s.B, s.T, s.H, s.D, out.data(),
+                      dout.data(), lse.data(), dqkv.data());
+  }
+  std::printf("done\n");
+  return 0;
+}
+#endif

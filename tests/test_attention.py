@@ -315,6 +315,24 @@ def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layou
                             dqkv, time.perf_counter() - t0)
 
 
+def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
+    """The fast kernels under ThreadSanitizer: every shared-memory write and read of two different threads
+    must be ordered by a barrier (a __syncthreads left out shows up here as a data race)."""
+    cxx, inc = shutil.which("g++"), cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
+    exe = str(tmp_path / "attention_emu_tsan")
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-DARCANA_EMU_MAIN", "-pthread", f"-I{inc}", "-w",
+           os.path.join(ROOT, "tests", "attention_emu.cpp"), "-o", exe]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and "tsan" in res.stderr:
+        pytest.skip(f"no ThreadSanitizer runtime for g++: {res.stderr.strip().splitlines()[-1]}")
+    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"})
+    assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+
+
 # -----------------------------------------------------------------------------
 # GPU
 
