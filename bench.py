@@ -380,23 +380,7 @@ def bench_hellaswag(argv):
 # -----------------------------------------------------------------------------
 # attention: the causal attention kernels (csrc/attention.cu) against F.scaled_dot_product_attention's backends
 
-def _attention_time_ms(fn, warmup, reps, flush):
-    """Median milliseconds of fn() over reps runs, each timed with CUDA events after `flush` (a buffer larger
-    than the L2 cache) is overwritten, so every run reads its inputs from device memory."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+ATTENTION_GOAL_TFLOPS = 190  # forward+backward on an H100, causal, D = 64, T = 1024 (FlashAttention-2's figure)
 
 
 def _attention_peak_mib(fn):
@@ -418,6 +402,9 @@ def bench_attention(argv):
     4 B H T^2 D / 2, backward 2.5 x forward."""
     import argparse
     import contextlib
+    import datetime
+    import os
+    import subprocess
 
     import torch
     import train_gpt as tg
@@ -432,6 +419,7 @@ def bench_attention(argv):
                         help="SDPA backends: default (PyTorch's choice), flash, efficient, cudnn, math")
     parser.add_argument("--reps", type=int, default=10, help="timed runs per measurement (the median is shown)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention: needs a CUDA GPU; skipped")
@@ -454,13 +442,16 @@ def bench_attention(argv):
 
     dtype = getattr(torch, args.dtype)
     B, H, D = args.B, args.H, args.D
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > the L2 of any current GPU
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} D={D} {args.dtype}, "
-          f"causal; median of {args.reps} runs, L2 flushed before each; TFLOP/s with causal FLOPs "
-          f"(forward 4*B*H*T^2*D/2, backward 2.5x)")
-    print(f"{'T':>5} {'implementation':<15} {'fwd ms':>8} {'fwd TF/s':>9} {'bwd ms':>8} {'bwd TF/s':>9} "
-          f"{'f+b ms':>8} {'f+b TF/s':>9} {'peak MiB':>9}")
-    best = {}
+    device = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in tg.PEAK_BF16_FLOPS if key in device), None)
+    flush = gpu_flush_buffer()
+    setup = (f"B={B} H={H} D={D} {args.dtype}, causal, through CudaOps/TorchOps.attention with autograd; median of "
+             f"{args.reps} runs (CUDA events, L2 flushed before each); causal FLOPs: forward 4*B*H*T^2*D/2, "
+             f"backward 2.5x")
+    ceiling = (f"ceiling: {peak / 1e12:.0f} TFLOP/s, the datasheet dense bf16/fp16 tensor-core peak of this device"
+               if peak else "ceiling: no datasheet peak known for this device")
+    print(f"device {device}, torch {torch.__version__}, CUDA {torch.version.cuda}; {setup}\n{ceiling}")
+    rows, best = [], {}
     for T in (int(t) for t in args.T.split(",") if t):
         flops_fwd = 4 * B * H * T * T * D / 2
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -483,26 +474,50 @@ def bench_attention(argv):
                         xx = qkv.detach().requires_grad_()
                         ops.attention(xx, H).backward(grad)
 
-                    t_f = _attention_time_ms(fwd, args.warmup, args.reps, flush)
-                    t_b = _attention_time_ms(bwd, args.warmup, args.reps, flush)
-                    t_fb = _attention_time_ms(fwd_bwd, args.warmup, args.reps, flush)
+                    times = [gpu_median_ms(fn, flush, args.reps, args.warmup) for fn in (fwd, bwd, fwd_bwd)]
                     del y, x
-                    peak = _attention_peak_mib(fwd_bwd)
+                    memory = _attention_peak_mib(fwd_bwd)
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 torch.cuda.empty_cache()
-                print(f"{T:>5} {name:<15} skipped: {str(e).splitlines()[0][:100]}")
+                print(f"T={T} {name}: skipped, {str(e).splitlines()[0][:120]}")
                 continue
-            tf = [flops_fwd * k / (t * 1e-3) / 1e12 for k, t in ((1, t_f), (2.5, t_b), (3.5, t_fb))]
-            print(f"{T:>5} {name:<15} {t_f:8.3f} {tf[0]:9.1f} {t_b:8.3f} {tf[1]:9.1f} {t_fb:8.3f} {tf[2]:9.1f} "
-                  f"{peak:9.1f}", flush=True)
-            best.setdefault(T, []).append((tf[2], name))
-    for T, rows in best.items():
-        rows.sort(reverse=True)
-        ours = [r for r in rows if r[1] == "arcana v1"]
-        sdpa = [r for r in rows if r[1].startswith("sdpa")]
-        if ours and sdpa:
-            print(f"T={T}: arcana v1 forward+backward {ours[0][0]:.1f} TFLOP/s (goal on an H100: >= 190); fastest "
-                  f"SDPA backend {sdpa[0][1]} {sdpa[0][0]:.1f} TFLOP/s")
+            tflops = [flops_fwd * k / (ms * 1e-3) / 1e12 for k, ms in zip((1, 2.5, 3.5), times)]
+            rows.append([T, name] + [f"{v:.3f}" if i % 2 == 0 else f"{v:.1f}"
+                                     for i, v in enumerate(x for pair in zip(times, tflops) for x in pair)] +
+                        [f"{memory:.0f}"])
+            best.setdefault(T, []).append((tflops[2], name))
+    print()
+    lines = print_table(["T", "implementation", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "f+b ms", "f+b TF/s",
+                         "f+b peak MiB"], rows)
+    verdicts = []
+    for T, results in best.items():
+        ours = dict((n, tf) for tf, n in results).get("arcana v1")
+        sdpa = max(((tf, n) for tf, n in results if n.startswith("sdpa")), default=None)
+        if ours is None:
+            continue
+        check = f"T={T}: arcana v1 forward+backward {ours:.1f} TFLOP/s"
+        if T == 1024 and D == 64:
+            check += f"; >= {ATTENTION_GOAL_TFLOPS} (H100 goal): {'yes' if ours >= ATTENTION_GOAL_TFLOPS else 'NO'}"
+        if sdpa:
+            check += f"; >= fastest SDPA ({sdpa[1]}, {sdpa[0]:.1f}): {'yes' if ours >= sdpa[0] else 'NO'}"
+        verdicts.append(check)
+    print("\ngoals:")
+    for line in verdicts:
+        print("  " + line)
+    if args.record:
+        here = os.path.dirname(os.path.abspath(__file__))
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=here).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+        path = os.path.join(here, "bench", "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n## attention: {device}, {datetime.date.today().isoformat()}, commit {commit}\n\n"
+                    f"`python bench.py attention {' '.join(argv)}`; torch {torch.__version__}, CUDA "
+                    f"{torch.version.cuda}; {setup}. {ceiling}\n\n```\n" + "\n".join(lines) + "\n\ngoals:\n" +
+                    "\n".join("  " + v for v in verdicts) + "\n```\n")
+        print(f"recorded in {path}")
     return 0
 
 
