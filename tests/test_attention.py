@@ -57,14 +57,16 @@ def make_inputs(B, T, H, D, dtype, seed, device="cpu", layout="packed"):
     packed: a view of c_attn's (B, T, 3C) output; stacked: a view of a (3, B, H, T, D) tensor (other strides);
     padded: rows of 3C + 64 elements of which the last 3C are used (a stride that is not 3C)."""
     g = torch.Generator().manual_seed(seed)
-    if layout == "packed":
-        qkv = torch.randn(B, T, 3 * H * D, generator=g).view(B, T, 3, H, D)
+    shape = {"packed": (B, T, 3 * H * D), "stacked": (3, B, H, T, D), "padded": (B, T, 3 * H * D + 64)}[layout]
+    base = torch.randn(shape, generator=g).to(device=device, dtype=dtype)  # the views come after .to(), which
+    if layout == "packed":                                                 # would make a padded one contiguous
+        qkv = base.view(B, T, 3, H, D)
     elif layout == "stacked":
-        qkv = torch.randn(3, B, H, T, D, generator=g).permute(1, 3, 0, 2, 4)
+        qkv = base.permute(1, 3, 0, 2, 4)
     else:
-        qkv = torch.randn(B, T, 3 * H * D + 64, generator=g)[:, :, 64:].unflatten(-1, (3, H, D))
-    dout = torch.randn(B, T, H, D, generator=g)
-    return qkv.to(device=device, dtype=dtype), dout.to(device=device, dtype=dtype)
+        qkv = base[:, :, 64:].unflatten(-1, (3, H, D))
+    dout = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
+    return qkv, dout
 
 
 def reference(qkv, dout):
@@ -309,6 +311,7 @@ EMU_CASES = [
 def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layout):
     seed = fresh_seed()
     qkv, dout = make_inputs(B, T, H, D, DTYPES[dtype], seed, layout=layout)
+    assert qkv.is_contiguous() == (layout == "packed")
     t0 = time.perf_counter()
     out, lse, dqkv = emu_attention(emu, qkv, dout, variant)
     check_against_reference(f"emu B{B} T{T} H{H} D{D} {dtype} v{variant} {layout} s{seed}", qkv, dout, out, lse,
@@ -391,6 +394,7 @@ def test_matches_reference(poison, B, T, H, D, dtype, variant):
 def test_strided_layouts(poison, layout, variant):
     seed = fresh_seed()
     qkv, dout = make_inputs(2, 300, 3, 64, torch.bfloat16, seed, device="cuda", layout=layout)
+    assert not qkv.is_contiguous()
     out, lse, dqkv = cuda_attention(qkv, dout, variant)
     check_against_reference(f"B2 T300 H3 D64 bf16 v{variant} {layout} s{seed}", qkv, dout, out, lse, dqkv)
 
