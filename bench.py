@@ -50,6 +50,14 @@ def _words_text(n_chars, seed=0):
     return "".join(parts)
 
 
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
 def _split_documents(text, doc_chars):
     """Cut text into documents of about doc_chars characters, at spaces."""
     docs, i = [], 0
@@ -95,6 +103,7 @@ def bench_tokenize(argv):
                         help="tokens per shard, small enough that the writer writes several")
     parser.add_argument("--repeat", type=int, default=3,
                         help="measure each configuration this many times and keep the best (shared machines)")
+    parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
 
     text = open(args.input, encoding="utf-8").read() if args.input else _words_text(4_000_000)
@@ -108,10 +117,6 @@ def bench_tokenize(argv):
         keep += 1
     docs = docs[:keep]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {cores} cores usable, "
-          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"text: {args.input or 'generated'}, {len(docs):,} documents of ~{args.doc_chars} chars, "
-          f"{total / 1e6:.1f} MB; best of {args.repeat}")
 
     enc = prepare.gpt2_encoding()
 
@@ -125,19 +130,24 @@ def bench_tokenize(argv):
         return usage.ru_utime + usage.ru_stime
 
     n_tokens, _, single_cpu = single_rate()
-    print(f"{n_tokens:,} tokens ({total / n_tokens:.2f} chars/token)")
-    # Wall-clock rates depend on what else the machine runs; CPU seconds do not. "worker cpu" is tiktoken's
+    setup = (f"{cores} cores usable ({platform.machine()}), load average {os.getloadavg()[0]:.1f} at the start; "
+             f"text: {args.input or 'generated'}, {len(docs):,} documents of ~{args.doc_chars} characters, "
+             f"{total / 1e6:.1f} MB, {n_tokens:,} tokens ({total / n_tokens:.2f} chars/token); shard_size "
+             f"{args.shard_size:,}; best of {args.repeat}, single-process and pipeline runs alternating")
+    print(setup)
+    # Wall-clock rates depend on what else the machine runs; CPU seconds much less. "worker cpu" is tiktoken's
     # CPU time for these tokens in one process over the workers' CPU time for them (1.00: no overhead);
     # "main cpu" is the main process's CPU time while tokenizing (reading, handing out tasks, collecting
-    # results, writing shards; all its threads) over the workers': the main process keeps up with 1 / that
-    # many workers.
-    print(f"{'procs':>5} | {'single tok/s':>12} | {'pipeline tok/s':>14} | {'procs x single':>14} | {'ratio':>5} | "
-          f"{'worker cpu':>10} | {'main cpu':>8} | {'writer busy':>11} | {'main waits':>10}")
+    # results, writing shards; all its threads) over the workers': it keeps up with about 1 / that workers.
+    # "writer busy" and "main waits" are shares of the pipeline's wall time; the main process mostly waiting
+    # for tokens means the workers set the pace, not the reader or the writer.
+    header = ["procs", "single tok/s", "pipeline tok/s", "procs x single", "ratio", "worker cpu", "main cpu",
+              "writer busy", "main waits"]
+    rows, verdicts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "docs.parquet")
         pq.write_table(pa.table({"text": docs}), source)
         for n in counts:
-            # single-process and pipeline runs alternate, so both see the same conditions
             single, best, worker_cpu, main_cpu = 0.0, None, math.inf, math.inf
             for r in range(args.repeat):
                 _, rate, cpu = single_rate()
@@ -154,11 +164,35 @@ def bench_tokenize(argv):
                 if best is None or s["tokens_per_s"] > best["tokens_per_s"]:
                     best = s
             s, ideal = best, n * single
-            # busy = share of the pipeline's wall time; "main waits" high means the workers set the pace
-            print(f"{n:>5} | {single:>12,.0f} | {s['tokens_per_s']:>14,.0f} | {ideal:>14,.0f} | "
-                  f"{s['tokens_per_s'] / ideal:>5.2f} | {single_cpu / worker_cpu:>10.2f} | "
-                  f"{main_cpu / worker_cpu:>8.0%} | {s['write_seconds'] / s['seconds']:>11.0%} | "
-                  f"{s['wait_seconds'] / s['seconds']:>10.0%}", flush=True)
+            ratio, waits, writer = s["tokens_per_s"] / ideal, s["wait_seconds"] / s["seconds"], \
+                s["write_seconds"] / s["seconds"]
+            rows.append([n, f"{single:,.0f}", f"{s['tokens_per_s']:,.0f}", f"{ideal:,.0f}", f"{ratio:.2f}",
+                         f"{single_cpu / worker_cpu:.2f}", f"{main_cpu / worker_cpu:.0%}", f"{writer:.0%}",
+                         f"{waits:.0%}"])
+            verdicts.append(f"{n} procs: ratio {ratio:.2f} >= 0.8: {'yes' if ratio >= 0.8 else 'NO'}; writer not the "
+                            f"bottleneck (main waits for workers > 50%): {'yes' if waits > 0.5 else 'NO'}")
+    lines = print_table(header, rows)
+    print("\ngoals:")
+    for line in verdicts:
+        print("  " + line)
+    if args.record:
+        import datetime
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=here).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+        path = os.path.join(here, "bench", "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n## tokenize: {platform.processor() or platform.machine()}, {cores} cores, "
+                    f"{datetime.date.today().isoformat()}, commit {commit}\n\n"
+                    f"`python bench.py tokenize {' '.join(argv)}`; tiktoken {_version('tiktoken')}, python {platform.python_version()}; {setup}. Ceiling: processes x "
+                    f"single-process tiktoken encode_ordinary on the same documents.\n\n```\n" + "\n".join(lines) +
+                    "\n\ngoals:\n" + "\n".join("  " + v for v in verdicts) + "\n```\n")
+        print(f"recorded in {path}")
     return 0
 
 
