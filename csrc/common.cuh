@@ -1,8 +1,13 @@
 // Shared code for the arcana kernels: input checks and output allocation for the host launchers, the dtype
 // dispatch, packed 128-bit loads and stores, fp32 conversions, and warp/row reductions for the device code.
 // Every .cu file includes this header; ops.cpp (the schemas) does not.
+//
+// With ARCANA_EMULATE defined (tests/norm_gelu_emu.cpp), only the device code and the torch-free parts are
+// compiled, for the CPU: the emulator supplies launch, device_shape, resident_blocks_per_sm and
+// ARCANA_SHARED_FLOATS itself.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -11,14 +16,57 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#ifndef ARCANA_EMULATE
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#endif
 
 namespace arcana {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Streaming multiprocessors and resident threads per SM of the current device: sizes persistent grids.
+struct DeviceShape {
+  int sms;
+  int threads_per_sm;
+};
+
+#ifndef ARCANA_EMULATE
+// -----------------------------------------------------------------------------
+// host side: launching
+
+inline DeviceShape device_shape() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  DeviceShape s{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
+  return s;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), then the launch check.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that fit on one SM at once.
+template <typename... Params>
+int resident_blocks_per_sm(void (*kernel)(Params...), int threads, size_t smem) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  return std::max(blocks, 1);
+}
+
+// The kernel's dynamic shared memory, as floats.
+#define ARCANA_SHARED_FLOATS(name) extern __shared__ float name[]
 
 // -----------------------------------------------------------------------------
 // host side: checks that say what is wrong and what to do
@@ -84,25 +132,6 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
   return t;
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// Streaming multiprocessors and resident threads per SM of the current device: sizes persistent grids.
-struct DeviceShape {
-  int sms;
-  int threads_per_sm;
-};
-
-inline DeviceShape device_shape() {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  DeviceShape s{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&s.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
-  return s;
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The one dtype switch: runs the lambda __VA_ARGS__ with T bound to the CUDA type (float, __nv_bfloat16,
 // __half) of SCALAR_TYPE, and refuses any other dtype.
 #define ARCANA_DISPATCH(SCALAR_TYPE, OP, T, ...)                                                     \
@@ -125,6 +154,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
                     "; expected float32, bfloat16 or float16");                                      \
     }                                                                                                \
   }()
+
+#endif  // ARCANA_EMULATE
 
 // -----------------------------------------------------------------------------
 // device side: conversions, packed memory access, reductions
@@ -294,8 +325,7 @@ inline void launch_sum_partials(const float* part, int64_t stride, int P, int C,
                                 cudaStream_t stream) {
   constexpr int kRows = 32;
   const dim3 grid((unsigned)ceil_div(C, 32), out1 ? 2 : 1);
-  sum_partials_kernel<kRows><<<grid, dim3(32, kRows), 0, stream>>>(part, stride, P, C, out0, out1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(sum_partials_kernel<kRows>, grid, dim3(32, kRows), 0, stream, part, stride, P, C, out0, out1);
 }
 
 }  // namespace arcana

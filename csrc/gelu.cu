@@ -19,6 +19,8 @@
 
 #include "common.cuh"
 
+#include <tuple>
+
 namespace arcana {
 namespace {
 
@@ -183,110 +185,136 @@ __global__ void __launch_bounds__(32 * kBiasRows) gelu_bias_kernel(const T* __re
 }
 
 // -----------------------------------------------------------------------------
-// host launchers
+// launchers: raw pointers and sizes, no torch (tests/norm_gelu_emu.cpp runs them on the CPU)
 
-struct GeluArgs {
-  int64_t n;  // elements
-  int64_t C;  // bias length (x's last dimension) when there is a bias
-  at::Tensor bias;  // fp32 copy, or undefined
+struct GeluRun {
+  const void* dout;  // nullptr: the forward, out = gelu(u); else the backward, out = dout * gelu'(u)
+  const void* x;
+  const float* bias;  // nullable; u = x + bias (broadcast over rows of c)
+  void* out;
+  float* dbias;  // the backward with bias: (c,) fp32, the sum of out over rows
+  int64_t n;  // elements, at least 1
+  int64_t c;  // bias length (x's last dimension) when there is a bias
+  int variant;
+  cudaStream_t stream;
 };
 
-GeluArgs check_gelu(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t variant) {
+// scratch(count) returns room for count floats (the dbias partials), alive until the kernels have run.
+template <typename T, typename Scratch>
+void gelu_launch(const GeluRun& g, Scratch&& scratch) {
+  constexpr int V = vec_width<T>();
+  const bool bwd = g.dout != nullptr;
+  const bool has_bias = g.bias != nullptr;
+  const bool fast = g.variant == 1 && aligned16(g.x) && aligned16(g.out) && (!bwd || aligned16(g.dout)) &&
+                    (!has_bias || (aligned16(g.bias) && g.c % V == 0));
+  const T* dout = static_cast<const T*>(g.dout);
+  const T* x = static_cast<const T*>(g.x);
+  T* out = static_cast<T*>(g.out);
+  const DeviceShape dev = device_shape();
+  if (!fast) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(g.n, 256), (int64_t)dev.sms * 32);
+    const int64_t C = has_bias ? g.c : 1;
+    if (bwd) {
+      launch(gelu_plain_kernel<T, true>, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, g.bias, out, g.n,
+             C);
+      if (has_bias) {
+        launch(gelu_dbias_plain_kernel<T>, dim3((unsigned)ceil_div(g.c, 256)), dim3(256), 0, g.stream, dout, x,
+               g.bias, g.dbias, g.n / g.c, (int)g.c);
+      }
+    } else {
+      launch(gelu_plain_kernel<T, false>, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, g.bias, out, g.n,
+             C);
+    }
+    return;
+  }
+  if (!has_bias) {
+    // Enough 256-thread blocks to fill every SM, each thread then looping over a few vectors.
+    const int64_t blocks = std::min<int64_t>(ceil_div(std::max<int64_t>(g.n / V, 1), 256),
+                                             (int64_t)dev.sms * std::max(dev.threads_per_sm / 256, 1));
+    if (bwd) {
+      launch(gelu_flat_kernel<T, true>, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, out, g.n);
+    } else {
+      launch(gelu_flat_kernel<T, false>, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, out, g.n);
+    }
+    return;
+  }
+  const int64_t N = g.n / g.c;
+  const int C = (int)g.c;
+  const int64_t tiles = ceil_div(C / V, 32);
+  const int64_t resident = (int64_t)dev.sms * std::max(dev.threads_per_sm / (32 * kBiasRows), 1);
+  const int64_t row_groups = std::min<int64_t>(
+      std::min<int64_t>(ceil_div(N, kBiasRows), std::max<int64_t>(resident / tiles, 1)), 65535);
+  const dim3 grid((unsigned)tiles, (unsigned)row_groups);
+  const dim3 block(32, kBiasRows);
+  if (!bwd) {
+    launch(gelu_bias_kernel<T, false>, grid, block, 0, g.stream, dout, x, g.bias, out, (float*)nullptr, N, C);
+    return;
+  }
+  float* part = scratch(row_groups * C);
+  launch(gelu_bias_kernel<T, true>, grid, block, 0, g.stream, dout, x, g.bias, out, part, N, C);
+  launch_sum_partials(part, C, (int)row_groups, C, g.dbias, (float*)nullptr, g.stream);
+}
+
+#ifndef ARCANA_EMULATE
+// -----------------------------------------------------------------------------
+// torch ops: checks, allocation, dispatch
+
+// x (and its bias, converted to fp32) after the checks; n elements, c the bias length.
+struct GeluInputs {
+  int64_t n;
+  int64_t c;
+  at::Tensor bias;  // fp32, or undefined
+};
+
+GeluInputs check_gelu(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                      int64_t variant) {
   check_cuda(x, op, "x");
   check_kernel_dtype(x, op, "x");
   check_contiguous(x, op, "x");
   check_variant(variant, op);
-  GeluArgs a{x.numel(), 0, at::Tensor()};
+  GeluInputs a{x.numel(), 0, at::Tensor()};
   if (bias.has_value()) {
     TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension when a bias is given, got a scalar");
-    a.C = x.size(-1);
-    TORCH_CHECK(a.C >= 1 && a.C <= INT32_MAX, op, ": x's last dimension must be between 1 and 2^31 - 1, got ",
-                a.C);
-    a.bias = column_param_f32(*bias, a.C, x, op, "bias");
+    a.c = x.size(-1);
+    TORCH_CHECK(a.c >= 1 && a.c <= INT32_MAX, op, ": x's last dimension must be between 1 and 2^31 - 1, got ",
+                a.c);
+    a.bias = column_param_f32(*bias, a.c, x, op, "bias");
   }
   return a;
 }
 
-// Runs gelu (dout == nullptr) or its gradient; with a bias and dbias given, also fills dbias (fp32, (C,)).
-void gelu_launch(const char* op, const at::Tensor* dout, const at::Tensor& x, const GeluArgs& a, at::Tensor& out,
-                 at::Tensor* dbias, int64_t variant, cudaStream_t stream) {
+// gelu (dout == nullptr) or its gradient into out; with a bias and dbias, also dbias (fp32, (C,)).
+void gelu_run(const char* op, const at::Tensor* dout, const at::Tensor& x, const GeluInputs& a, at::Tensor& out,
+              at::Tensor* dbias, int64_t variant, cudaStream_t stream) {
   if (a.n == 0) {
     if (dbias != nullptr) dbias->zero_();
     return;
   }
-  const bool has_bias = a.bias.defined();
-  const int V = 16 / (int)x.element_size();
-  const bool aligned = aligned16(x.data_ptr()) && (dout == nullptr || aligned16(dout->data_ptr())) &&
-                       (!has_bias || aligned16(a.bias.data_ptr()));
-  const bool fast = variant == 1 && aligned && (!has_bias || a.C % V == 0);
-  const DeviceShape dev = device_shape();
-  ARCANA_DISPATCH(x.scalar_type(), op, T, [&] {
-    const T* dyp = dout != nullptr ? reinterpret_cast<const T*>(dout->data_ptr()) : nullptr;
-    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-    const float* bp = has_bias ? a.bias.data_ptr<float>() : nullptr;
-    T* outp = reinterpret_cast<T*>(out.data_ptr());
-    if (!fast) {
-      const int64_t blocks = std::min<int64_t>(ceil_div(a.n, 256), (int64_t)dev.sms * 32);
-      if (dout != nullptr) {
-        gelu_plain_kernel<T, true><<<(unsigned)blocks, 256, 0, stream>>>(dyp, xp, bp, outp, a.n, has_bias ? a.C : 1);
-      } else {
-        gelu_plain_kernel<T, false><<<(unsigned)blocks, 256, 0, stream>>>(nullptr, xp, bp, outp, a.n,
-                                                                          has_bias ? a.C : 1);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (dbias != nullptr) {
-        gelu_dbias_plain_kernel<T><<<(unsigned)ceil_div(a.C, 256), 256, 0, stream>>>(
-            dyp, xp, bp, dbias->data_ptr<float>(), a.n / a.C, (int)a.C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      return;
-    }
-    if (!has_bias) {
-      // Enough 256-thread blocks to fill every SM, each thread then looping over a few vectors.
-      const int64_t work = std::max<int64_t>(a.n / vec_width<T>(), 1);
-      const int64_t blocks = std::min<int64_t>(ceil_div(work, 256), (int64_t)dev.sms * (dev.threads_per_sm / 256));
-      if (dout != nullptr) {
-        gelu_flat_kernel<T, true><<<(unsigned)blocks, 256, 0, stream>>>(dyp, xp, outp, a.n);
-      } else {
-        gelu_flat_kernel<T, false><<<(unsigned)blocks, 256, 0, stream>>>(nullptr, xp, outp, a.n);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const int64_t N = a.n / a.C;
-    const int C = (int)a.C;
-    const int64_t tiles = ceil_div(C / vec_width<T>(), 32);
-    const int64_t resident = (int64_t)dev.sms * (dev.threads_per_sm / (32 * kBiasRows));
-    const int64_t row_groups = std::min<int64_t>(
-        std::min<int64_t>(ceil_div(N, kBiasRows), std::max<int64_t>(resident / tiles, 1)), 65535);
-    const dim3 grid((unsigned)tiles, (unsigned)row_groups);
-    const dim3 block(32, kBiasRows);
-    if (dout == nullptr) {
-      gelu_bias_kernel<T, false><<<grid, block, 0, stream>>>(nullptr, xp, bp, outp, nullptr, N, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    at::Tensor part = new_buffer({row_groups, C}, x.options().dtype(at::kFloat), stream);
-    gelu_bias_kernel<T, true><<<grid, block, 0, stream>>>(dyp, xp, bp, outp, part.data_ptr<float>(), N, C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_sum_partials(part.data_ptr<float>(), C, (int)row_groups, C, dbias->data_ptr<float>(), nullptr, stream);
-  });
+  const GeluRun g{dout != nullptr ? dout->data_ptr() : nullptr, x.data_ptr(),
+                  a.bias.defined() ? a.bias.data_ptr<float>() : nullptr, out.data_ptr(),
+                  dbias != nullptr ? dbias->data_ptr<float>() : nullptr, a.n, a.c, (int)variant, stream};
+  at::Tensor part;  // the dbias partials, alive until this function returns
+  auto scratch = [&](int64_t count) {
+    part = new_buffer({count}, x.options().dtype(at::kFloat), stream);
+    return part.data_ptr<float>();
+  };
+  ARCANA_DISPATCH(x.scalar_type(), op, T, [&] { gelu_launch<T>(g, scratch); });
 }
 
 at::Tensor gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t variant) {
   const char* op = "arcana::gelu_fwd";
-  const GeluArgs a = check_gelu(op, x, bias, variant);
+  const GeluInputs a = check_gelu(op, x, bias, variant);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = new_buffer(x.sizes(), x.options(), stream);
-  gelu_launch(op, nullptr, x, a, out, nullptr, variant, stream);
+  gelu_run(op, nullptr, x, a, out, nullptr, variant, stream);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dout, const at::Tensor& x,
                                             const std::optional<at::Tensor>& bias, int64_t variant) {
   const char* op = "arcana::gelu_bwd";
-  const GeluArgs a = check_gelu(op, x, bias, variant);
+  const GeluInputs a = check_gelu(op, x, bias, variant);
   check_cuda(dout, op, "dout");
   check_same_device(dout, x, op, "dout", "x");
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), op, ": dout (", dout.sizes(),
@@ -296,11 +324,11 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dout, const at::Te
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dx = new_buffer(x.sizes(), x.options(), stream);
   if (!bias.has_value()) {
-    gelu_launch(op, &dout, x, a, dx, nullptr, variant, stream);
+    gelu_run(op, &dout, x, a, dx, nullptr, variant, stream);
     return {dx, at::empty({0}, x.options().dtype(at::kFloat))};
   }
-  at::Tensor dbias = new_buffer({a.C}, x.options().dtype(at::kFloat), stream);
-  gelu_launch(op, &dout, x, a, dx, &dbias, variant, stream);
+  at::Tensor dbias = new_buffer({a.c}, x.options().dtype(at::kFloat), stream);
+  gelu_run(op, &dout, x, a, dx, &dbias, variant, stream);
   return {dx, dbias.to(bias->scalar_type())};
 }
 
@@ -310,5 +338,9 @@ TORCH_LIBRARY_IMPL(arcana, CUDA, m) {
   m.impl("gelu_fwd", &gelu_fwd);
   m.impl("gelu_bwd", &gelu_bwd);
 }
+
+#else
+}  // namespace
+#endif  // ARCANA_EMULATE
 
 }  // namespace arcana

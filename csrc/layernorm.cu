@@ -19,6 +19,10 @@
 
 #include "common.cuh"
 
+#include <cmath>
+#include <tuple>
+#include <vector>
+
 namespace arcana {
 namespace {
 
@@ -216,7 +220,7 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const T* __restrict__ dout
                                                       T* __restrict__ dx, float* __restrict__ part, int64_t N,
                                                       int C) {
   constexpr int V = vec_width<T>();
-  extern __shared__ float combine[];
+  ARCANA_SHARED_FLOATS(combine);
   __shared__ float2 red[2][32];
   const int nvec = C / V;
   const float inv_c = 1.f / C;
@@ -315,7 +319,118 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const T* __restrict__ dout
 }
 
 // -----------------------------------------------------------------------------
-// host launchers
+// launchers: raw pointers and sizes, no torch (tests/norm_gelu_emu.cpp runs them on the CPU)
+
+struct LnFwd {
+  const void* x;
+  const void* y;  // nullptr: plain LayerNorm; else r = x + y is written to r and normalized
+  void* r;
+  void* out;
+  const float* w;
+  const float* b;
+  float* mean;
+  float* rstd;
+  int64_t n;  // rows, at least 1
+  int c;
+  float eps;
+  int variant;
+  cudaStream_t stream;
+};
+
+// y's dtype TY is TX, or TX is float (checked by the caller; other pairs are never launched).
+template <typename TX, typename TY>
+void ln_forward_launch(const LnFwd& f) {
+  if constexpr (std::is_same_v<TX, TY> || std::is_same_v<TX, float>) {
+    constexpr int V = vec_width<TX>();
+    const TX* x = static_cast<const TX*>(f.x);
+    const TY* y = static_cast<const TY*>(f.y);
+    TX* r = static_cast<TX*>(f.r);
+    TX* out = static_cast<TX*>(f.out);
+    const bool add = f.y != nullptr;
+    const bool fast = f.variant == 1 && f.c % V == 0 && f.c / V <= kMaxRowVectors && aligned16(f.x) &&
+                      aligned16(f.out) && (!add || (aligned16(f.y) && aligned16(f.r))) && aligned16(f.w) &&
+                      aligned16(f.b);
+    if (!fast) {
+      const dim3 grid((unsigned)ceil_div(f.n, 8));
+      if (add) {
+        launch(ln_fwd_plain_kernel<TX, TY, true>, grid, dim3(256), 0, f.stream, x, y, r, out, f.w, f.b, f.mean,
+               f.rstd, f.n, f.c, f.eps);
+      } else {
+        launch(ln_fwd_plain_kernel<TX, TX, false>, grid, dim3(256), 0, f.stream, x, (const TX*)nullptr,
+               (TX*)nullptr, out, f.w, f.b, f.mean, f.rstd, f.n, f.c, f.eps);
+      }
+      return;
+    }
+    const RowLayout l = row_layout(f.c / V, 256);
+    const dim3 block(l.threads, l.rows);
+    const dim3 grid((unsigned)std::min<int64_t>(ceil_div(f.n, l.rows), 1 << 30));
+    auto run = [&](auto vpt) {
+      constexpr int VPT = decltype(vpt)::value;
+      if (add) {
+        launch(ln_fwd_kernel<TX, TY, true, VPT>, grid, block, 0, f.stream, x, y, r, out, f.w, f.b, f.mean, f.rstd,
+               f.n, f.c, f.eps);
+      } else if constexpr (std::is_same_v<TX, TY>) {  // plain LayerNorm is dispatched with TY = TX
+        launch(ln_fwd_kernel<TX, TX, false, VPT>, grid, block, 0, f.stream, x, (const TX*)nullptr, (TX*)nullptr,
+               out, f.w, f.b, f.mean, f.rstd, f.n, f.c, f.eps);
+      }
+    };
+    if (l.vpt == 1) {
+      run(std::integral_constant<int, 1>());
+    } else {
+      run(std::integral_constant<int, 2>());
+    }
+  }
+}
+
+struct LnBwd {
+  const void* dout;
+  const void* x;
+  const float* w;
+  const float* mean;
+  const float* rstd;
+  const void* dr;  // nullable
+  void* dx;
+  float* dw;
+  float* db;
+  int64_t n;  // rows, at least 1
+  int c;
+  int variant;
+  cudaStream_t stream;
+};
+
+// scratch(count) returns room for count floats (the per-block partials), alive until the kernels have run.
+template <typename T, typename Scratch>
+void ln_backward_launch(const LnBwd& a, Scratch&& scratch) {
+  constexpr int V = vec_width<T>();
+  const T* dout = static_cast<const T*>(a.dout);
+  const T* x = static_cast<const T*>(a.x);
+  const T* dr = static_cast<const T*>(a.dr);
+  T* dx = static_cast<T*>(a.dx);
+  const bool fast = a.variant == 1 && a.c % V == 0 && a.c / V <= kMaxRowVectorsBwd && aligned16(a.x) &&
+                    aligned16(a.dout) && aligned16(a.dx) && (a.dr == nullptr || aligned16(a.dr)) && aligned16(a.w);
+  if (!fast) {
+    launch(ln_bwd_dx_plain_kernel<T>, dim3((unsigned)ceil_div(a.n, 8)), dim3(256), 0, a.stream, dout, x, a.w,
+           a.mean, a.rstd, dr, dx, a.n, a.c);
+    launch(ln_bwd_params_plain_kernel<T>, dim3((unsigned)ceil_div(a.c, 256)), dim3(256), 0, a.stream, dout, x,
+           a.mean, a.rstd, a.dw, a.db, a.n, a.c);
+    return;
+  }
+  const RowLayout l = row_layout(a.c / V, 512);  // vpt == 1 here (kMaxRowVectorsBwd)
+  const dim3 block(l.threads, l.rows);
+  const size_t smem = l.rows > 1 ? 2 * (size_t)a.c * sizeof(float) : 0;
+  // One resident wave: every block then visits about the same number of rows, and the partials stay few.
+  const int64_t resident = (int64_t)device_shape().sms * resident_blocks_per_sm(ln_bwd_kernel<T, 1>,
+                                                                                 l.threads * l.rows, smem);
+  const int64_t blocks = std::min<int64_t>(ceil_div(a.n, l.rows), resident);
+  float* part = scratch(blocks * 2 * a.c);
+  launch(ln_bwd_kernel<T, 1>, dim3((unsigned)blocks), block, smem, a.stream, dout, x, a.w, a.mean, a.rstd, dr, dx,
+         part, a.n, a.c);
+  launch_sum_partials(part, 2 * (int64_t)a.c, (int)blocks, a.c, a.dw, a.db, a.stream);
+}
+
+#ifndef ARCANA_EMULATE
+// -----------------------------------------------------------------------------
+// torch ops: checks, allocation, dispatch
 
 struct Rows {
   int64_t n;  // rows
@@ -331,7 +446,7 @@ Rows check_rows(const at::Tensor& x, const char* op, const char* name) {
   const int64_t C = x.size(-1);
   TORCH_CHECK(C >= 1 && C <= INT32_MAX, op, ": ", name, "'s last dimension must be between 1 and 2^31 - 1, got ",
               C);
-  return Rows{C ? x.numel() / C : 0, (int)C};
+  return Rows{x.numel() / C, (int)C};
 }
 
 // Same shape, dtype and device as ref (dout, dr against x; y against x, where its dtype is checked apart).
@@ -362,67 +477,6 @@ at::Tensor row_stat_buffer(const at::Tensor& x, cudaStream_t stream) {
   return new_buffer(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat), stream);
 }
 
-struct FwdLaunch {
-  const void* x;
-  const void* y;  // nullptr: plain LayerNorm, else r = x + y is written to r
-  void* r;
-  void* out;
-  const float* w;
-  const float* b;
-  float* mean;
-  float* rstd;
-  int64_t n;
-  int c;
-  float eps;
-  bool fast;
-  cudaStream_t stream;
-};
-
-// y's dtype TY is TX, or TX is float (checked by the caller; other pairs are never launched).
-template <typename TX, typename TY>
-void ln_forward_launch(const FwdLaunch& f) {
-  if constexpr (std::is_same_v<TX, TY> || std::is_same_v<TX, float>) {
-    const TX* x = static_cast<const TX*>(f.x);
-    const TY* y = static_cast<const TY*>(f.y);
-    TX* r = static_cast<TX*>(f.r);
-    TX* out = static_cast<TX*>(f.out);
-    const bool add = f.y != nullptr;
-    if (!f.fast) {
-      const dim3 grid((unsigned)ceil_div(f.n, 8));
-      if (add) {
-        ln_fwd_plain_kernel<TX, TY, true><<<grid, 256, 0, f.stream>>>(x, y, r, out, f.w, f.b, f.mean, f.rstd, f.n,
-                                                                        f.c, f.eps);
-      } else {
-        ln_fwd_plain_kernel<TX, TX, false><<<grid, 256, 0, f.stream>>>(x, nullptr, nullptr, out, f.w, f.b, f.mean,
-                                                                         f.rstd, f.n, f.c, f.eps);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const RowLayout l = row_layout(f.c / vec_width<TX>(), 256);
-    const dim3 block(l.threads, l.rows);
-    const dim3 grid((unsigned)std::min<int64_t>(ceil_div(f.n, l.rows), 1 << 30));
-    auto launch = [&](auto vpt) {
-      constexpr int VPT = decltype(vpt)::value;
-      if (add) {
-        ln_fwd_kernel<TX, TY, true, VPT><<<grid, block, 0, f.stream>>>(x, y, r, out, f.w, f.b, f.mean, f.rstd, f.n,
-                                                                         f.c, f.eps);
-      } else if constexpr (std::is_same_v<TX, TY>) {  // plain LayerNorm is dispatched with TY = TX
-        ln_fwd_kernel<TX, TX, false, VPT><<<grid, block, 0, f.stream>>>(x, nullptr, nullptr, out, f.w, f.b, f.mean,
-                                                                          f.rstd, f.n, f.c, f.eps);
-      }
-    };
-    if (l.vpt == 1) {
-      launch(std::integral_constant<int, 1>());
-    } else {
-      launch(std::integral_constant<int, 2>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    TORCH_CHECK(false, "arcana: LayerNorm of x + y needs y to have x's dtype or x to be float32");
-  }
-}
-
 std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at::Tensor* y,
                                    const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t variant) {
   const Rows rows = check_rows(x, op, "x");
@@ -447,18 +501,10 @@ std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at
   std::vector<at::Tensor> result = y != nullptr ? std::vector<at::Tensor>{r, out, mean, rstd}
                                                 : std::vector<at::Tensor>{out, mean, rstd};
   if (rows.n == 0) return result;
-
-  const int64_t N = rows.n;
-  const int C = rows.c;
-  const int V = 16 / (int)x.element_size();
-  const bool fast = variant == 1 && C % V == 0 && C / V <= kMaxRowVectors && aligned16(x.data_ptr()) &&
-                    (y == nullptr || aligned16(y->data_ptr())) && aligned16(w.data_ptr()) &&
-                    aligned16(b.data_ptr());
+  const LnFwd f{x.data_ptr(), y != nullptr ? y->data_ptr() : nullptr, y != nullptr ? r.data_ptr() : nullptr,
+                out.data_ptr(), w.data_ptr<float>(), b.data_ptr<float>(), mean.data_ptr<float>(),
+                rstd.data_ptr<float>(), rows.n, rows.c, (float)eps, (int)variant, stream};
   const at::ScalarType ytype = y != nullptr ? y->scalar_type() : x.scalar_type();
-
-  const FwdLaunch f{x.data_ptr(), y != nullptr ? y->data_ptr() : nullptr, y != nullptr ? r.data_ptr() : nullptr,
-                    out.data_ptr(), w.data_ptr<float>(), b.data_ptr<float>(), mean.data_ptr<float>(),
-                    rstd.data_ptr<float>(), N, C, (float)eps, fast, stream};
   ARCANA_DISPATCH(x.scalar_type(), op, TX, [&] {
     ARCANA_DISPATCH(ytype, op, TY, [&] { ln_forward_launch<TX, TY>(f); });
   });
@@ -496,51 +542,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor w = column_param_f32(weight, rows.c, x, op, "weight");
 
-  const int64_t N = rows.n;
-  const int C = rows.c;
   at::Tensor dx = new_buffer(x.sizes(), x.options(), stream);
-  at::Tensor dw = new_buffer({C}, x.options().dtype(at::kFloat), stream);
-  at::Tensor db = new_buffer({C}, x.options().dtype(at::kFloat), stream);
-  if (N == 0) {
+  at::Tensor dw = new_buffer({rows.c}, x.options().dtype(at::kFloat), stream);
+  at::Tensor db = new_buffer({rows.c}, x.options().dtype(at::kFloat), stream);
+  if (rows.n == 0) {
     dw.zero_();
     db.zero_();
   } else {
-    const int V = 16 / (int)x.element_size();
-    const bool fast = variant == 1 && C % V == 0 && C / V <= kMaxRowVectorsBwd && aligned16(x.data_ptr()) &&
-                      aligned16(dout.data_ptr()) && (!dr.has_value() || aligned16(dr->data_ptr())) &&
-                      aligned16(w.data_ptr());
-    ARCANA_DISPATCH(x.scalar_type(), op, T, [&] {
-      const T* dyp = reinterpret_cast<const T*>(dout.data_ptr());
-      const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-      const T* drp = dr.has_value() ? reinterpret_cast<const T*>(dr->data_ptr()) : nullptr;
-      T* dxp = reinterpret_cast<T*>(dx.data_ptr());
-      const float* wp = w.data_ptr<float>();
-      const float* mp = mean.data_ptr<float>();
-      const float* sp = rstd.data_ptr<float>();
-      if (!fast) {
-        ln_bwd_dx_plain_kernel<T><<<(unsigned)ceil_div(N, 8), 256, 0, stream>>>(dyp, xp, wp, mp, sp, drp, dxp, N, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        ln_bwd_params_plain_kernel<T><<<(unsigned)ceil_div(C, 256), 256, 0, stream>>>(
-            dyp, xp, mp, sp, dw.data_ptr<float>(), db.data_ptr<float>(), N, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-      const RowLayout l = row_layout(C / vec_width<T>(), 512);  // vpt == 1 here (kMaxRowVectorsBwd)
-      const dim3 block(l.threads, l.rows);
-      const size_t smem = l.rows > 1 ? 2 * (size_t)C * sizeof(float) : 0;
-      // One resident wave: every block then visits about the same number of rows, and the partials stay few.
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ln_bwd_kernel<T, 1>,
-                                                                   l.threads * l.rows, smem));
-      const int64_t blocks =
-          std::min<int64_t>(ceil_div(N, l.rows), (int64_t)device_shape().sms * std::max(per_sm, 1));
-      at::Tensor part = new_buffer({blocks, 2, C}, x.options().dtype(at::kFloat), stream);
-      ln_bwd_kernel<T, 1><<<(unsigned)blocks, block, smem, stream>>>(dyp, xp, wp, mp, sp, drp, dxp,
-                                                                      part.data_ptr<float>(), N, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_sum_partials(part.data_ptr<float>(), 2 * (int64_t)C, (int)blocks, C, dw.data_ptr<float>(),
-                          db.data_ptr<float>(), stream);
-    });
+    const LnBwd a{dout.data_ptr(), x.data_ptr(), w.data_ptr<float>(), mean.data_ptr<float>(),
+                  rstd.data_ptr<float>(), dr.has_value() ? dr->data_ptr() : nullptr, dx.data_ptr(),
+                  dw.data_ptr<float>(), db.data_ptr<float>(), rows.n, rows.c, (int)variant, stream};
+    at::Tensor part;  // the partials, alive until this function returns (the caching allocator orders reuse)
+    auto scratch = [&](int64_t count) {
+      part = new_buffer({count}, x.options().dtype(at::kFloat), stream);
+      return part.data_ptr<float>();
+    };
+    ARCANA_DISPATCH(x.scalar_type(), op, T, [&] { ln_backward_launch<T>(a, scratch); });
   }
   const at::ScalarType wtype = weight.scalar_type();
   return {dx, dw.to(wtype), db.to(wtype)};
@@ -553,5 +570,9 @@ TORCH_LIBRARY_IMPL(arcana, CUDA, m) {
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
 }
+
+#else
+}  // namespace
+#endif  // ARCANA_EMULATE
 
 }  // namespace arcana

@@ -4,7 +4,10 @@ csrc/ops.cpp) and their Python half in train_gpt.py (fake implementations, autog
 Without a GPU (CI): the module imports (a failure when ARCANA_REQUIRE_KERNELS=1, else a skip), every op has its
 schema, the fake implementations give the right shapes, dtypes and strides on meta and fake tensors, autograd
 reaches every backward op, torch.compile(fullgraph=True) traces through the ops, CPU tensors get the clear error,
-and --kernels cuda is refused on CPU.
+and --kernels cuda is refused on CPU. The kernels and their launchers also run under a CPU emulation of the CUDA
+features they use (tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on small awkward
+shapes, with fenced NaN-filled outputs, against float64: this checks their index arithmetic, layouts,
+synchronization and reductions before any GPU run.
 
 On a GPU (marker cuda): every op and its backward, plain (variant 0) and fast (variant 1), against PyTorch on
 fresh random inputs at C = 768, 1000, 1024, 1600 (GELU also 3072) and 1, 7, 4097, 65536 rows, with every output
@@ -135,6 +138,7 @@ class NormGeluOps(train_gpt.CudaOps):
     lm_head_loss = train_gpt.TorchOps.lm_head_loss
 
 
+@pytest.mark.filterwarnings("ignore:aten::nll_loss.*autograd kernel was not registered")  # meta tensors only
 def test_compile_fullgraph_traces_through_the_ops(arcana):
     """The model with the LayerNorm/GELU kernels compiles with fullgraph=True (no graph break) and runs its
     backward: traced on meta tensors with the aot_eager backend, which needs no GPU."""
@@ -168,6 +172,147 @@ def test_kernels_cuda_is_refused_on_cpu():
     with pytest.raises(train_gpt.UserError, match="--kernels cuda needs a CUDA device"):
         train_gpt.select_ops("cuda", "cpu")
     assert isinstance(train_gpt.select_ops("auto", "cpu"), train_gpt.TorchOps)
+
+
+# -----------------------------------------------------------------------------
+# without a GPU: the kernels themselves, under a CPU emulation (tests/norm_gelu_emu.cpp)
+
+EMU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+EMU_TOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}  # max-norm, relative
+
+
+def cuda_include_dir():
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_bf16.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """tests/norm_gelu_emu.cpp built with g++ into a shared library, loaded with ctypes; a small device shape
+    (2 SMs, one resident block each) so that the persistent kernels loop over several row groups."""
+    import ctypes
+    import shutil
+    cxx, inc = shutil.which("g++"), cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
+    lib_path = str(tmp_path_factory.mktemp("emu") / "norm_gelu_emu.so")
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
+           os.path.join(ROOT, "tests", "norm_gelu_emu.cpp"), "-o", lib_path]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    lib = ctypes.CDLL(lib_path)
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.emu_set_shape.argtypes = [I, I, I]
+    lib.emu_layer_norm_fwd.argtypes = [I, I, I, P, P, P, P, P, P, P, P, L, I, ctypes.c_float]
+    lib.emu_layer_norm_bwd.argtypes = [I, I, P, P, P, P, P, P, P, P, P, L, I]
+    lib.emu_gelu.argtypes = [I, I, P, P, P, P, P, L, L]
+    lib.emu_set_shape(2, 2048, 1)
+    return lib
+
+
+class Guarded:
+    """An output buffer that starts as NaN (an element left unwritten fails) inside 64 sentinel elements on
+    each side (a write out of bounds fails); the data stays 256-byte aligned."""
+    PAD = 64
+
+    def __init__(self, shape, dtype):
+        n = math.prod(shape)
+        self.buf = torch.full((n + 2 * self.PAD,), 7.0, dtype=dtype)
+        self.t = self.buf[self.PAD:self.PAD + n].view(shape)
+        self.t.fill_(float("nan"))
+
+    def ptr(self):
+        return self.t.data_ptr()
+
+    def value(self, what):
+        sentinels = torch.cat([self.buf[:self.PAD], self.buf[-self.PAD:]])
+        assert (sentinels == 7.0).all(), f"{what}: a kernel wrote outside the output"
+        assert torch.isfinite(self.t).all(), f"{what}: elements left unwritten (still NaN)"
+        return self.t
+
+
+def emu_close(what, ours, ref, dtype):
+    err = (ours.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    assert err <= EMU_TOL[dtype], f"{what}: max-norm relative error {err:.2e} > {EMU_TOL[dtype]:.0e}"
+
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+@pytest.mark.parametrize("case", [
+    (7, 1000, torch.float32, None), (7, 1000, torch.bfloat16, None), (7, 1000, torch.float16, None),
+    (9, 1600, torch.bfloat16, None), (33, 64, torch.float32, None), (5, 37, torch.bfloat16, None),
+    (7, 768, torch.float32, torch.bfloat16), (20, 256, torch.bfloat16, torch.bfloat16),
+], ids=lambda c: f"{c[0]}x{c[1]}-{short(c[2])}" + (f"+{short(c[3])}" if c[3] else ""))
+@pytest.mark.parametrize("variant", [0, 1])
+def test_emulated_layer_norm(emu, case, variant):
+    """layer_norm_fwd / add_layer_norm_fwd and layer_norm_bwd (with dr for the fused op), run by the real
+    launchers and kernels on the CPU, against float64; outputs NaN-poisoned and fenced."""
+    N, C, dtype, ydtype = case
+    torch.manual_seed(N * C + variant)
+    x = (2 * torch.randn(N, C) + 1).to(dtype)
+    y = None if ydtype is None else torch.randn(N, C).to(ydtype)
+    w, b = 1 + 0.1 * torch.randn(C), 0.1 * torch.randn(C)
+    out, mean, rstd = Guarded((N, C), dtype), Guarded((N,), torch.float32), Guarded((N,), torch.float32)
+    r = None if y is None else Guarded((N, C), dtype)
+    rc = emu.emu_layer_norm_fwd(EMU_DTYPES[dtype], -1 if y is None else EMU_DTYPES[ydtype], variant, ptr(x), ptr(y),
+                                None if r is None else r.ptr(), out.ptr(), ptr(w), ptr(b), mean.ptr(), rstd.ptr(),
+                                N, C, EPS)
+    assert rc == 0
+    r_ref = x.double() if y is None else (x.double() + y.double()).to(dtype).double()  # r is stored, then normalized
+    if r is not None:
+        emu_close("r", r.value("r"), r_ref, dtype)
+    emu_close("out", out.value("out"), F.layer_norm(r_ref, (C,), w.double(), b.double(), EPS), dtype)
+    emu_close("mean", mean.value("mean"), r_ref.mean(-1), torch.float32)
+    emu_close("rstd", rstd.value("rstd"), torch.rsqrt(r_ref.var(-1, unbiased=False) + EPS), torch.float32)
+
+    src = x if r is None else r.t
+    dout = torch.randn(N, C).to(dtype)
+    dr = None if y is None else torch.randn(N, C).to(dtype)
+    dx, dw, db = Guarded((N, C), dtype), Guarded((C,), torch.float32), Guarded((C,), torch.float32)
+    rc = emu.emu_layer_norm_bwd(EMU_DTYPES[dtype], variant, ptr(dout), ptr(src), ptr(w), mean.ptr(), rstd.ptr(),
+                                ptr(dr), dx.ptr(), dw.ptr(), db.ptr(), N, C)
+    assert rc == 0
+    xs = src.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    F.layer_norm(xs, (C,), wd, bd, EPS).backward(dout.double())
+    emu_close("dx", dx.value("dx"), xs.grad + (0 if dr is None else dr.double()), dtype)
+    emu_close("dweight", dw.value("dweight"), wd.grad, torch.float32)
+    emu_close("dbias", db.value("dbias"), bd.grad, torch.float32)
+
+
+@pytest.mark.parametrize("case", [
+    ((7, 1000), torch.float32, True), ((7, 1000), torch.float32, False), ((3, 3072), torch.bfloat16, True),
+    ((3, 3072), torch.bfloat16, False), ((7, 1001), torch.bfloat16, True), ((7, 1001), torch.bfloat16, False),
+    ((2, 5, 64), torch.float16, True),
+], ids=lambda c: "x".join(map(str, c[0])) + f"-{short(c[1])}" + ("+bias" if c[2] else ""))
+@pytest.mark.parametrize("variant", [0, 1])
+def test_emulated_gelu(emu, case, variant):
+    """gelu_fwd and gelu_bwd (dx, dbias) through the real launchers and kernels on the CPU, against float64:
+    flat with a tail (1001 columns: 7007 elements), with bias on the 2-D tiles, and 1001-wide bias rows (the
+    plain fallback)."""
+    shape, dtype, with_bias = case
+    torch.manual_seed(math.prod(shape) + variant)
+    x = (3 * torch.randn(shape)).to(dtype)
+    C, n = shape[-1], math.prod(shape)
+    bias = 0.5 * torch.randn(C) if with_bias else None
+    out = Guarded(shape, dtype)
+    assert emu.emu_gelu(EMU_DTYPES[dtype], variant, None, ptr(x), ptr(bias), out.ptr(), None, n, C) == 0
+    u = x.double() + (0 if bias is None else bias.double())
+    emu_close("out", out.value("out"), F.gelu(u, approximate="tanh"), dtype)
+    dout = torch.randn(shape).to(dtype)
+    dx = Guarded(shape, dtype)
+    dbias = Guarded((C,), torch.float32) if with_bias else None
+    assert emu.emu_gelu(EMU_DTYPES[dtype], variant, ptr(dout), ptr(x), ptr(bias), dx.ptr(),
+                        None if dbias is None else dbias.ptr(), n, C) == 0
+    uu = u.clone().requires_grad_()
+    F.gelu(uu, approximate="tanh").backward(dout.double())
+    emu_close("dx", dx.value("dx"), uu.grad, dtype)
+    if with_bias:
+        emu_close("dbias", dbias.value("dbias"), uu.grad.reshape(-1, C).sum(0), torch.float32)
 
 
 # -----------------------------------------------------------------------------
