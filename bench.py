@@ -5,6 +5,7 @@ ArcanaGPT benchmarks: scripts that measure, with their output recorded in bench/
     python bench.py tokenize ...    # prepare.py: tokens/s with N processes vs one process
     python bench.py kernels ...     # LayerNorm / GELU kernels vs PyTorch eager and torch.compile (GPU)
     python bench.py attention ...   # causal attention vs F.scaled_dot_product_attention backends (GPU)
+    python bench.py cross_entropy   # the fused cross-entropy kernel vs PyTorch eager and torch.compile (GPU)
     python bench.py train ...       # whole training steps: tokens/s, MFU, peak memory per configuration
     python bench.py hellaswag ...   # hellaswag.py: examples/s scoring the val split (10,042 in < 10 s on an H100)
 
@@ -224,6 +225,8 @@ def _time_training(tg, cfg, kernels, compile_model, B, steps, warmup, rt, dtype)
     ops = tg.select_ops(kernels, rt.device_type)
     if kernels == "cuda" and ops.name != "cuda":
         raise RuntimeError("the arcana_kernels extension is not built")
+    if compile_model:
+        torch._dynamo.reset()  # a fresh compilation per configuration and micro-batch, no recompile limit
     torch.manual_seed(0)
     raw_model = tg.GPT(mc, ops).to(rt.device)
     model = torch.compile(raw_model) if compile_model else raw_model
@@ -256,7 +259,15 @@ def _time_training(tg, cfg, kernels, compile_model, B, steps, warmup, rt, dtype)
 
 @suite("train", "whole training steps: tokens/s, MFU, peak memory per kernels/compile configuration")
 def bench_train(argv):
+    """Whole optimizer steps (forward, backward, clipping, AdamW) on random tokens for each kernels/compile
+    configuration, all in this run on this device: tokens/s (median step), MFU (train_gpt.py's 6N + attention
+    FLOPs per token over the device's bf16 dense peak) and peak memory, at the largest micro-batch that fits
+    each. Checks the goals of a d12 run at T=1024: the fastest cuda configuration >= 1.1x the fastest torch one,
+    MFU >= 45%, and each cuda configuration's peak memory below the torch one's with the same compile flag at
+    the same micro-batch (met outright where torch does not fit that micro-batch)."""
     import argparse
+    import datetime
+    import os
 
     import torch
     import train_gpt as tg
@@ -273,6 +284,7 @@ def bench_train(argv):
                         help="comma-separated kernels[+compile] configurations")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
 
     rt = tg.setup_runtime(args.device)
@@ -283,9 +295,19 @@ def bench_train(argv):
     T = tg.model_config(cfg).block_size
     candidates = [int(args.batch_size)] if args.batch_size != "auto" else \
         ([64, 32, 16, 8, 4, 2, 1] if rt.device_type == "cuda" else [4])
-    print(f"device {tg.device_name(rt)} ({rt.device}), {str(dtype).replace('torch.', '')}, model {args.model}, "
-          f"T={T}, torch {torch.__version__}")
-    print(f"{'config':<16} {'B':>3} {'tokens/s':>12} {'MFU':>7} {'peak mem':>10} {'loss':>8}")
+    commit = (tg.git_commit() or "unknown")[:12]
+    date = datetime.date.today().isoformat()
+    peak = tg.peak_flops(rt, dtype)
+    device = tg.device_name(rt)
+    setup = (f"{str(dtype).replace('torch.', '')}, model {args.model}, T={T}, median of {args.steps} steps after "
+             f"{args.warmup} warmup steps, " + (f"MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU "
+                                                 "(peak unknown for this device and dtype)"))
+    print(f"device {device} ({rt.device}), {date}, commit {commit}, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}")
+    print(setup)
+    header = ["config", "B", "tokens/s", "MFU", "peak mem", "loss"]
+    print(f"{header[0]:<16} {header[1]:>3} {header[2]:>12} {header[3]:>7} {header[4]:>10} {header[5]:>8}")
+    results, too_big, lines = {}, {}, []  # name -> (B, tokens/s, MFU, bytes); name -> smallest B that did not fit
     for name in args.configs.split(","):
         kernels, _, flag = name.partition("+")
         if kernels == "cuda" and rt.device_type != "cuda":
@@ -298,16 +320,83 @@ def bench_train(argv):
                                                           args.warmup, rt, dtype)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
+                too_big[name] = B
                 continue
             except (RuntimeError, tg.UserError) as e:
                 print(f"{name:<16} failed: {str(e).splitlines()[0]}")
                 break
+            results[name] = (B, tok_s, mfu, memory)
             mfu_s = f"{100 * mfu:.1f}%" if mfu else "-"
             mem_s = f"{memory / 2**30:.2f} GiB" if memory else "-"
-            print(f"{name:<16} {B:>3} {tok_s:>12,.0f} {mfu_s:>7} {mem_s:>10} {loss:>8.4f}", flush=True)
+            line = f"{name:<16} {B:>3} {tok_s:>12,.0f} {mfu_s:>7} {mem_s:>10} {loss:>8.4f}"
+            lines.append(line)
+            print(line, flush=True)
             break
         else:
             print(f"{name:<16} no micro-batch in {candidates} fits in memory")
+
+    verdicts = _train_goals(results, too_big, lambda cfg_name, B: _peak_memory_at(tg, cfg, cfg_name, B, T, rt,
+                                                                                  dtype, args.warmup))
+    if verdicts:
+        print("goals:")
+        for v in verdicts:
+            print("  " + v)
+    if args.record:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
+        header_line = f"{header[0]:<16} {header[1]:>3} {header[2]:>12} {header[3]:>7} {header[4]:>10} {header[5]:>8}"
+        with open(path, "a") as f:
+            f.write(f"\n## train: {device}, {date}, commit {commit}\n\n`python bench.py train {' '.join(argv)}`; "
+                    f"torch {torch.__version__}, CUDA {torch.version.cuda}; {setup}; random tokens, AdamW "
+                    f"(fused), grad clipping, one optimizer step per micro-batch unless --total_batch_size\n\n```\n"
+                    + "\n".join([header_line] + lines) + "\n\ngoals:\n" + "\n".join("  " + v for v in verdicts)
+                    + "\n```\n")
+        print(f"recorded in {path}")
+    return 0
+
+
+def _peak_memory_at(tg, cfg, name, B, T, rt, dtype, warmup):
+    """Peak bytes of configuration `name` at micro-batch B (a short run), or None where it does not fit."""
+    import torch
+    kernels, _, flag = name.partition("+")
+    cfg.total_batch_size = B * T
+    try:
+        return _time_training(tg, cfg, kernels, flag == "compile", B, 2, max(1, warmup), rt, dtype)[2]
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def _train_goals(results, too_big, memory_at):
+    """The issue's three goals as lines of text, from {name: (B, tokens/s, MFU, bytes)}; memory_at(name, B)
+    measures a torch configuration's peak at a cuda configuration's micro-batch when it ran at another."""
+    torch_runs = {n: r for n, r in results.items() if n.startswith("torch")}
+    cuda_runs = {n: r for n, r in results.items() if n.startswith("cuda")}
+    if not torch_runs or not cuda_runs:
+        return []
+    best_torch = max(torch_runs, key=lambda n: torch_runs[n][1])
+    best_cuda = max(cuda_runs, key=lambda n: cuda_runs[n][1])
+    speedup = cuda_runs[best_cuda][1] / torch_runs[best_torch][1]
+    verdicts = [f"{best_cuda} {speedup:.2f}x the tokens/s of {best_torch} (>= 1.10x): {'yes' if speedup >= 1.1 else 'NO'}"]
+    mfu = cuda_runs[best_cuda][2]
+    verdicts.append(f"{best_cuda} MFU {100 * mfu:.1f}% (>= 45%): {'yes' if mfu >= 0.45 else 'NO'}" if mfu else
+                    f"{best_cuda} MFU: unknown peak for this device")
+    for name, (B, _, _, memory) in cuda_runs.items():
+        twin = "torch" + name[len("cuda"):]
+        if twin in torch_runs and torch_runs[twin][0] == B:
+            ref = torch_runs[twin][3]
+        elif twin in too_big and too_big[twin] <= B:
+            verdicts.append(f"{name} peak memory at B={B}: {twin} does not fit B={too_big[twin]}: yes")
+            continue
+        else:
+            ref = memory_at(twin, B)
+            if ref is None:
+                verdicts.append(f"{name} peak memory at B={B}: {twin} does not fit it: yes")
+                continue
+        if memory is None or ref is None:
+            continue
+        verdicts.append(f"{name} peak memory {memory / 2**30:.2f} GiB < {twin} {ref / 2**30:.2f} GiB at B={B}: "
+                        f"{'yes' if memory < ref else 'NO'}")
+    return verdicts
 
 
 # -----------------------------------------------------------------------------
@@ -787,6 +876,88 @@ def bench_kernels(argv):
                     f"`python bench.py kernels {' '.join(argv)}`; torch {torch.__version__}, "
                     f"CUDA {torch.version.cuda}; {setup}\n\n```\n" + "\n".join(lines) + "\n\ngoals (arcana v1):\n" +
                     "\n".join("  " + v for v in verdicts) + "\n```\n")
+        print(f"recorded in {path}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# cross_entropy: the fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu) on one chunk of the loss
+
+@suite("cross_entropy", "the fused cross-entropy kernel vs PyTorch eager and torch.compile, GB/s vs copy (GPU)")
+def bench_cross_entropy(argv):
+    """Median time (CUDA events, L2 flushed before each run) of torch.ops.arcana.cross_entropy_fwd_bwd on one
+    chunk of the chunked lm_head loss (8192 x 50304 logits by default, every 8th row ignored), each variant, and
+    of the PyTorch code it replaces (train_gpt.cross_entropy_rows), eager and compiled. GB/s counts one read of
+    the logits and one write of dlogits, the least any implementation moves, against the device's copy
+    bandwidth. Variant 1 keeps each row in shared memory between its two sweeps where two rows fit an SM,
+    variant 2 re-reads it from L2: their ratio says whether the L2 re-read costs device-memory traffic here."""
+    import argparse
+    import datetime
+    import os
+
+    import torch
+    import train_gpt as tg
+    parser = argparse.ArgumentParser(prog="bench.py cross_entropy", description=bench_cross_entropy.__doc__)
+    parser.add_argument("--rows", type=int, default=8192, help="rows per call (lm_head_loss_op's chunk_rows)")
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--variants", default="1,2,0", help="arcana variants to time: 1 fast, 2 fast re-reading "
+                                                            "rows from L2, 0 plain")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row")
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("cross_entropy: needs a CUDA GPU; skipped")
+        return 0
+    if not tg.load_kernels():
+        print(f"cross_entropy: the arcana_kernels extension is not built ({tg.KERNELS['error']}); run "
+              f"`python setup.py build_ext --inplace` first")
+        return 1
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    logits = (torch.randn(args.rows, args.vocab, device="cuda") * 2).to(dtype)
+    targets = torch.randint(0, args.vocab, (args.rows,), device="cuda")
+    targets[::8] = -1
+    grad_scale = 1.0 / int((targets != -1).sum())
+    flush = gpu_flush_buffer()
+    ceiling = gpu_copy_bandwidth(flush, reps=args.reps)
+    nbytes = 2 * logits.numel() * logits.element_size()
+    device = torch.cuda.get_device_name()
+    setup = (f"{args.rows} x {args.vocab} {args.dtype} logits, grad_scale 1/{int((targets != -1).sum())}; median "
+             f"of {args.reps} runs, L2 flushed before each; copy bandwidth {ceiling:.0f} GB/s")
+    print(f"device {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(setup)
+    times = {}
+    for v in [int(v) for v in args.variants.split(",") if v]:
+        times[f"arcana v{v}"] = gpu_median_ms(
+            lambda: torch.ops.arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, v), flush, args.reps,
+            args.warmup)
+    times["eager"] = gpu_median_ms(lambda: tg.cross_entropy_rows(logits, targets, grad_scale, True), flush,
+                                   args.reps, args.warmup)
+    if args.compile:
+        compiled = torch.compile(tg.cross_entropy_rows)
+        try:
+            times["compile"] = gpu_median_ms(lambda: compiled(logits, targets, grad_scale, True), flush, args.reps,
+                                             args.warmup)
+        except Exception as e:  # an Inductor failure costs the row, not the run
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    rows = []
+    for impl, ms in times.items():
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append([impl, f"{ms * 1e3:.0f}", f"{gbs:.0f}", f"{100 * gbs / ceiling:.0f}%",
+                     f"{times['eager'] / ms:.2f}x", f"{times['compile'] / ms:.2f}x" if "compile" in times else "-"])
+    print()
+    lines = print_table(["cross_entropy", "us", "GB/s", "of copy", "vs eager", "vs compile"], rows)
+    if args.record:
+        commit = (tg.git_commit() or "unknown")[:12]
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n## cross_entropy: {device}, {datetime.date.today().isoformat()}, commit {commit}\n\n"
+                    f"`python bench.py cross_entropy {' '.join(argv)}`; torch {torch.__version__}, CUDA "
+                    f"{torch.version.cuda}; {setup}\n\n```\n" + "\n".join(lines) + "\n```\n")
         print(f"recorded in {path}")
     return 0
 

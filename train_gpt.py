@@ -270,7 +270,12 @@ class CudaOps(TorchOps):
 
     def lm_head_loss(self, h, weight, targets):
         """The loss without the full logits tensor (chunked, the softmax/cross-entropy/dlogits part in one
-        kernel pass); no logits are returned."""
+        kernel pass); no logits are returned. float16 runs keep the PyTorch path: their GradScaler factor
+        reaches the loss only in the backward, after the chunked path has stored dlogits (softmax / tokens,
+        down to 1e-10) in float16, where they would flush to zero."""
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        if dtype == torch.float16:
+            return super().lm_head_loss(h, weight, targets)
         return None, chunked_lm_head_loss(h, weight, targets, use_kernel=True)
 
 
@@ -288,6 +293,7 @@ def load_kernels():
         else:
             register_norm_gelu_ops()
             register_attention_ops()
+            register_cross_entropy_ops()
             KERNELS["loaded"] = True
     return KERNELS["loaded"]
 
@@ -400,6 +406,16 @@ def register_attention_ops():
     torch.library.register_autograd("arcana::attention_fwd", backward, setup_context=setup_context)
 
 
+def register_cross_entropy_ops():
+    """The Python half of torch.ops.arcana.cross_entropy_fwd_bwd (csrc/cross_entropy.cu): its fake
+    implementation, so torch.compile and opcheck see its shapes. No autograd: it already computes the gradient
+    it is used for, inside arcana::lm_head_loss, whose autograd is registered below."""
+    @torch.library.register_fake("arcana::cross_entropy_fwd_bwd")
+    def _(logits, targets, grad_scale, compute_grad, variant=1):
+        losses = logits.new_empty(logits.shape[:1], dtype=torch.float32)  # (rows,)
+        return losses, logits.new_empty(logits.shape if compute_grad else (0,))  # dlogits (rows, V), or (0,)
+
+
 def select_ops(kernels, device_type):
     """--kernels auto|cuda|torch on this device -> the ops object the model calls."""
     if kernels == "torch":
@@ -435,6 +451,9 @@ def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
     return losses, grad.to(logits.dtype)
 
 
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=torch.float32) (CUDA)
+
+
 @torch.library.custom_op("arcana::lm_head_loss", mutates_args=())
 def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                     compute_grad: bool, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -454,10 +473,15 @@ def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
             losses, dlogits = torch.ops.arcana.cross_entropy_fwd_bwd(logits, tc, grad_scale, compute_grad)
         else:
             losses, dlogits = cross_entropy_rows(logits, tc, grad_scale, compute_grad)
+        del logits  # its memory serves the next chunk's logits
         loss += losses.sum(dtype=torch.float64)
         if compute_grad:
-            dh[start:start + chunk_rows] = dlogits @ weight
-            dweight += (dlogits.t() @ hc).float()
+            torch.mm(dlogits, weight, out=dh[start:start + chunk_rows])  # written in place, no temporary
+            if MM_OUT_DTYPE and dlogits.is_cuda and dlogits.dtype in (torch.bfloat16, torch.float16):
+                # cuBLAS writes the fp32 product directly: no (vocab, C) bf16 temporary, rounding and copy
+                dweight += torch.mm(dlogits.t(), hc, out_dtype=torch.float32)
+            else:
+                dweight += (dlogits.t() @ hc).float()
     loss = (loss / count).float()  # F.cross_entropy's mean (NaN when no target counts, as there)
     return loss, dh.view_as(h) if compute_grad else dh, dweight
 
@@ -1197,8 +1221,12 @@ def train(cfg):
         if ckpt.get("world_size", rt.world_size) != rt.world_size:
             print(f"warning: {resume_path} was written by {ckpt['world_size']} processes, this run has "
                   f"{rt.world_size}: the data order from here on differs from the original run", file=sys.stderr)
+    # gradient_as_bucket_view: after the all-reduce, .grad is a view into DDP's bucket instead of a copy of it:
+    # one gradient-sized copy per step and one gradient-sized buffer fewer. Safe with this loop: grads are set
+    # to None (never detach_()ed), the no_sync micro-steps accumulate into fresh tensors that the synchronized
+    # one copies into the bucket, and clipping and the fused AdamW only read or scale .grad in place.
     ddp_model = DDP(raw_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-                    broadcast_buffers=False) if rt.ddp else None
+                    broadcast_buffers=False, gradient_as_bucket_view=True) if rt.ddp else None
     model = ddp_model or raw_model
     if cfg.compile:
         model = torch.compile(model)  # compiling the DDP wrapper lets it overlap gradient sync with backward

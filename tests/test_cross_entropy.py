@@ -1,0 +1,569 @@
+"""The fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu, torch.ops.arcana.cross_entropy_fwd_bwd)
+and the chunked lm_head loss that calls it (train_gpt.py lm_head_loss_op, CudaOps.lm_head_loss).
+
+Three parts:
+- CPU: the schema, the fake implementation (meta and fake tensors, torch.compile), the clear error for CPU
+  tensors. Needs the built extension: skipped without it, failed without it when ARCANA_REQUIRE_KERNELS=1 (CI).
+- CPU emulation: tests/cross_entropy_emu.cpp compiles the kernels and the launcher for the CPU (threads as OS
+  threads, shuffles and barriers emulated) and runs every variant, both vector widths and both places the row
+  is kept between the sweeps, on small shapes; needs only g++ and the CUDA headers.
+- GPU (marker cuda): every variant against a float64 reference for fp32/bf16/fp16 at V = 50304, 50257, 1000, 7
+  and 1, 7, 4097 rows with -1 targets mixed in and the outputs poisoned with NaN; out-of-range targets,
+  misaligned rows, input checks, determinism, opcheck; the chunked loss against F.cross_entropy on the full
+  logits; a model step with the kernel against TorchOps; the peak memory of a d12-sized loss; and the loss
+  curve of a 200-step d12 run with --kernels cuda against --kernels torch. A table of the worst errors is
+  printed at the end.
+
+Tolerances: losses (fp32 whatever the input dtype) and fp32 dlogits within 1e-5 of the largest reference value;
+bf16/fp16 dlogits within twice the error of cross_entropy_rows (PyTorch's fp32 softmax rounded once to 16
+bits, the path the kernel replaces), against the same float64 reference.
+"""
+
+import ctypes
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from train_gpt import CudaOps, TorchOps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, float grad_scale, bool compute_grad, "
+          "int variant=1) -> (Tensor losses, Tensor dlogits)")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def short(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@pytest.fixture(scope="module")
+def arcana():
+    """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
+    if not train_gpt.load_kernels():
+        reason = (f"the arcana_kernels extension is not built ({train_gpt.KERNELS['error']}); "
+                  f"build it with `python setup.py build_ext --inplace`")
+        if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
+            pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
+        pytest.skip(reason)
+    return torch.ops.arcana
+
+
+def reference(logits, targets, grad_scale):
+    """(losses, dlogits) in float64 from the logits as given (16-bit values upcast exactly)."""
+    x = logits.double()
+    valid = targets != -1
+    safe = targets.clamp(min=0)
+    lse = torch.logsumexp(x, dim=-1)
+    losses = torch.where(valid, lse - x.gather(1, safe[:, None])[:, 0], 0.0)
+    grad = torch.softmax(x, dim=-1)
+    grad[torch.arange(len(targets), device=x.device), safe] -= 1.0
+    grad *= (valid.double() * grad_scale)[:, None]
+    return losses, grad
+
+
+def random_case(n, V, dtype, device, seed):
+    """Peaked logits like a trained model's (a few large, most small), targets with every 5th row -1 and the
+    rest drawn half from the likely tokens; grad_scale as the chunked loss passes it (1 / counted rows)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(n, V, generator=gen) * 2.0
+    hot = torch.randint(0, V, (n, 4), generator=gen)
+    logits.scatter_add_(1, hot, torch.full((n, 4), 8.0))
+    targets = torch.randint(0, V, (n,), generator=gen)
+    likely = torch.rand(n, generator=gen) < 0.5
+    targets = torch.where(likely, hot[:, 0], targets)
+    targets[::5] = -1
+    grad_scale = 1.0 / max(int((targets != -1).sum()), 1)
+    return logits.to(dtype).to(device), targets.to(device), grad_scale
+
+
+# -----------------------------------------------------------------------------
+# without a GPU
+
+def test_schema(arcana):
+    assert str(arcana.cross_entropy_fwd_bwd.default._schema) == SCHEMA
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+def test_fake_shapes_on_meta(arcana, dtype):
+    logits = torch.empty(6, 50304, device="meta", dtype=dtype)
+    targets = torch.empty(6, device="meta", dtype=torch.long)
+    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, 0.5, True)
+    assert (losses.shape, losses.dtype) == ((6,), torch.float32)
+    assert (dlogits.shape, dlogits.dtype, dlogits.is_contiguous()) == ((6, 50304), dtype, True)
+    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, 0.5, False, 0)
+    assert (losses.shape, dlogits.shape, dlogits.dtype) == ((6,), (0,), dtype)
+
+
+def test_fake_in_fake_tensor_mode_and_compile(arcana):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        losses, dlogits = arcana.cross_entropy_fwd_bwd(torch.empty(3, 7, dtype=torch.bfloat16),
+                                                       torch.empty(3, dtype=torch.long), 1.0, True, 2)
+    assert (losses.shape, dlogits.shape, dlogits.dtype) == ((3,), (3, 7), torch.bfloat16)
+
+    def loss_and_grad(logits, targets):
+        losses, dlogits = torch.ops.arcana.cross_entropy_fwd_bwd(logits, targets, 0.25, True)
+        return losses.sum(), dlogits * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_and_grad, backend="aot_eager", fullgraph=True)
+    loss, d = compiled(torch.empty(5, 11, device="meta"), torch.empty(5, device="meta", dtype=torch.long))
+    assert (loss.shape, d.shape) == ((), (5, 11))
+
+
+def test_cpu_tensors_get_the_clear_error(arcana):
+    with pytest.raises(RuntimeError, match=r"arcana::cross_entropy_fwd_bwd: logits must be a CUDA tensor, got cpu; "
+                                           r"move it with \.cuda\(\) or use --kernels torch"):
+        arcana.cross_entropy_fwd_bwd(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), 1.0, True)
+
+
+def test_cuda_ops_loss_paths(monkeypatch):
+    """CudaOps.lm_head_loss: the chunked kernel path, without logits, for bf16 and fp32; the full-logits PyTorch
+    path for fp16, whose GradScaler factor comes too late for dlogits stored in fp16. (The chunked call is
+    replaced here: only the choice is tested.)"""
+    calls = []
+    monkeypatch.setattr(train_gpt, "chunked_lm_head_loss",
+                        lambda h, weight, targets, use_kernel=False: calls.append((h.dtype, use_kernel)) or 0.0)
+    h, weight = torch.randn(2, 8, 16), torch.randn(100, 16)
+    targets = torch.randint(0, 100, (2, 8))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert CudaOps().lm_head_loss(h.to(dtype), weight.to(dtype), targets) == (None, 0.0)
+    assert calls == [(torch.float32, True), (torch.bfloat16, True)]
+    logits, loss = CudaOps().lm_head_loss(h.half(), weight.half(), targets)
+    assert logits.shape == (2, 8, 100) and torch.isfinite(loss) and len(calls) == 2
+
+
+# -----------------------------------------------------------------------------
+# CPU emulation of the kernels
+
+def cuda_include_dir():
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_bf16.h")):
+            return os.path.join(home, "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
+        if os.path.isfile(os.path.join(inc, "cuda_bf16.h")):
+            return inc
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """tests/cross_entropy_emu.cpp built with g++ into a shared library, loaded with ctypes."""
+    cxx, inc = shutil.which("g++"), cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
+    lib_path = str(tmp_path_factory.mktemp("emu") / "cross_entropy_emu.so")
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
+           os.path.join(ROOT, "tests", "cross_entropy_emu.cpp"), "-o", lib_path]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    lib = ctypes.CDLL(lib_path)
+    P, I, L, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.emu_cross_entropy.argtypes = [I, I, I, I, P, P, P, P, L, I, Fl]
+    lib.emu_cross_entropy.restype = I
+    return lib
+
+
+GUARD = 64  # elements after dlogits that must stay untouched
+
+
+def emu_run(lib, logits, targets, grad_scale, compute_grad, variant, row_fits, offset=0):
+    """The launcher on the CPU: (losses, dlogits or None). offset > 0 shifts the logits by that many elements
+    from a 16-byte boundary (the launcher then takes the scalar path, as it would on the GPU)."""
+    n, V = logits.shape
+    store = torch.empty(n * V + offset, dtype=logits.dtype)
+    x = store[offset:].view(n, V)
+    x.copy_(logits)
+    vec = V % (16 // logits.element_size()) == 0 and x.data_ptr() % 16 == 0
+    losses = torch.full((n,), float("nan"))
+    out = torch.full((n * V + GUARD,), float("nan"), dtype=logits.dtype)
+    out[n * V:] = 3.0
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[logits.dtype]
+    rc = lib.emu_cross_entropy(code, variant, int(vec), int(row_fits), x.data_ptr(), targets.data_ptr(),
+                               losses.data_ptr(), out.data_ptr() if compute_grad else None, n, V, grad_scale)
+    assert rc == 0
+    assert (out[n * V:] == 3.0).all(), "the kernel wrote past the end of dlogits"
+    if not compute_grad:
+        assert out[:n * V].isnan().all(), "dlogits written without compute_grad"
+    return losses, out[:n * V].view(n, V) if compute_grad else None
+
+
+# (variant, what variant 1 is told about shared memory): the plain kernel, the fast kernel with the row in
+# shared memory, the fast kernel re-reading it (variant 1 where it does not fit, and variant 2)
+EMU_PATHS = [(0, True), (1, True), (1, False), (2, True)]
+
+
+# small rows in every dtype, GPT-2-sized ones (1024 threads per block) in fp32 and bf16 (emulation time)
+EMU_CASES = [(n, V, dtype) for n, V in [(3, 7), (6, 1000), (2, 4100)] for dtype in DTYPES] + \
+    [(n, V, dtype) for n, V in [(3, 50257), (2, 50304)] for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("n,V,dtype", EMU_CASES, ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v))
+def test_emulated_kernels_match_reference(emu, n, V, dtype):
+    seed = n * 100003 + V
+    logits, targets, grad_scale = random_case(n, V, dtype, "cpu", seed)
+    ref_losses, ref_grad = reference(logits, targets, grad_scale)
+    torch_losses, torch_grad = train_gpt.cross_entropy_rows(logits, targets, grad_scale, True)
+    grad_tol = max(2 * (torch_grad.double() - ref_grad).abs().max().item(), 1e-5 * ref_grad.abs().max().item())
+    for variant, fits in EMU_PATHS:
+        losses, grad = emu_run(emu, logits, targets, grad_scale, True, variant, fits)
+        what = f"variant {variant} (row in shared memory: {fits and variant == 1}), seed {seed}"
+        assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), f"unwritten outputs, {what}"
+        assert (losses[targets == -1] == 0).all() and (grad[targets == -1] == 0).all(), what
+        loss_err = (losses.double() - ref_losses).abs().max().item()
+        assert loss_err <= 1e-5 * ref_losses.abs().max().item(), f"loss error {loss_err:.3e}, {what}"
+        grad_err = (grad.double() - ref_grad).abs().max().item()
+        assert grad_err <= grad_tol, f"dlogits error {grad_err:.3e} > {grad_tol:.3e}, {what}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=short)
+def test_emulated_misaligned_rows_and_no_grad(emu, dtype):
+    """Rows that start off a 16-byte boundary take the scalar path; compute_grad=False writes losses only."""
+    logits, targets, grad_scale = random_case(4, 1024, dtype, "cpu", 7)
+    ref_losses, ref_grad = reference(logits, targets, grad_scale)
+    for variant, fits in EMU_PATHS:
+        losses, grad = emu_run(emu, logits, targets, grad_scale, True, variant, fits, offset=1)
+        assert (losses.double() - ref_losses).abs().max().item() <= 1e-5 * ref_losses.abs().max().item()
+        assert (grad.double() - ref_grad).abs().max().item() <= 1e-2 * grad_scale
+        no_grad_losses, _ = emu_run(emu, logits, targets, grad_scale, False, variant, fits)
+        assert torch.equal(no_grad_losses, losses)  # sweep 1 is the same with or without a gradient
+
+
+def test_emulated_out_of_range_targets(emu):
+    """A target outside [-1, V) gives a NaN loss and NaN dlogits for its row only, and no access outside the
+    buffers; -1 gives 0."""
+    logits, _, _ = random_case(5, 40, torch.float32, "cpu", 3)
+    targets = torch.tensor([3, -2, 40, -1, 10 ** 12])
+    for variant, fits in EMU_PATHS:
+        losses, grad = emu_run(emu, logits, targets, 1.0, True, variant, fits)
+        assert torch.isfinite(losses[0]) and losses[3] == 0 and (grad[3] == 0).all()
+        for row in (1, 2, 4):
+            assert losses[row].isnan() and grad[row].isnan().all(), (variant, row)
+        assert torch.isfinite(grad[0]).all()
+
+
+def test_emulated_extreme_logits(emu):
+    """-inf logits (masked tokens) are ignored; a row of one finite value and -inf elsewhere has loss 0 at that
+    value; NaN in a row makes its loss NaN (as PyTorch)."""
+    V = 64
+    logits = torch.randn(3, V)
+    logits[0, 5:] = -math.inf
+    logits[1, :] = -math.inf
+    logits[1, 9] = 2.5
+    logits[2, 17] = math.nan
+    targets = torch.tensor([2, 9, 0])
+    for variant, fits in EMU_PATHS:
+        losses, grad = emu_run(emu, logits, targets, 1.0, True, variant, fits)
+        ref = torch.logsumexp(logits[0], 0) - logits[0, 2]
+        assert abs(losses[0].item() - ref.item()) < 1e-5 and (grad[0, 5:] == 0).all()
+        assert abs(losses[1].item()) < 1e-6 and abs(grad[1]).max().item() < 1e-6
+        assert losses[2].isnan()
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: the kernel
+
+REPORT = {}  # (dtype, variant, output) -> (ratio to tolerance, shape, error, PyTorch's error, tolerance)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def error_table(request):
+    """Print the worst error of each dtype/variant/output after the GPU tests."""
+    yield
+    if not REPORT:
+        return
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    write = tr.write_line if tr is not None else print
+    write("")
+    write(f"{'cross_entropy':13s} {'dtype':9s} {'var':>3s} {'output':8s} {'worst shape':13s} {'max err':>10s} "
+          f"{'torch err':>10s} {'tolerance':>10s}  result")
+    for (dtype, variant, out), (ratio, shape, err, ref_err, tol) in sorted(REPORT.items()):
+        torch_err = "-" if ref_err is None else f"{ref_err:10.3e}"
+        write(f"{'':13s} {dtype:9s} {variant:3d} {out:8s} {shape:13s} {err:10.3e} {torch_err:>10s} {tol:10.3e}  "
+              f"{'pass' if ratio <= 1 else 'FAIL'}")
+
+
+@pytest.fixture
+def poison(arcana):
+    """Every output starts as NaN, so an element left unwritten fails."""
+    arcana._set_poison(True)
+    yield
+    arcana._set_poison(False)
+
+
+def record(dtype, variant, out, shape, err, ref_err, tol):
+    key = (short(dtype), variant, out)
+    ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
+    if key not in REPORT or ratio > REPORT[key][0]:
+        REPORT[key] = (ratio, "x".join(map(str, shape)), err, ref_err, tol)
+    return ratio <= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("V", [50304, 50257, 1000, 7])
+@pytest.mark.parametrize("n", [1, 7, 4097])
+def test_kernel_matches_reference(arcana, poison, n, V, dtype, variant):
+    seed = random.randrange(2 ** 31)
+    logits, targets, grad_scale = random_case(n, V, dtype, "cuda", seed)
+    ref_losses, ref_grad = reference(logits, targets, grad_scale)
+    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, variant)
+    assert (losses.dtype, losses.shape, grad.dtype, grad.shape) == (torch.float32, (n,), dtype, (n, V))
+    assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), f"unwritten outputs; seed {seed}"
+    loss_err = (losses.double() - ref_losses).abs().max().item()
+    loss_tol = 1e-5 * ref_losses.abs().max().item()
+    assert record(dtype, variant, "losses", (n, V), loss_err, None, loss_tol), \
+        f"loss error {loss_err:.3e} > {loss_tol:.3e}; seed {seed}"
+    grad_err = (grad.double() - ref_grad).abs().max().item()
+    scale = ref_grad.abs().max().item()
+    if dtype == torch.float32:
+        torch_err, grad_tol = None, 1e-5 * scale
+    else:
+        _, torch_grad = train_gpt.cross_entropy_rows(logits, targets, grad_scale, True)
+        torch_err = (torch_grad.double() - ref_grad).abs().max().item()
+        grad_tol = max(2 * torch_err, 1e-5 * scale)
+    assert record(dtype, variant, "dlogits", (n, V), grad_err, torch_err, grad_tol), \
+        f"dlogits error {grad_err:.3e} > {grad_tol:.3e} (PyTorch's own: {torch_err}); seed {seed}"
+    # without the gradient: the same losses, an empty dlogits
+    no_grad_losses, empty = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, False, variant)
+    assert empty.shape == (0,) and empty.dtype == dtype
+    torch.testing.assert_close(no_grad_losses, losses, rtol=1e-6, atol=0)  # same sweep 1, without the row copy
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_out_of_range_targets_and_misaligned_rows(arcana, poison, variant):
+    V = 50304
+    base = torch.randn(6 * V + 1, device="cuda", dtype=torch.bfloat16)
+    logits = base[1:].view(6, V)  # contiguous, 2 bytes off a 16-byte boundary: the scalar path
+    targets = torch.tensor([5, -2, V, -1, 2 ** 40, 77], device="cuda")
+    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, 0.5, True, variant)
+    torch.cuda.synchronize()  # an out-of-bounds access would surface here
+    for row in (1, 2, 4):
+        assert losses[row].isnan() and grad[row].isnan().all()
+    assert losses[3] == 0 and (grad[3] == 0).all()
+    good = torch.tensor([0, 5], device="cuda")
+    ref_losses, ref_grad = reference(logits[[0, 5]], targets[[0, 5]], 0.5)
+    assert (losses[good].double() - ref_losses).abs().max().item() < 1e-4
+    assert (grad[good].double() - ref_grad).abs().max().item() < 4e-3
+
+
+@pytest.mark.cuda
+def test_bad_inputs_get_clear_errors(arcana):
+    x = torch.randn(8, 64, device="cuda")
+    t = torch.zeros(8, dtype=torch.long, device="cuda")
+    op = arcana.cross_entropy_fwd_bwd
+    cases = [
+        (lambda: op(x.double(), t, 1.0, True), r"logits has dtype Double; expected float32, bfloat16 or float16"),
+        (lambda: op(x.view(2, 4, 64), t, 1.0, True), r"logits must be 2-D \(rows, vocab\), got shape \[2, 4, 64\]"),
+        (lambda: op(x.t(), t, 1.0, True), r"logits must be contiguous"),
+        (lambda: op(x, t.int(), 1.0, True), r"targets has dtype Int, expected Long"),
+        (lambda: op(x, t[:4], 1.0, True), r"targets must have shape \(8,\), one per row of logits, got \[4\]"),
+        (lambda: op(x, t.cpu(), 1.0, True), r"targets must be a CUDA tensor, got cpu"),
+        (lambda: op(x, t, float("inf"), True), r"grad_scale must be finite"),
+        (lambda: op(x, t, 1.0, True, 3), r"variant must be 0 \(plain kernel\), 1 \(fast kernel\) or 2"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    losses, grad = op(x[:0], t[:0], 1.0, True)
+    assert losses.shape == (0,) and grad.shape == (0, 64)
+
+
+@pytest.mark.cuda
+def test_deterministic(arcana):
+    logits, targets, grad_scale = random_case(512, 50304, torch.bfloat16, "cuda", 1)
+    for variant in (1, 2):
+        first = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, variant)
+        second = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, variant)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_opcheck(arcana, variant):
+    for dtype in DTYPES:
+        logits, targets, grad_scale = random_case(7, 1000, dtype, "cuda", 5)
+        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, True, variant))
+        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, False, variant))
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: the chunked loss and the model
+
+def lm_head_case(rows, C, V, seed, dtype=torch.float32):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    h = torch.randn(rows // 64, 64, C, generator=gen).to("cuda", dtype).requires_grad_()
+    weight = (torch.randn(V, C, generator=gen) * 0.05).to("cuda", dtype).requires_grad_()
+    targets = torch.randint(0, V, (rows // 64, 64), generator=gen)
+    targets[0, :13] = -1
+    targets[-1, -5:] = -1
+    return h, weight, targets.cuda()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.cuda
+def test_chunked_loss_with_kernel_equals_cross_entropy(arcana):
+    """fp32: loss and gradients as F.cross_entropy on the full logits, to fp32 rounding. bf16 under autocast:
+    as the TorchOps path (full bf16 logits, F.cross_entropy on their float32 copy), to bf16 rounding."""
+    h, weight, targets = lm_head_case(4096, 256, 50304, 0)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: both sides in full fp32
+    try:
+        expected = F.cross_entropy((h @ weight.t()).view(-1, 50304), targets.view(-1), ignore_index=-1)
+        eh, ew = torch.autograd.grad(expected, (h, weight))
+        loss = train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=1500, use_kernel=True)
+        gh, gw = torch.autograd.grad(loss, (h, weight))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    assert rel_err(gh, eh) < 1e-5 and rel_err(gw, ew) < 1e-5
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, expected = TorchOps().lm_head_loss(h, weight, targets)
+        _, loss = CudaOps().lm_head_loss(h, weight, targets)
+    eh, ew = torch.autograd.grad(expected, (h, weight))
+    gh, gw = torch.autograd.grad(loss, (h, weight))
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) <= 2e-3 * expected.item()
+    assert rel_err(gh, eh) < 2e-2 and rel_err(gw, ew) < 2e-2
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # evaluation: no gradient work
+        assert abs(CudaOps().lm_head_loss(h, weight, targets)[1].item() - loss.item()) < 1e-6 * loss.item()
+
+
+class LossOps(TorchOps):
+    """TorchOps with only the loss from CudaOps: isolates the chunked kernel path in a model."""
+    lm_head_loss = CudaOps.lm_head_loss
+
+
+def grads_close(model_a, model_b, rtol):
+    for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert rel_err(pa.grad, pb.grad) <= rtol, f"{name}: gradient differs"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compile"])
+def test_model_step_matches_torch_ops(arcana, compile_model):
+    """A GPT forward and backward under bf16 autocast with the chunked kernel loss (eager, and compiled with
+    fullgraph=True) against TorchOps with the same weights: same loss and gradients to bf16 rounding."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mc = train_gpt.GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=4, n_embd=256)
+    ref = train_gpt.GPT(mc, TorchOps()).cuda()
+    model = train_gpt.GPT(mc, LossOps()).cuda()
+    model.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50257, (8, 128), device="cuda")
+    targets = torch.randint(0, 50257, (8, 128), device="cuda")
+    targets[0, :10] = -1
+    run = torch.compile(model, fullgraph=True) if compile_model else model
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, loss = run(idx, targets)
+        _, loss_ref = ref(idx, targets)
+    assert logits is None
+    loss.backward()
+    loss_ref.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 2e-3 * loss_ref.item()
+    grads_close(model, ref, rtol=3e-2)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, _ = model(idx)  # without targets: the logits, for sampling and HellaSwag
+    assert logits.shape == (8, 128, 50304)
+
+
+@pytest.mark.cuda
+def test_peak_memory_below_full_logits(arcana):
+    """The d12 lm_head loss at B*T = 16384 rows (C = 768, V = 50304, bf16 autocast), forward and backward: the
+    chunked kernel path peaks far below the full-logits PyTorch path (2 x 824 MB chunks against 1.65 GB of bf16
+    logits plus their fp32 copies)."""
+    h, weight, targets = lm_head_case(16384, 768, 50304, 1)
+
+    def peak(ops):
+        h.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = ops.lm_head_loss(h, weight, targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    chunked, full = peak(CudaOps()), peak(TorchOps())
+    print(f"\nlm_head loss peak memory at 16384 x 50304: chunked kernel {chunked / 2**30:.2f} GiB, "
+          f"full logits {full / 2**30:.2f} GiB")
+    assert chunked < 0.5 * full, (chunked, full)
+
+
+def write_shards(folder, seed):
+    """A learnable token stream: a fixed random sequence of 997 tokens repeated, 5% of them replaced."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    period = rng.integers(0, 50257, size=997)
+    for name, n in (("x_train_000001.npy", 300_000), ("x_val_000000.npy", 20_000)):
+        tokens = np.resize(period, n)
+        noise = rng.random(n) < 0.05
+        tokens[noise] = rng.integers(0, 50257, size=noise.sum())
+        np.save(os.path.join(folder, name), tokens.astype(np.uint16))
+
+
+def train_losses(data_dir, log_dir, kernels, dtype="bfloat16", steps=200):
+    cmd = [sys.executable, "train_gpt.py", "--model", "d12", "--kernels", kernels, "--dtype", dtype,
+           "--device", "cuda", "--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", str(steps),
+           "--warmup_steps", "20", "--batch_size", "8", "--block_size", "256", "--total_batch_size", "2048",
+           "--val_every", "0", "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    with open(os.path.join(log_dir, "run.json")) as f:
+        assert json.load(f)["kernels"] == kernels
+    losses = {}
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for line in f:
+            step, stream, value = line.split()
+            if stream == "train":
+                losses[int(step)] = float(value)
+    return [losses[s] for s in sorted(losses)]
+
+
+def smooth(values, k=10):
+    """Trailing mean over k steps (the per-step loss of a 2048-token batch is itself noisy)."""
+    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+@pytest.mark.cuda
+def test_200_step_loss_curve_matches_torch(arcana, tmp_path):
+    """The issue's end-to-end check: 200 steps of d12 (T = 256, 2048 tokens per step) with --kernels cuda follow
+    --kernels torch within bf16 noise. The noise is measured, not assumed: the distance between the bf16 and the
+    float32 runs of the PyTorch path, both smoothed over 10 steps. The kernels' curve must stay within twice
+    that distance of the bf16 PyTorch curve (plus 0.01 on average, 0.05 at worst, for curves that happen to
+    agree closely), and the loss must fall."""
+    data = str(tmp_path / "data")
+    write_shards(data, 0)
+    cuda = train_losses(data, str(tmp_path / "cuda"), "cuda")
+    ref = train_losses(data, str(tmp_path / "torch"), "torch")
+    fp32 = train_losses(data, str(tmp_path / "fp32"), "torch", dtype="float32")
+    assert len(cuda) == len(ref) == len(fp32) == 200
+    d_cuda = [abs(a - b) for a, b in zip(smooth(cuda), smooth(ref))]
+    d_noise = [abs(a - b) for a, b in zip(smooth(fp32), smooth(ref))]
+    mean_cuda, mean_noise = sum(d_cuda) / 200, sum(d_noise) / 200
+    print(f"\n200-step d12 loss: torch bf16 {ref[0]:.3f} -> {ref[-1]:.3f}, cuda {cuda[0]:.3f} -> {cuda[-1]:.3f}, "
+          f"torch fp32 -> {fp32[-1]:.3f}; |cuda - torch| mean {mean_cuda:.4f} max {max(d_cuda):.4f}, "
+          f"|fp32 - bf16| mean {mean_noise:.4f} max {max(d_noise):.4f} (10-step means)")
+    assert mean_cuda <= 2 * mean_noise + 0.01 and max(d_cuda) <= 2 * max(d_noise) + 0.05, \
+        f"loss curves differ beyond bf16 noise:\ncuda  {cuda}\ntorch {ref}\nfp32  {fp32}"
+    assert ref[-1] < ref[0] - 2.0, f"the loss did not go down: {ref}"
