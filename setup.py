@@ -39,7 +39,7 @@ def find_cuda_home():
     """The CUDA toolkit directory, or None when there is no nvcc."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
-            return os.environ[var]
+            return os.environ[var] if is_toolkit(os.environ[var]) else None
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -62,8 +62,10 @@ def extension():
     """setup() arguments for the extension, or none where it cannot be built."""
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        return skip("no CUDA toolkit found (no nvcc on PATH, no /usr/local/cuda); install the CUDA toolkit or "
-                    "set CUDA_HOME")
+        where = next((f"{var}={os.environ[var]} holds no bin/nvcc and include/cuda_runtime.h"
+                      for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)),
+                     "no nvcc on PATH and no /usr/local/cuda")
+        return skip(f"no CUDA toolkit found ({where}); install the CUDA toolkit or point CUDA_HOME at it")
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
         import torch

@@ -174,6 +174,18 @@ def test_kernels_cuda_is_refused_on_cpu():
     assert isinstance(train_gpt.select_ops("auto", "cpu"), train_gpt.TorchOps)
 
 
+def test_setup_without_a_toolkit_skips_or_fails_when_required():
+    """No CUDA toolkit: setup.py builds nothing, says why and exits 0; ARCANA_REQUIRE_KERNELS=1 makes it fail."""
+    env = dict(os.environ, CUDA_HOME=os.path.join(ROOT, "no-such-toolkit"))
+    env.pop("ARCANA_REQUIRE_KERNELS", None)
+    cmd = [sys.executable, "setup.py", "--version"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "notice: not building the arcana_kernels CUDA extension" in res.stderr
+    assert "no-such-toolkit holds no bin/nvcc" in res.stderr
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(env, ARCANA_REQUIRE_KERNELS="1"), capture_output=True, text=True)
+    assert res.returncode != 0 and "error: cannot build arcana_kernels" in res.stderr
+
+
 # -----------------------------------------------------------------------------
 # without a GPU: the kernels themselves, under a CPU emulation (tests/norm_gelu_emu.cpp)
 
