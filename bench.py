@@ -99,7 +99,8 @@ def bench_tokenize(argv):
                         help="MB of text to tokenize, the input repeated as needed (default: 32, or 8 per "
                              "process when more, so that every worker gets several of prepare.py's ~2 MB tasks)")
     parser.add_argument("--num_proc", type=int, nargs="+", default=None,
-                        help="worker process counts to measure (default: 1 and prepare.py's default, all cores but one)")
+                        help="worker process counts to measure (default: 1 and prepare.py's default, all cores "
+                             "but one)")
     parser.add_argument("--shard_size", type=prepare._count, default=1_000_000,
                         help="tokens per shard, small enough that the writer writes several")
     parser.add_argument("--repeat", type=int, default=3,
@@ -190,7 +191,8 @@ def bench_tokenize(argv):
         with open(path, "a") as f:
             f.write(f"\n## tokenize: {platform.processor() or platform.machine()}, {cores} cores, "
                     f"{datetime.date.today().isoformat()}, commit {commit}\n\n"
-                    f"`python bench.py tokenize {' '.join(argv)}`; tiktoken {_version('tiktoken')}, python {platform.python_version()}; {setup}. Ceiling: processes x "
+                    f"`python bench.py tokenize {' '.join(argv)}`; tiktoken {_version('tiktoken')}, "
+                    f"python {platform.python_version()}; {setup}. Ceiling: processes x "
                     f"single-process tiktoken encode_ordinary on the same documents.\n\n```\n" + "\n".join(lines) +
                     "\n\ngoals:\n" + "\n".join("  " + v for v in verdicts) + "\n```\n")
         print(f"recorded in {path}")
