@@ -72,18 +72,18 @@ def reference(logits, targets, grad_scale):
 
 
 def random_case(n, V, dtype, device, seed):
-    """Peaked logits like a trained model's (a few large, most small), targets with every 5th row -1 and the
-    rest drawn half from the likely tokens; grad_scale as the chunked loss passes it (1 / counted rows)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits = torch.randn(n, V, generator=gen) * 2.0
-    hot = torch.randint(0, V, (n, 4), generator=gen)
-    logits.scatter_add_(1, hot, torch.full((n, 4), 8.0))
-    targets = torch.randint(0, V, (n,), generator=gen)
-    likely = torch.rand(n, generator=gen) < 0.5
+    """Peaked logits like a trained model's (a few large, most small), targets -1 in rows 1, 6, 11, ... and
+    otherwise drawn half from the likely tokens; grad_scale as the chunked loss passes it (1 / counted rows)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, V, generator=gen, device=device) * 2.0
+    hot = torch.randint(0, V, (n, 4), generator=gen, device=device)
+    logits.scatter_add_(1, hot, torch.full((n, 4), 8.0, device=device))
+    targets = torch.randint(0, V, (n,), generator=gen, device=device)
+    likely = torch.rand(n, generator=gen, device=device) < 0.5
     targets = torch.where(likely, hot[:, 0], targets)
-    targets[::5] = -1
+    targets[1::5] = -1
     grad_scale = 1.0 / max(int((targets != -1).sum()), 1)
-    return logits.to(dtype).to(device), targets.to(device), grad_scale
+    return logits.to(dtype), targets, grad_scale
 
 
 # -----------------------------------------------------------------------------
