@@ -320,11 +320,12 @@ def bench_train(argv):
             try:
                 tok_s, mfu, memory, loss = _time_training(tg, cfg, kernels, flag == "compile", B, args.steps,
                                                           args.warmup, rt, dtype)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                too_big[name] = B
-                continue
-            except (RuntimeError, tg.UserError) as e:
+            except Exception as e:  # torch.compile can wrap an OOM in its own exception types
+                if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                    too_big[name] = B
+                    continue
+                if not isinstance(e, (RuntimeError, tg.UserError)):
+                    raise
                 print(f"{name:<16} failed: {str(e).splitlines()[0]}")
                 break
             results[name] = (B, tok_s, mfu, memory)
@@ -363,9 +364,10 @@ def _peak_memory_at(tg, cfg, name, B, T, rt, dtype, warmup):
     cfg.total_batch_size = B * T
     try:
         return _time_training(tg, cfg, kernels, flag == "compile", B, 2, max(1, warmup), rt, dtype)[2]
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None
+    except Exception as e:
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return None
+        raise
 
 
 def _train_goals(results, too_big, memory_at):
