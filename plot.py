@@ -254,9 +254,11 @@ def format_summary(summaries):
 def smooth(values, window):
     """
     Centred mean over `window` points, cut short where the data ends. Centred, because a trailing
-    mean runs half a window behind a falling loss; cut short, so the line spans every step and its
-    newest point averages what has been logged so far. Non-finite points (a NaN loss) are left out
-    of the mean rather than turning the whole window into NaN.
+    mean runs half a window behind a falling loss. Near the first point the window shrinks to stay
+    centred (point i averages points 0..2i), so the line starts where the loss starts instead of at
+    an average of the steep first steps; near the newest point it is cut short on the right only, so
+    that point averages the last half window logged so far. Non-finite points (a NaN loss) are left
+    out of the mean rather than turning the whole window into NaN.
     """
     values = np.asarray(values, dtype=np.float64)
     if window <= 1 or len(values) == 0:
@@ -265,8 +267,9 @@ def smooth(values, window):
     sums = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
     counts = np.concatenate([[0], np.cumsum(finite)])
     centre = np.arange(len(values))
-    start = np.maximum(centre - window // 2, 0)  # points [start, end) are averaged
-    end = np.minimum(centre - window // 2 + window, len(values))
+    half = np.minimum(window // 2, centre)  # points [start, end) are averaged
+    start = centre - half
+    end = np.minimum(np.where(half < window // 2, 2 * centre + 1, centre - half + window), len(values))
     n = counts[end] - counts[start]
     return np.where(n > 0, (sums[end] - sums[start]) / np.maximum(n, 1), np.nan)
 

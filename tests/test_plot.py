@@ -294,7 +294,9 @@ def test_default_labels_tell_runs_apart(tmp_path):
 
 def test_smooth():
     assert plot.smooth([1, 2, 3, 4, 5], 1).tolist() == [1, 2, 3, 4, 5]
-    assert plot.smooth([1, 2, 3, 4, 5], 3).tolist() == [1.5, 2, 3, 4, 4.5]  # centred, cut short at the ends
+    # centred; at the start the window shrinks to stay centred, at the newest point it is cut short
+    assert plot.smooth([1, 2, 3, 4, 5], 3).tolist() == [1, 2, 3, 4, 4.5]
+    assert plot.smooth([10, 8, 6, 4, 2, 0], 4).tolist() == [10, 8, 7, 5, 3, 2]
     assert plot.smooth([1, float("nan"), 3], 3).tolist() == [1, 2, 3]
 
 
