@@ -927,9 +927,17 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
     return all_reduce_mean(total / micro_batches, rt).item()
 
 
+def gpt2_tokenizer():
+    """prepare.py's GPT-2 tokenizer (offline-capable, built once per process), or a UserError saying why not."""
+    from prepare import TokenizerUnavailable, gpt2_encoding
+    try:
+        return gpt2_encoding()
+    except TokenizerUnavailable as e:
+        raise UserError(str(e)) from None
+
+
 def print_samples(model, prompt, num_samples, length, rt, amp, seed):
-    from prepare import gpt2_encoding
-    enc = gpt2_encoding()
+    enc = gpt2_tokenizer()
     tokens = enc.encode_ordinary(prompt) or [EOT_TOKEN]
     idx = torch.tensor(tokens, dtype=torch.long, device=rt.device).unsqueeze(0).repeat(num_samples, 1)
     generator = torch.Generator(device=rt.device).manual_seed(seed)  # its own stream: training RNG untouched
@@ -1268,6 +1276,14 @@ def train(cfg):
             print(f"HellaSwag data not found in {cfg.hellaswag_dir or hellaswag.DEFAULT_DATA_DIR}: skipping it "
                   f"(run `python hellaswag.py --download` once to fetch it)")
 
+    sample_every = cfg.sample_every
+    if rt.master and sample_every > 0:
+        try:  # sampling is a nicety: without a tokenizer the run goes on, and says so now, not at step 250
+            gpt2_tokenizer()
+        except UserError as e:
+            print(f"warning: {e}; sampling is off for this run", file=sys.stderr)
+            sample_every = 0
+
     peak = peak_flops(rt, dtype)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
     step_times = []
@@ -1295,7 +1311,7 @@ def train(cfg):
                     if rt.master:
                         print(f"step:{step}/{cfg.max_steps} hella_acc_norm:{correct_norm / total:.4f} "
                               f"acc:{correct / total:.4f} ({total} examples)")
-                if rt.master and cfg.sample_every > 0 and step > 0 and due(step, cfg.sample_every, last):
+                if rt.master and sample_every > 0 and step > 0 and due(step, sample_every, last):
                     print_samples(raw_model, "Hello, I'm a language model,", cfg.num_samples, cfg.sample_length,
                                   rt, amp, cfg.seed + step)
             checkpoint_due = step > start_step and (stopping or due(step, cfg.checkpoint_every, last))

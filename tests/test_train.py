@@ -501,6 +501,22 @@ def test_compile_with_eval_and_sampling(data_dir, tmp_path, monkeypatch):
     assert [(s, k) for s, k, _ in log] == [(0, "val"), (0, "train"), (1, "val"), (1, "train"), (2, "val")]
 
 
+def test_missing_tokenizer_turns_sampling_off(data_dir, tmp_path, monkeypatch, capsys):
+    import prepare
+
+    def unavailable():
+        raise prepare.TokenizerUnavailable("cannot load the GPT-2 tokenizer (test)")
+
+    monkeypatch.setattr(prepare, "gpt2_encoding", unavailable)
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "0"]
+    assert train_gpt.main(args + ["--sample_every", "1"]) == 0
+    assert "cannot load the GPT-2 tokenizer (test); sampling is off for this run" in capsys.readouterr().err
+    assert len(read_log(log_dir, "train")) == 2
+    code = train_gpt.main(["--resume", "auto", "--log_dir", log_dir, "--sample", "Hi", "--device", "cpu"])
+    assert code == 2 and "error: cannot load the GPT-2 tokenizer (test)" in capsys.readouterr().err
+
+
 def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     class FakeEncoding:
         def encode_ordinary(self, text):
