@@ -13,81 +13,17 @@
 // the kernel's index arithmetic shows up as a wrong answer here. If this file and the kernel shared a wrong
 // reading of the PTX ISA, attention_selftest on a GPU catches it.
 //
-// Also checked: cp.async copies land only at cp.async.wait (a missing wait reads stale shared memory), shared
-// memory starts as NaN bytes, every shared-memory access of ldmatrix/cp.async is in bounds and aligned, and a
-// collective that not every lane of a warp reaches (or a different one) aborts with a message instead of
-// hanging.
+// Also checked: cp.async copies land only at cp.async.wait (a missing wait reads stale shared memory) and every
+// shared-memory access of ldmatrix/cp.async is in bounds and aligned. The rest of the CUDA execution model
+// (threads, barriers, warp collectives, shared memory that starts as NaN bytes) comes from emu_runtime.h.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "emu_runtime.h"
 
-#include <atomic>
-#include <chrono>
-#include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <type_traits>
-#include <vector>
-
-thread_local uint3 threadIdx, blockIdx;
-thread_local dim3 blockDim, gridDim;
 
 namespace emu {
 
-[[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "attention emulator: %s (block %u,%u thread %u)\n", what, blockIdx.x, blockIdx.y, threadIdx.x);
-  std::fflush(stderr);
-  std::abort();
-}
-
-// A reusable barrier for `count` threads; threads that exit leave it (as exited threads leave __syncthreads).
-class Barrier {
- public:
-  explicit Barrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(m_);
-    const uint64_t gen = gen_;
-    if (++waiting_ == count_) {
-      release();
-      return;
-    }
-    if (!cv_.wait_for(lock, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
-      fail("barrier timeout: some threads never reached this barrier or warp collective");
-    }
-  }
-  void drop() {
-    std::unique_lock<std::mutex> lock(m_);
-    --count_;
-    if (waiting_ > 0 && waiting_ == count_) release();
-  }
-
- private:
-  void release() {
-    waiting_ = 0;
-    ++gen_;
-    cv_.notify_all();
-  }
-  std::mutex m_;
-  std::condition_variable cv_;
-  int count_, waiting_ = 0;
-  uint64_t gen_ = 0;
-};
-
-enum Kind : int { kShfl = 1, kLdsm, kLdsmTrans, kMmaBf16, kMmaF16, kSyncwarp };
-
-struct Warp {
-  explicit Warp(int n) : bar(n) {}
-  Barrier bar;
-  int kind[32];
-  uint64_t slot[32][8];
-};
+enum : int { kLdsm = kFirstEmulatorCollective, kLdsmTrans, kMmaBf16, kMmaF16 };
 
 struct Copy {
   void* dst;
@@ -96,16 +32,12 @@ struct Copy {
   bool valid;
 };
 
-struct ThreadState {
-  Warp* warp = nullptr;
-  Barrier* block_bar = nullptr;
-  unsigned char* smem = nullptr;
-  size_t smem_bytes = 0;
-  int lane = 0;
-  std::vector<Copy> pending;                // issued, not yet committed
-  std::vector<std::vector<Copy>> groups;    // committed, not yet waited for
+// This thread's cp.async copies.
+struct CpAsyncState {
+  std::vector<Copy> pending;              // issued, not yet committed
+  std::vector<std::vector<Copy>> groups;  // committed, not yet waited for
 };
-thread_local ThreadState tl;
+thread_local CpAsyncState cp;
 
 // Global buffers the kernels may read with cp.async (registered by the entry points).
 struct Range {
@@ -119,18 +51,6 @@ inline void check_smem(const void* p, size_t bytes, size_t align, const char* wh
   if (c < tl.smem || c + bytes > tl.smem + tl.smem_bytes) fail(what);
   if (reinterpret_cast<uintptr_t>(p) % align) fail("misaligned shared-memory access");
 }
-
-// Publish this lane's operands, wait for the warp, check that every lane is in the same collective.
-inline void arrive(int kind, const uint64_t* vals, int n) {
-  Warp& w = *tl.warp;
-  w.kind[tl.lane] = kind;
-  for (int i = 0; i < n; ++i) w.slot[tl.lane][i] = vals[i];
-  w.bar.wait();
-  for (int l = 0; l < 32; ++l) {
-    if (w.kind[l] != kind) fail("lanes of one warp are in different collectives");
-  }
-}
-inline void leave() { tl.warp->bar.wait(); }
 
 template <typename T>
 inline float bits_to_float(uint16_t bits) {
@@ -162,7 +82,7 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     for (int k = 0; k < 16; ++k) acc += A(m, k) * B(k, n);
     out[i] = acc;
   }
-  leave();
+  depart();
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
@@ -181,7 +101,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
     if (!trans) out[i] = elem(i, lane / 4, 2 * (lane % 4)) | elem(i, lane / 4, 2 * (lane % 4) + 1) << 16;
     else out[i] = elem(i, 2 * (lane % 4), lane / 4) | elem(i, 2 * (lane % 4) + 1, lane / 4) << 16;
   }
-  leave();
+  depart();
   for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 
@@ -194,64 +114,34 @@ inline void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
     inside |= c >= r.lo && c + bytes <= r.hi;
   }
   if (!inside) fail("cp.async source outside every input tensor");
-  tl.pending.push_back({smem, gmem, bytes, valid});
+  cp.pending.push_back({smem, gmem, bytes, valid});
 }
 
 inline void cp_async_commit() {
-  tl.groups.push_back(std::move(tl.pending));
-  tl.pending.clear();
+  cp.groups.push_back(std::move(cp.pending));
+  cp.pending.clear();
 }
 
 inline void cp_async_wait_all() {
-  for (auto& g : tl.groups) {
+  for (auto& g : cp.groups) {
     for (const Copy& c : g) {
       if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
       else std::memset(c.dst, 0, c.bytes);
     }
   }
-  tl.groups.clear();
+  cp.groups.clear();
 }
 
+// A kernel launch; a thread that ends with cp.async copies it never waited for fails.
 template <typename K, typename... Args>
 void launch(K kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
-  const int n = static_cast<int>(block.x * block.y * block.z);
-  if (n % 32) fail("block size must be a multiple of 32");
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        // static __shared__ arrays become thread-locals here, so only dynamic shared memory is modelled;
-        // it starts as all-ones bytes (NaN in bf16/fp16/fp32), like the garbage of a real launch
-        std::vector<unsigned char> smem(smem_bytes + 16, 0xFF);
-        unsigned char* base = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
-        Barrier block_bar(n);
-        std::vector<std::unique_ptr<Warp>> warps;
-        for (int w = 0; w < n / 32; ++w) warps.emplace_back(new Warp(32));
-        std::vector<std::thread> threads;
-        threads.reserve(n);
-        for (int t = 0; t < n; ++t) {
-          threads.emplace_back([&, t] {
-            threadIdx = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            blockIdx = make_uint3(bx, by, bz);
-            blockDim = block;
-            gridDim = grid;
-            tl = ThreadState{};
-            tl.warp = warps[t / 32].get();
-            tl.block_bar = &block_bar;
-            tl.smem = base;
-            tl.smem_bytes = smem_bytes;
-            tl.lane = t % 32;
-            kernel(args...);
-            bool unwaited = !tl.pending.empty();
-            for (const auto& g : tl.groups) unwaited |= !g.empty();
-            if (unwaited) fail("cp.async copies never waited for");
-            tl.warp->bar.drop();
-            block_bar.drop();
-          });
-        }
-        for (auto& th : threads) th.join();
-      }
-    }
-  }
+  run_grid(grid, block, smem_bytes, [&] {
+    cp = CpAsyncState{};
+    kernel(args...);
+    bool unwaited = !cp.pending.empty();
+    for (const auto& g : cp.groups) unwaited |= !g.empty();
+    if (unwaited) fail("cp.async copies never waited for");
+  });
 }
 
 inline cudaError_t check(cudaError_t e) {
@@ -261,32 +151,14 @@ inline cudaError_t check(cudaError_t e) {
 
 }  // namespace emu
 
-inline void __syncthreads() { emu::tl.block_bar->wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) {
-  emu::arrive(emu::kSyncwarp, nullptr, 0);
-  emu::leave();
-}
-inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int = 32) {
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, 4);
-  emu::arrive(emu::kShfl, &bits, 1);
-  float out;
-  std::memcpy(&out, &emu::tl.warp->slot[emu::tl.lane ^ lane_mask][0], 4);
-  emu::leave();
-  return out;
-}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
-#define ARCANA_EMULATE 1
 #define ARCANA_DYNAMIC_SMEM(name) unsigned char* name = emu::tl.smem
 #define ARCANA_LAUNCH(kernel, grid, block, smem, stream, ...) emu::launch(kernel, grid, block, smem, __VA_ARGS__)
 #define ARCANA_CUDA_CHECK(expr) emu::check(expr)
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaMemsetAsync(ptr, value, bytes, stream) (std::memset((ptr), (value), (bytes)), cudaSuccess)
-#define __launch_bounds__(...)
-#define __trap() std::abort()
 
 #include "../csrc/attention.cu"
 

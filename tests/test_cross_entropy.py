@@ -165,7 +165,7 @@ def emu(tmp_path_factory):
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
     lib_path = str(tmp_path_factory.mktemp("emu") / "cross_entropy_emu.so")
-    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
            os.path.join(ROOT, "tests", "cross_entropy_emu.cpp"), "-o", lib_path]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
