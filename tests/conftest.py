@@ -3,9 +3,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for path in (TESTS, ROOT):  # the tests' shared helpers (kernel_testing.py); train_gpt.py and the other scripts
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,3 +19,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def arcana():
+    """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
+    import torch
+
+    import kernel_testing
+    kernel_testing.require_kernels()
+    return torch.ops.arcana
+
+
+@pytest.fixture
+def poison(arcana):
+    """While a test runs, every output and scratch buffer of the arcana ops starts as NaN (all bits set), so an
+    element a kernel forgets to write fails the comparison instead of passing on leftover memory."""
+    arcana._set_poison(True)
+    yield
+    arcana._set_poison(False)

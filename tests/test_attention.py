@@ -20,9 +20,7 @@ import ctypes
 import math
 import os
 import random
-import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -31,20 +29,11 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
+from kernel_testing import (build_emulator, emulator_command, format_table, print_after_tests, read_train_losses,
+                            require_kernels)
 from train_gpt import CudaOps, TorchOps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def require_kernels():
-    """Import arcana_kernels (and register its Python half); skip without it, unless CI requires it."""
-    if train_gpt.load_kernels():
-        return
-    msg = f"arcana_kernels is not built ({train_gpt.KERNELS['error']}); run `python setup.py build_ext --inplace`"
-    if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
-        pytest.fail(msg + " (ARCANA_REQUIRE_KERNELS=1)")
-    pytest.skip(msg)
 
 
 def fresh_seed():
@@ -135,17 +124,11 @@ def error_table(request):
     """Print the table of errors after the module's tests (also under -q)."""
     ROWS.clear()
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if not ROWS or reporter is None or capture is None:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line(f"{'case':46s} {'qty':4s} {'error':>10s} {'torch err':>10s} {'bound':>10s} {'ok':>4s} "
-                            f"{'s':>6s}")
-        for case, name, err, err_torch, bound, ok, seconds in ROWS:
-            reporter.write_line(f"{case:46s} {name:4s} {err:10.3g} {err_torch:10.3g} {bound:10.3g} "
-                                f"{'yes' if ok else 'NO':>4s} {seconds:6.2f}")
+    rows = [[case, name, f"{err:.3g}", f"{err_torch:.3g}", f"{bound:.3g}", "yes" if ok else "NO", f"{seconds:.2f}"]
+            for case, name, err, err_torch, bound, ok, seconds in ROWS]
+    if rows:
+        header = ["case", "qty", "error", "torch err", "bound", "ok", "s"]
+        print_after_tests(request.config, format_table(header, rows, left=2))
 
 
 # -----------------------------------------------------------------------------
@@ -218,30 +201,10 @@ def test_cuda_ops_attention_falls_back_for_float32_and_other_head_sizes():
 # -----------------------------------------------------------------------------
 # CPU emulation of the kernels
 
-def cuda_include_dir():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_bf16.h")):
-            return os.path.join(home, "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
-        if os.path.isfile(os.path.join(inc, "cuda_bf16.h")):
-            return inc
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """tests/attention_emu.cpp built with g++ into a shared library, loaded with ctypes."""
-    cxx, inc = shutil.which("g++"), cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
-    lib_path = str(tmp_path_factory.mktemp("emu") / "attention_emu.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
-           os.path.join(ROOT, "tests", "attention_emu.cpp"), "-o", lib_path]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
-    lib = ctypes.CDLL(lib_path)
+    lib = build_emulator(tmp_path_factory, "attention_emu.cpp")
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.emu_attention_selftest.argtypes = [I, P, P]
     lib.emu_attention_fwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P]
@@ -321,12 +284,8 @@ def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layou
 def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
     """The fast kernels under ThreadSanitizer: every shared-memory write and read of two different threads
     must be ordered by a barrier (a __syncthreads left out shows up here as a data race)."""
-    cxx, inc = shutil.which("g++"), cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
     exe = str(tmp_path / "attention_emu_tsan")
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-DARCANA_EMU_MAIN", "-pthread", f"-I{inc}", "-w",
-           os.path.join(ROOT, "tests", "attention_emu.cpp"), "-o", exe]
+    cmd = emulator_command("attention_emu.cpp", exe, "-g", "-fsanitize=thread", "-DARCANA_EMU_MAIN")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and "tsan" in res.stderr:
         pytest.skip(f"no ThreadSanitizer runtime for g++: {res.stderr.strip().splitlines()[-1]}")
@@ -338,16 +297,6 @@ def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
 
 # -----------------------------------------------------------------------------
 # GPU
-
-@pytest.fixture
-def poison():
-    """While a test runs, every output and scratch buffer of the arcana ops starts as NaN (all bits set), so
-    an element a kernel forgets to write fails the comparison instead of passing on leftover memory."""
-    require_kernels()
-    torch.ops.arcana._set_poison(True)
-    yield
-    torch.ops.arcana._set_poison(False)
-
 
 def cuda_attention(qkv, dout, variant):
     out, lse = torch.ops.arcana.attention_fwd(qkv, variant)
@@ -528,8 +477,7 @@ def test_training_with_cuda_kernels_tracks_torch(tmp_path):
     for kernels in ("torch", "cuda"):
         log_dir = str(tmp_path / kernels)
         assert train_gpt.main(common + ["--kernels", kernels, "--log_dir", log_dir]) == 0
-        with open(os.path.join(log_dir, "log.txt")) as f:
-            losses[kernels] = [float(v) for s, k, v in (line.split() for line in f if line.strip()) if k == "train"]
+        losses[kernels] = read_train_losses(log_dir)
     torch_losses, cuda_losses = np.array(losses["torch"]), np.array(losses["cuda"])
     assert len(torch_losses) == len(cuda_losses) == 30
     assert torch_losses[-1] < torch_losses[0] - 0.5, "the tiny model should learn the repeating pattern"

@@ -20,42 +20,20 @@ bits, the path the kernel replaces), against the same float64 reference.
 """
 
 import ctypes
-import json
 import math
-import os
 import random
-import shutil
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt
+from kernel_testing import WorstErrors, build_emulator, print_after_tests, short, train_losses, write_shards
 from train_gpt import CudaOps, TorchOps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, float grad_scale, bool compute_grad, "
           "int variant=1) -> (Tensor losses, Tensor dlogits)")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def short(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-@pytest.fixture(scope="module")
-def arcana():
-    """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
-    if not train_gpt.load_kernels():
-        reason = (f"the arcana_kernels extension is not built ({train_gpt.KERNELS['error']}); "
-                  f"build it with `python setup.py build_ext --inplace`")
-        if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
-            pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
-        pytest.skip(reason)
-    return torch.ops.arcana
 
 
 def reference(logits, targets, grad_scale):
@@ -146,30 +124,10 @@ def test_cuda_ops_loss_paths(monkeypatch):
 # -----------------------------------------------------------------------------
 # CPU emulation of the kernels
 
-def cuda_include_dir():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_bf16.h")):
-            return os.path.join(home, "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
-        if os.path.isfile(os.path.join(inc, "cuda_bf16.h")):
-            return inc
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """tests/cross_entropy_emu.cpp built with g++ into a shared library, loaded with ctypes."""
-    cxx, inc = shutil.which("g++"), cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
-    lib_path = str(tmp_path_factory.mktemp("emu") / "cross_entropy_emu.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
-           os.path.join(ROOT, "tests", "cross_entropy_emu.cpp"), "-o", lib_path]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
-    lib = ctypes.CDLL(lib_path)
+    lib = build_emulator(tmp_path_factory, "cross_entropy_emu.cpp")
     P, I, L, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib.emu_cross_entropy.argtypes = [I, I, I, I, P, P, P, P, L, I, Fl]
     lib.emu_cross_entropy.restype = I
@@ -275,40 +233,19 @@ def test_emulated_extreme_logits(emu):
 # -----------------------------------------------------------------------------
 # on a GPU: the kernel
 
-REPORT = {}  # (dtype, variant, output) -> (ratio to tolerance, shape, error, PyTorch's error, tolerance)
+ERRORS = WorstErrors("op", "dtype", "var", "output")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def error_table(request):
     """Print the worst error of each dtype/variant/output after the GPU tests."""
     yield
-    if not REPORT:
-        return
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = tr.write_line if tr is not None else print
-    write("")
-    write(f"{'cross_entropy':13s} {'dtype':9s} {'var':>3s} {'output':8s} {'worst shape':13s} {'max err':>10s} "
-          f"{'torch err':>10s} {'tolerance':>10s}  result")
-    for (dtype, variant, out), (ratio, shape, err, ref_err, tol) in sorted(REPORT.items()):
-        torch_err = "-" if ref_err is None else f"{ref_err:10.3e}"
-        write(f"{'':13s} {dtype:9s} {variant:3d} {out:8s} {shape:13s} {err:10.3e} {torch_err:>10s} {tol:10.3e}  "
-              f"{'pass' if ratio <= 1 else 'FAIL'}")
-
-
-@pytest.fixture
-def poison(arcana):
-    """Every output starts as NaN, so an element left unwritten fails."""
-    arcana._set_poison(True)
-    yield
-    arcana._set_poison(False)
+    print_after_tests(request.config, ERRORS.lines())
 
 
 def record(dtype, variant, out, shape, err, ref_err, tol):
-    key = (short(dtype), variant, out)
-    ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
-    if key not in REPORT or ratio > REPORT[key][0]:
-        REPORT[key] = (ratio, "x".join(map(str, shape)), err, ref_err, tol)
-    return ratio <= 1
+    """The result in the table; True when err is within tol."""
+    return ERRORS.record(("cross_entropy", short(dtype), variant, out), shape, err, ref_err, tol)
 
 
 @pytest.mark.cuda
@@ -510,36 +447,6 @@ def test_peak_memory_below_full_logits(arcana):
     assert chunked < 0.5 * full, (chunked, full)
 
 
-def write_shards(folder, seed):
-    """A learnable token stream: a fixed random sequence of 997 tokens repeated, 5% of them replaced."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    period = rng.integers(0, 50257, size=997)
-    for name, n in (("x_train_000001.npy", 300_000), ("x_val_000000.npy", 20_000)):
-        tokens = np.resize(period, n)
-        noise = rng.random(n) < 0.05
-        tokens[noise] = rng.integers(0, 50257, size=noise.sum())
-        np.save(os.path.join(folder, name), tokens.astype(np.uint16))
-
-
-def train_losses(data_dir, log_dir, kernels, dtype="bfloat16", steps=200):
-    cmd = [sys.executable, "train_gpt.py", "--model", "d12", "--kernels", kernels, "--dtype", dtype,
-           "--device", "cuda", "--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", str(steps),
-           "--warmup_steps", "20", "--batch_size", "8", "--block_size", "256", "--total_batch_size", "2048",
-           "--val_every", "0", "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    with open(os.path.join(log_dir, "run.json")) as f:
-        assert json.load(f)["kernels"] == kernels
-    losses = {}
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        for line in f:
-            step, stream, value = line.split()
-            if stream == "train":
-                losses[int(step)] = float(value)
-    return [losses[s] for s in sorted(losses)]
-
-
 def smooth(values, k=10):
     """Trailing mean over k steps (the per-step loss of a 2048-token batch is itself noisy)."""
     return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
@@ -553,10 +460,17 @@ def test_200_step_loss_curve_matches_torch(arcana, tmp_path):
     that distance of the bf16 PyTorch curve (plus 0.01 on average, 0.05 at worst, for curves that happen to
     agree closely), and the loss must fall."""
     data = str(tmp_path / "data")
-    write_shards(data, 0)
-    cuda = train_losses(data, str(tmp_path / "cuda"), "cuda")
-    ref = train_losses(data, str(tmp_path / "torch"), "torch")
-    fp32 = train_losses(data, str(tmp_path / "fp32"), "torch", dtype="float32")
+    write_shards(data, 0, vocab=50257, period=997, n_train=300_000, n_val=20_000)
+
+    def run(kernels, log_dir, dtype="bfloat16"):
+        args = ["--model", "d12", "--dtype", dtype, "--device", "cuda", "--data_dir", data, "--max_steps", "200",
+                "--warmup_steps", "20", "--batch_size", "8", "--block_size", "256", "--total_batch_size", "2048",
+                "--val_every", "0", "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
+        return train_losses(args, str(tmp_path / log_dir), kernels, timeout=900)
+
+    cuda = run("cuda", "cuda")
+    ref = run("torch", "torch")
+    fp32 = run("torch", "fp32", dtype="float32")
     assert len(cuda) == len(ref) == len(fp32) == 200
     d_cuda = [abs(a - b) for a, b in zip(smooth(cuda), smooth(ref))]
     d_noise = [abs(a - b) for a, b in zip(smooth(fp32), smooth(ref))]

@@ -19,21 +19,18 @@ torch.compile(fullgraph=True) GPT, and 50 training steps with --kernels cuda aga
 error of each op, output and dtype is printed as a table at the end.
 """
 
-import json
 import math
 import os
 import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kernel_testing import ROOT, WorstErrors, build_emulator, print_after_tests, short, train_losses, write_shards
 
 SCHEMAS = {
     "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps, int variant=1)"
@@ -50,18 +47,6 @@ SCHEMAS = {
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5
-
-
-@pytest.fixture(scope="module")
-def arcana():
-    """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
-    if not train_gpt.load_kernels():
-        reason = (f"the arcana_kernels extension is not built ({train_gpt.KERNELS['error']}); "
-                  f"build it with `python setup.py build_ext --inplace`")
-        if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
-            pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
-        pytest.skip(reason)
-    return torch.ops.arcana
 
 
 def ln_params(C, device, dtype=torch.float32, requires_grad=False):
@@ -193,28 +178,12 @@ EMU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 EMU_TOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}  # max-norm, relative
 
 
-def cuda_include_dir():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_bf16.h")):
-            return os.path.join(home, "include")
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """tests/norm_gelu_emu.cpp built with g++ into a shared library, loaded with ctypes; a small device shape
     (2 SMs, one resident block each) so that the persistent kernels loop over several row groups."""
     import ctypes
-    import shutil
-    cxx, inc = shutil.which("g++"), cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
-    lib_path = str(tmp_path_factory.mktemp("emu") / "norm_gelu_emu.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{inc}", "-w",
-           os.path.join(ROOT, "tests", "norm_gelu_emu.cpp"), "-o", lib_path]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
-    lib = ctypes.CDLL(lib_path)
+    lib = build_emulator(tmp_path_factory, "norm_gelu_emu.cpp")
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.emu_set_shape.argtypes = [I, I, I]
     lib.emu_layer_norm_fwd.argtypes = [I, I, I, P, P, P, P, P, P, P, P, L, I, ctypes.c_float]
@@ -332,32 +301,14 @@ def test_emulated_gelu(emu, case, variant):
 
 ROWS = [1, 7, 4097, 65536]
 WIDTHS = [768, 1000, 1024, 1600]
-REPORT = {}  # (op, output, dtype, variant) -> worst row: (ratio to tolerance, shape, err, torch err, tol)
+ERRORS = WorstErrors("op", "output", "dtype", "var")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def error_table(request):
     """Print the worst error of each op/output/dtype/variant after the GPU tests."""
     yield
-    if not REPORT:
-        return
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = tr.write_line if tr is not None else print
-    write("")
-    write(f"{'op':20s} {'output':8s} {'dtype':9s} {'var':>3s} {'worst shape':18s} {'max err':>10s} "
-          f"{'torch err':>10s} {'tolerance':>10s}  result")
-    for (op, out, dtype, variant), (ratio, shape, err, ref_err, tol) in sorted(REPORT.items()):
-        torch_err = "-" if ref_err is None else f"{ref_err:10.3e}"
-        write(f"{op:20s} {out:8s} {dtype:9s} {variant:3d} {shape:18s} {err:10.3e} {torch_err:>10s} {tol:10.3e}  "
-              f"{'pass' if ratio <= 1 else 'FAIL'}")
-
-
-@pytest.fixture
-def poison(arcana):
-    """Every output and scratch buffer of the ops starts as NaN, so an element left unwritten fails."""
-    arcana._set_poison(True)
-    yield
-    arcana._set_poison(False)
+    print_after_tests(request.config, ERRORS.lines())
 
 
 @pytest.fixture
@@ -366,10 +317,6 @@ def seed():
     s = random.randrange(2 ** 31)
     torch.manual_seed(s)
     return s
-
-
-def short(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def check(op, name, ours, ref, torch_lowp, variant, seed, shape):
@@ -386,10 +333,7 @@ def check(op, name, ours, ref, torch_lowp, variant, seed, shape):
     else:
         ref_err = (torch_lowp.detach().double() - ref).abs().max().item() if ref.numel() else 0.0
         tol = max(2 * ref_err, 1e-5 * scale)
-    key = (op, name, short(ours.dtype), variant)
-    ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
-    if key not in REPORT or ratio > REPORT[key][0]:
-        REPORT[key] = (ratio, "x".join(map(str, shape)), err, ref_err, tol)
+    ERRORS.record((op, name, short(ours.dtype), variant), shape, err, ref_err, tol)
     assert err <= tol, (f"{op} {name} ({short(ours.dtype)}, shape {tuple(shape)}, variant {variant}): max error "
                         f"{err:.3e} > tolerance {tol:.3e} (PyTorch's own {short(ours.dtype)} error: {ref_err}); "
                         f"seed {seed}")
@@ -731,44 +675,17 @@ def test_compiled_model_with_kernels_matches_eager_torch(arcana, seed):
     grads_close(model, ref, rtol=5e-2)
 
 
-def write_shards(folder, seed):
-    """A small learnable token stream: a fixed random sequence of 97 tokens repeated, 5% of them replaced."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    period = rng.integers(0, 1000, size=97)
-    for name, n in (("x_train_000001.npy", 40000), ("x_val_000000.npy", 8192)):
-        tokens = np.resize(period, n)
-        noise = rng.random(n) < 0.05
-        tokens[noise] = rng.integers(0, 1000, size=noise.sum())
-        np.save(os.path.join(folder, name), tokens.astype(np.uint16))
-
-
-def train_losses(data_dir, log_dir, kernels):
-    cmd = [sys.executable, "train_gpt.py", "--model", "tiny", "--kernels", kernels, "--device", "cuda",
-           "--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "50", "--warmup_steps", "10",
-           "--batch_size", "4", "--block_size", "128", "--total_batch_size", "1024", "--val_every", "0",
-           "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    with open(os.path.join(log_dir, "run.json")) as f:
-        assert json.load(f)["kernels"] == kernels
-    losses = {}
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        for line in f:
-            step, stream, value = line.split()
-            if stream == "train":
-                losses[int(step)] = float(value)
-    return [losses[s] for s in sorted(losses)]
-
-
 @pytest.mark.cuda
 def test_training_with_kernels_matches_torch(arcana, tmp_path, seed):
     """50 steps of the tiny model: the loss curve with --kernels cuda follows --kernels torch within bf16
     tolerance (2% per step, the drift of 50 steps of bf16 rounding differences), and it goes down."""
     data = str(tmp_path / "data")
-    write_shards(data, seed)
-    cuda = train_losses(data, str(tmp_path / "cuda"), "cuda")
-    ref = train_losses(data, str(tmp_path / "torch"), "torch")
+    write_shards(data, seed, vocab=1000, period=97, n_train=40000, n_val=8192)  # small: 97 tokens repeated
+    args = ["--model", "tiny", "--device", "cuda", "--data_dir", data, "--max_steps", "50", "--warmup_steps", "10",
+            "--batch_size", "4", "--block_size", "128", "--total_batch_size", "1024", "--val_every", "0",
+            "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
+    cuda = train_losses(args, str(tmp_path / "cuda"), "cuda", timeout=600)
+    ref = train_losses(args, str(tmp_path / "torch"), "torch", timeout=600)
     assert len(cuda) == len(ref) == 50
     worst = max(abs(a - b) / b for a, b in zip(cuda, ref))
     assert worst <= 2e-2, f"loss curves differ by up to {100 * worst:.2f}%:\ncuda  {cuda}\ntorch {ref}"
