@@ -173,29 +173,11 @@ def bench_tokenize(argv):
                          f"{waits:.0%}"])
             verdicts.append(f"{n} procs: ratio {ratio:.2f} >= 0.8: {'yes' if ratio >= 0.8 else 'NO'}; writer not the "
                             f"bottleneck (main waits for workers > 50%): {'yes' if waits > 0.5 else 'NO'}")
-    lines = print_table(header, rows)
-    print("\ngoals:")
-    for line in verdicts:
-        print("  " + line)
+    lines = print_table(header, rows) + print_goals(verdicts)
     if args.record:
-        import datetime
-        import subprocess
-
-        here = os.path.dirname(os.path.abspath(__file__))
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=here).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        path = os.path.join(here, "bench", "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## tokenize: {platform.processor() or platform.machine()}, {cores} cores, "
-                    f"{datetime.date.today().isoformat()}, commit {commit}\n\n"
-                    f"`python bench.py tokenize {' '.join(argv)}`; tiktoken {_version('tiktoken')}, "
-                    f"python {platform.python_version()}; {setup}. Ceiling: processes x "
-                    f"single-process tiktoken encode_ordinary on the same documents.\n\n```\n" + "\n".join(lines) +
-                    "\n\ngoals:\n" + "\n".join("  " + v for v in verdicts) + "\n```\n")
-        print(f"recorded in {path}")
+        record("tokenize", f"{platform.processor() or platform.machine()}, {cores} cores", argv,
+               f"tiktoken {_version('tiktoken')}, python {platform.python_version()}; {setup}. Ceiling: processes "
+               f"x single-process tiktoken encode_ordinary on the same documents.", lines)
     return 0
 
 
@@ -269,7 +251,6 @@ def bench_train(argv):
     the same micro-batch (met outright where torch does not fit that micro-batch)."""
     import argparse
     import datetime
-    import os
 
     import torch
     import train_gpt as tg
@@ -297,19 +278,18 @@ def bench_train(argv):
     T = tg.model_config(cfg).block_size
     candidates = [int(args.batch_size)] if args.batch_size != "auto" else \
         ([64, 32, 16, 8, 4, 2, 1] if rt.device_type == "cuda" else [4])
-    commit = (tg.git_commit() or "unknown")[:12]
-    date = datetime.date.today().isoformat()
     peak = tg.peak_flops(rt, dtype)
     device = tg.device_name(rt)
     setup = (f"{str(dtype).replace('torch.', '')}, model {args.model}, T={T}, median of {args.steps} steps after "
              f"{args.warmup} warmup steps, " + (f"MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU "
                                                  "(peak unknown for this device and dtype)"))
-    print(f"device {device} ({rt.device}), {date}, commit {commit}, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
+    print(f"device {device} ({rt.device}), {datetime.date.today().isoformat()}, commit {_commit()}, "
+          f"{torch_versions()}")
     print(setup)
     header = ["config", "B", "tokens/s", "MFU", "peak mem", "loss"]
-    print(f"{header[0]:<16} {header[1]:>3} {header[2]:>12} {header[3]:>7} {header[4]:>10} {header[5]:>8}")
-    results, too_big, lines = {}, {}, []  # name -> (B, tokens/s, MFU, bytes); name -> smallest B that did not fit
+    lines = [f"{header[0]:<16} {header[1]:>3} {header[2]:>12} {header[3]:>7} {header[4]:>10} {header[5]:>8}"]
+    print(lines[0])
+    results, too_big = {}, {}  # name -> (B, tokens/s, MFU, bytes); name -> smallest B that did not fit
     for name in args.configs.split(","):
         kernels, _, flag = name.partition("+")
         if kernels == "cuda" and rt.device_type != "cuda":
@@ -340,20 +320,10 @@ def bench_train(argv):
 
     verdicts = _train_goals(results, too_big, lambda cfg_name, B: _peak_memory_at(tg, cfg, cfg_name, B, T, rt,
                                                                                   dtype, args.warmup))
-    if verdicts:
-        print("goals:")
-        for v in verdicts:
-            print("  " + v)
+    lines += print_goals(verdicts)
     if args.record:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
-        header_line = f"{header[0]:<16} {header[1]:>3} {header[2]:>12} {header[3]:>7} {header[4]:>10} {header[5]:>8}"
-        with open(path, "a") as f:
-            f.write(f"\n## train: {device}, {date}, commit {commit}\n\n`python bench.py train {' '.join(argv)}`; "
-                    f"torch {torch.__version__}, CUDA {torch.version.cuda}; {setup}; random tokens, AdamW "
-                    f"(fused), grad clipping, one optimizer step per micro-batch unless --total_batch_size\n\n```\n"
-                    + "\n".join([header_line] + lines) + "\n\ngoals:\n" + "\n".join("  " + v for v in verdicts)
-                    + "\n```\n")
-        print(f"recorded in {path}")
+        record("train", device, argv, f"{torch_versions()}; {setup}; random tokens, AdamW (fused), grad clipping, "
+               f"one optimizer step per micro-batch unless --total_batch_size", lines)
     return 0
 
 
@@ -529,9 +499,6 @@ def bench_attention(argv):
     4 B H T^2 D / 2, backward 2.5 x forward."""
     import argparse
     import contextlib
-    import datetime
-    import os
-    import subprocess
 
     import torch
     import train_gpt as tg
@@ -548,9 +515,9 @@ def bench_attention(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("attention: needs a CUDA GPU; skipped")
-        return 0
+    unavailable = gpu_unavailable("attention", tg, kernels=False)  # without the kernels: the SDPA rows
+    if unavailable is not None:
+        return unavailable
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -577,7 +544,7 @@ def bench_attention(argv):
              f"backward 2.5x")
     ceiling = (f"ceiling: {peak / 1e12:.0f} TFLOP/s, the datasheet dense bf16/fp16 tensor-core peak of this device"
                if peak else "ceiling: no datasheet peak known for this device")
-    print(f"device {device}, torch {torch.__version__}, CUDA {torch.version.cuda}; {setup}\n{ceiling}")
+    print(f"device {device}, {torch_versions()}; {setup}\n{ceiling}")
     rows, best = [], {}
     for T in (int(t) for t in args.T.split(",") if t):
         flops_fwd = 4 * B * H * T * T * D / 2
@@ -628,28 +595,76 @@ def bench_attention(argv):
         if sdpa:
             check += f"; >= fastest SDPA ({sdpa[1]}, {sdpa[0]:.1f}): {'yes' if ours >= sdpa[0] else 'NO'}"
         verdicts.append(check)
-    print("\ngoals:")
-    for line in verdicts:
-        print("  " + line)
+    lines += print_goals(verdicts)
     if args.record:
-        here = os.path.dirname(os.path.abspath(__file__))
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=here).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        path = os.path.join(here, "bench", "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## attention: {device}, {datetime.date.today().isoformat()}, commit {commit}\n\n"
-                    f"`python bench.py attention {' '.join(argv)}`; torch {torch.__version__}, CUDA "
-                    f"{torch.version.cuda}; {setup}. {ceiling}\n\n```\n" + "\n".join(lines) + "\n\ngoals:\n" +
-                    "\n".join("  " + v for v in verdicts) + "\n```\n")
-        print(f"recorded in {path}")
+        record("attention", device, argv, f"{torch_versions()}; {setup}. {ceiling}", lines)
     return 0
 
 
 # -----------------------------------------------------------------------------
-# GPU timing helpers: CUDA-event medians with the L2 cache flushed, the copy-bandwidth ceiling, tables
+# helpers of every suite: tables, goals and the record in bench/RESULTS.md
+
+def print_table(header, rows):
+    """Rows of strings (or numbers) under header, each column as wide as its widest cell; returns the lines."""
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    for line in lines:
+        print(line)
+    return lines
+
+
+def print_goals(verdicts, title="goals"):
+    """The goal checks under a title, after a blank line; returns the lines (none without checks)."""
+    lines = ["", f"{title}:"] + ["  " + v for v in verdicts] if verdicts else []
+    for line in lines:
+        print(line)
+    return lines
+
+
+def _commit():
+    """The commit being measured, as the records name it."""
+    import train_gpt
+    return (train_gpt.git_commit() or "unknown")[:12]
+
+
+def record(suite, machine, argv, about, lines):
+    """Append this run to bench/RESULTS.md, in the format described there: a heading with the suite, the
+    machine, the date and the commit; the command line and `about` (versions, setup, ceiling); then the lines
+    the suite printed (its table and goals), as a code block."""
+    import datetime
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
+    with open(path, "a") as f:
+        f.write(f"\n## {suite}: {machine}, {datetime.date.today().isoformat()}, commit {_commit()}\n\n"
+                f"`python bench.py {suite} {' '.join(argv)}`; {about}\n\n```\n" + "\n".join(lines) + "\n```\n")
+    print(f"recorded in {path}")
+
+
+# -----------------------------------------------------------------------------
+# GPU helpers: the checks before a GPU suite, CUDA-event medians with the L2 cache flushed, the copy-bandwidth
+# ceiling
+
+def gpu_unavailable(suite, tg, kernels=True):
+    """None where the suite can run; else, after saying why not, its exit code: 0 without a GPU (nothing to
+    measure here), 1 when it needs the arcana_kernels extension and that is not built."""
+    import torch
+    if not torch.cuda.is_available():
+        print(f"{suite}: needs a CUDA GPU; skipped")
+        return 0
+    if kernels and not tg.load_kernels():
+        print(f"{suite}: the arcana_kernels extension is not built ({tg.KERNELS['error']}); run "
+              f"`python setup.py build_ext --inplace` first")
+        return 1
+    return None
+
+
+def torch_versions():
+    """The versions every GPU record names."""
+    import torch
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+
 
 def gpu_flush_buffer():
     """A byte buffer four times the device's L2 cache (256 MiB at least): zeroing it before a timed run
@@ -687,15 +702,24 @@ def gpu_copy_bandwidth(flush, nbytes=2**30, reps=20):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def print_table(header, rows):
-    """Rows of strings (or numbers) under header, each column as wide as its widest cell; returns the lines."""
-    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    for line in lines:
-        print(line)
-    return lines
+def gpu_compiled_ms(fn, inputs, flush, reps, warmup, what):
+    """Median milliseconds of torch.compile(fn)(*inputs), or None where compiling fails: an Inductor failure
+    costs the row, not the run."""
+    import torch
+    compiled = torch.compile(fn)
+    try:
+        return gpu_median_ms(lambda: compiled(*inputs), flush, reps, warmup)
+    except Exception as e:
+        print(f"{what}: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+
+
+def bandwidth_cells(nbytes, ms, ceiling, times):
+    """GB/s of nbytes in ms, its share of the copy-bandwidth ceiling, and the speedups over times['eager'] and
+    times['compile'] (where there is one), as table cells."""
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    return [f"{gbs:.0f}", f"{100 * gbs / ceiling:.0f}%", f"{times['eager'] / ms:.2f}x",
+            f"{times['compile'] / ms:.2f}x" if "compile" in times else "-"]
 
 
 # -----------------------------------------------------------------------------
@@ -802,9 +826,6 @@ def bench_kernels(argv):
     copy bandwidth. Checks the goals: LayerNorm forward >= 80% of copy bandwidth and backward >= 65%, GELU
     forward and backward >= 85%, each >= 1.2x eager and no slower than torch.compile."""
     import argparse
-    import datetime
-    import os
-    import subprocess
 
     import torch
     import train_gpt as tg
@@ -818,13 +839,9 @@ def bench_kernels(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels: needs a CUDA GPU; skipped")
-        return 0
-    if not tg.load_kernels():
-        print(f"kernels: the arcana_kernels extension is not built ({tg.KERNELS['error']}); run "
-              f"`python setup.py build_ext --inplace` first")
-        return 1
+    unavailable = gpu_unavailable("kernels", tg)
+    if unavailable is not None:
+        return unavailable
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -833,7 +850,7 @@ def bench_kernels(argv):
     device = torch.cuda.get_device_name()
     setup = (f"rows={args.rows} C={args.C} {args.dtype} (GELU {args.rows}x{4 * args.C}), weights float32; median "
              f"of {args.reps} runs, L2 flushed before each; copy bandwidth {ceiling:.0f} GB/s")
-    print(f"device {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"device {device}, {torch_versions()}")
     print(setup)
     variants = [int(v) for v in args.variants.split(",") if v]
     rows, verdicts = [], []
@@ -843,16 +860,11 @@ def bench_kernels(argv):
             times[f"arcana v{v}"] = gpu_median_ms(lambda: impls["arcana"](v), flush, args.reps, args.warmup)
         times["eager"] = gpu_median_ms(impls["eager"], flush, args.reps, args.warmup)
         if args.compile:
-            fn, inputs = impls["compile"]
-            compiled = torch.compile(fn)
-            try:
-                times["compile"] = gpu_median_ms(lambda: compiled(*inputs), flush, args.reps, args.warmup)
-            except Exception as e:  # an Inductor failure costs the row, not the run
-                print(f"{name}: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            ms = gpu_compiled_ms(*impls["compile"], flush, args.reps, args.warmup, name)
+            if ms is not None:
+                times["compile"] = ms
         for impl, ms in times.items():
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append([name, impl, f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / ceiling:.0f}%",
-                         f"{times['eager'] / ms:.2f}x", f"{times['compile'] / ms:.2f}x" if "compile" in times else "-"])
+            rows.append([name, impl, f"{ms * 1e3:.1f}"] + bandwidth_cells(nbytes, ms, ceiling, times))
         if "arcana v1" in times:
             ms = times["arcana v1"]
             share = nbytes / (ms * 1e-3) / 1e9 / ceiling
@@ -865,22 +877,9 @@ def bench_kernels(argv):
             verdicts.append(f"{name}: " + "; ".join(checks))
     print()
     lines = print_table(["kernel", "implementation", "us", "GB/s", "of copy", "vs eager", "vs compile"], rows)
-    print("\ngoals (arcana v1):")
-    for line in verdicts:
-        print("  " + line)
+    lines += print_goals(verdicts, "goals (arcana v1)")
     if args.record:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## kernels: {device}, {datetime.date.today().isoformat()}, commit {commit}\n\n"
-                    f"`python bench.py kernels {' '.join(argv)}`; torch {torch.__version__}, "
-                    f"CUDA {torch.version.cuda}; {setup}\n\n```\n" + "\n".join(lines) + "\n\ngoals (arcana v1):\n" +
-                    "\n".join("  " + v for v in verdicts) + "\n```\n")
-        print(f"recorded in {path}")
+        record("kernels", device, argv, f"{torch_versions()}; {setup}", lines)
     return 0
 
 
@@ -896,8 +895,6 @@ def bench_cross_entropy(argv):
     bandwidth. Variant 1 keeps each row in shared memory between its two sweeps where two rows fit an SM,
     variant 2 re-reads it from L2: their ratio says whether the L2 re-read costs device-memory traffic here."""
     import argparse
-    import datetime
-    import os
 
     import torch
     import train_gpt as tg
@@ -912,13 +909,9 @@ def bench_cross_entropy(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("cross_entropy: needs a CUDA GPU; skipped")
-        return 0
-    if not tg.load_kernels():
-        print(f"cross_entropy: the arcana_kernels extension is not built ({tg.KERNELS['error']}); run "
-              f"`python setup.py build_ext --inplace` first")
-        return 1
+    unavailable = gpu_unavailable("cross_entropy", tg)
+    if unavailable is not None:
+        return unavailable
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -932,7 +925,7 @@ def bench_cross_entropy(argv):
     device = torch.cuda.get_device_name()
     setup = (f"{args.rows} x {args.vocab} {args.dtype} logits, grad_scale 1/{int((targets != -1).sum())}; median "
              f"of {args.reps} runs, L2 flushed before each; copy bandwidth {ceiling:.0f} GB/s")
-    print(f"device {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"device {device}, {torch_versions()}")
     print(setup)
     times = {}
     for v in [int(v) for v in args.variants.split(",") if v]:
@@ -942,27 +935,15 @@ def bench_cross_entropy(argv):
     times["eager"] = gpu_median_ms(lambda: tg.cross_entropy_rows(logits, targets, grad_scale, True), flush,
                                    args.reps, args.warmup)
     if args.compile:
-        compiled = torch.compile(tg.cross_entropy_rows)
-        try:
-            times["compile"] = gpu_median_ms(lambda: compiled(logits, targets, grad_scale, True), flush, args.reps,
-                                             args.warmup)
-        except Exception as e:  # an Inductor failure costs the row, not the run
-            print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    rows = []
-    for impl, ms in times.items():
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        rows.append([impl, f"{ms * 1e3:.0f}", f"{gbs:.0f}", f"{100 * gbs / ceiling:.0f}%",
-                     f"{times['eager'] / ms:.2f}x", f"{times['compile'] / ms:.2f}x" if "compile" in times else "-"])
+        ms = gpu_compiled_ms(tg.cross_entropy_rows, (logits, targets, grad_scale, True), flush, args.reps,
+                             args.warmup, "cross_entropy_rows")
+        if ms is not None:
+            times["compile"] = ms
+    rows = [[impl, f"{ms * 1e3:.0f}"] + bandwidth_cells(nbytes, ms, ceiling, times) for impl, ms in times.items()]
     print()
     lines = print_table(["cross_entropy", "us", "GB/s", "of copy", "vs eager", "vs compile"], rows)
     if args.record:
-        commit = (tg.git_commit() or "unknown")[:12]
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## cross_entropy: {device}, {datetime.date.today().isoformat()}, commit {commit}\n\n"
-                    f"`python bench.py cross_entropy {' '.join(argv)}`; torch {torch.__version__}, CUDA "
-                    f"{torch.version.cuda}; {setup}\n\n```\n" + "\n".join(lines) + "\n```\n")
-        print(f"recorded in {path}")
+        record("cross_entropy", device, argv, f"{torch_versions()}; {setup}", lines)
     return 0
 
 
