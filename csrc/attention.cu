@@ -93,57 +93,47 @@ template <> struct Elem<__half> {
 __device__ __forceinline__ int frag_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
 __device__ __forceinline__ int frag_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
 
+// D += A B on tensor cores, T (bf16 or fp16) operands and fp32 accumulators, in the fragments above.
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                         const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma operands are bf16 or fp16");
 #ifdef ARCANA_EMULATE
-  emu::mma_16816<__nv_bfloat16>(d, a, b);
+  emu::mma_16816<T>(d, a, b);
 #elif ARCANA_ATTN_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef ARCANA_EMULATE
-  emu::mma_16816<__half>(d, a, b);
-#elif ARCANA_ATTN_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
 #endif
 }
 
 // Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8i..8i+7 give the row addresses of
-// matrix i (16-byte aligned), and r[i] receives lane (g, t)'s two elements of it.
+// matrix i (16-byte aligned), and r[i] receives lane (g, t)'s two elements of it, (g, 2t..2t+1); with TRANS
+// (ldmatrix .trans), (2t..2t+1, g).
+template <bool TRANS>
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem_row) {
 #ifdef ARCANA_EMULATE
-  emu::ldmatrix_x4(r, smem_row, false);
+  emu::ldmatrix_x4(r, smem_row, TRANS);
 #elif ARCANA_ATTN_SM80
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-#endif
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-#ifdef ARCANA_EMULATE
-  emu::ldmatrix_x4(r, smem_row, true);
-#elif ARCANA_ATTN_SM80
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+  }
 #endif
 }
 
@@ -151,14 +141,14 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem
 // Matrix i covers rows m0 + 8 * (i & 1), columns k0 + 8 * (i >> 1): registers 0..3 in A's order.
 template <typename T>
 __device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const T* tile, int ld, int m0, int k0, int lane) {
-  ldsm_x4(a, tile + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
+  ldsm_x4<false>(a, tile + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
 }
 
 // A operand from a tile that stores A transposed, [k][m]: A's block (m0, k0) is tile rows k0.., columns m0..;
 // .trans hands lane (g, t) the elements (k = 2t..2t+1, m = g) of each stored 8 x 8 matrix, i.e. A's (g, 2t..).
 template <typename T>
 __device__ __forceinline__ void ldsm_a_trans(uint32_t (&a)[4], const T* tile, int ld, int m0, int k0, int lane) {
-  ldsm_x4_trans(a, tile + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
+  ldsm_x4<true>(a, tile + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
 }
 
 // B operands of two adjacent n-tiles (columns n0..n0+7 -> b[0], n0+8..n0+15 -> b[1]) at rows k0..k0+15, from a
@@ -166,7 +156,7 @@ __device__ __forceinline__ void ldsm_a_trans(uint32_t (&a)[4], const T* tile, in
 template <typename T>
 __device__ __forceinline__ void ldsm_b_nk(uint32_t (&b)[2][2], const T* tile, int ld, int k0, int n0, int lane) {
   uint32_t r[4];
-  ldsm_x4(r, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+  ldsm_x4<false>(r, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
   b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 
@@ -175,7 +165,7 @@ __device__ __forceinline__ void ldsm_b_nk(uint32_t (&b)[2][2], const T* tile, in
 template <typename T>
 __device__ __forceinline__ void ldsm_b_kn(uint32_t (&b)[2][2], const T* tile, int ld, int k0, int n0, int lane) {
   uint32_t r[4];
-  ldsm_x4_trans(r, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+  ldsm_x4<true>(r, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
   b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 
