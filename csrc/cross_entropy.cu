@@ -40,8 +40,9 @@
 // sweep 2 (one MUFU.EX2 each), about 5.5K issue clocks per row per SM against the ~14K clocks of its memory
 // traffic: the kernel stays memory-bound with room to spare for the block that is not streaming.
 //
-// Threads per block: min(1024, vectors per row rounded up to a warp). The kernels are limited to 32 registers
-// per thread (__launch_bounds__(1024, 2): two 1024-thread blocks per SM); ptxas reports 30-32, no spills.
+// Threads per block: min(1024, vectors per row rounded up to a warp). On sm_80 and sm_90, whose SMs hold 2048
+// threads, __launch_bounds__(1024, 2) limits the fast kernel to 32 registers per thread so that two 1024-thread
+// blocks fit an SM; ptxas reports 30-32, no spills. (sm_86 and sm_89 SMs hold 1536 threads: see kFastMinBlocks.)
 
 #include <algorithm>
 #include <cfloat>
@@ -61,7 +62,19 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxThreads = 1024;  // fast kernel: threads per block (one row per block)
+constexpr int kBlocksPerSm = 2;    // fast kernel: blocks per SM where they fit (one reduces while one streams)
 constexpr int kPlainRowsPerBlock = 8;  // plain kernel: one warp per row, 256 threads per block
+
+// __launch_bounds__'s minimum of resident fast-kernel blocks per SM, by the architecture being compiled:
+// kBlocksPerSm where an SM holds kBlocksPerSm x kMaxThreads threads (sm_80, sm_90: 2048), which caps the kernel
+// at 32 registers per thread; 1 elsewhere (sm_86, sm_89: 1536 threads per SM, where two 1024-thread blocks never
+// fit and ptxas would ignore the request with a warning). The launcher keeps rows in shared memory only where
+// kBlocksPerSm blocks fit an SM (ce_row_fits_shared_memory), so on those GPUs variant 1 re-reads them from L2.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 800 && __CUDA_ARCH__ != 900
+constexpr int kFastMinBlocks = 1;
+#else
+constexpr int kFastMinBlocks = kBlocksPerSm;
+#endif
 
 // -----------------------------------------------------------------------------
 // device helpers
@@ -211,7 +224,7 @@ __global__ void __launch_bounds__(32 * kPlainRowsPerBlock)
 // aligned). SMEM: keep the row's raw vectors in dynamic shared memory between the sweeps (V * sizeof(T)
 // bytes), else re-read it from global memory (L2). dlogits is null when no gradient is wanted.
 template <typename T, int N, bool SMEM>
-__global__ void __launch_bounds__(kMaxThreads, 2)
+__global__ void __launch_bounds__(kMaxThreads, kFastMinBlocks)
     ce_fast_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, float* __restrict__ losses,
                    T* __restrict__ dlogits, int V, float grad_scale) {
   using Raw = typename RawBits<sizeof(T) * N>::type;
@@ -323,15 +336,18 @@ struct CeRun {
 };
 
 #ifndef ARCANA_EMULATE
-// Whether variant 1 keeps the row in shared memory: only where two blocks with a row each fit an SM (with one
-// block per SM the reduction between the sweeps would go unhidden; the L2 re-read keeps two blocks per SM).
+// Whether variant 1 keeps the row in shared memory: only where kBlocksPerSm blocks with a row each fit an SM,
+// by threads (the GPUs whose kernels are built for them, kFastMinBlocks) and by shared memory. With one block
+// per SM the reduction between the sweeps would go unhidden; the L2 re-read keeps two blocks per SM.
 bool ce_row_fits_shared_memory(size_t row_bytes) {
-  int dev = 0, per_block = 0, per_sm = 0;
+  int dev = 0, per_block = 0, per_sm = 0, threads_per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
   const size_t overhead = 2048;  // the reduction's static shared memory and the per-block reservation
-  return row_bytes + overhead <= (size_t)per_block && 2 * (row_bytes + overhead) <= (size_t)per_sm;
+  return kBlocksPerSm * kMaxThreads <= threads_per_sm && row_bytes + overhead <= (size_t)per_block &&
+         kBlocksPerSm * (row_bytes + overhead) <= (size_t)per_sm;
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in.
