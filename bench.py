@@ -918,7 +918,7 @@ def bench_cross_entropy(argv):
     logits = (torch.randn(args.rows, args.vocab, device="cuda") * 2).to(dtype)
     targets = torch.randint(0, args.vocab, (args.rows,), device="cuda")
     targets[::8] = -1
-    grad_scale = 1.0 / int((targets != -1).sum())
+    grad_scale = 1.0 / (targets != -1).sum().float()  # a one-element tensor on the GPU, as the chunked loss passes it
     flush = gpu_flush_buffer()
     ceiling = gpu_copy_bandwidth(flush, reps=args.reps)
     nbytes = 2 * logits.numel() * logits.element_size()

@@ -436,8 +436,8 @@ def select_ops(kernels, device_type):
 
 def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
     """One chunk of the loss: per-row cross-entropy (0 where the target is -1) and, when compute_grad,
-    d(sum of losses)/d(logits) * grad_scale in the logits' dtype (else an empty tensor). Softmax in fp32.
-    The PyTorch twin of the arcana::cross_entropy_fwd_bwd kernel."""
+    d(sum of losses)/d(logits) * grad_scale (a number or a one-element fp32 tensor) in the logits' dtype (else
+    an empty tensor). Softmax in fp32. The PyTorch twin of the arcana::cross_entropy_fwd_bwd kernel."""
     valid = targets != -1
     safe = targets.clamp(min=0).unsqueeze(1)
     lf = logits.float()
@@ -462,7 +462,7 @@ def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     dlogits is used at once and dropped), returned as (loss, dh, dweight); empty when not compute_grad."""
     h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     count = (t != -1).sum()
-    grad_scale = 1.0 / max(int(count), 1)
+    grad_scale = 1.0 / count.clamp(min=1).float()  # stays on the device: the host never waits for the GPU here
     loss = torch.zeros((), dtype=torch.float64, device=h.device)  # a sum of many rows: keep its digits
     dh = torch.empty_like(h2) if compute_grad else h.new_empty(0)
     dweight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad else weight.new_empty(0)

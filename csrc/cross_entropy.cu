@@ -2,6 +2,8 @@
 // lm_head loss, train_gpt.py lm_head_loss_op):
 //   losses[r]    = logsumexp(logits[r]) - logits[r, t]                 (t = targets[r]; 0 where t == -1)
 //   dlogits[r]   = (softmax(logits[r]) - onehot(t)) * grad_scale       (0 where t == -1)
+// grad_scale is a one-element fp32 tensor on the GPU, read by the kernel: the chunked loss computes it from
+// the targets there (1 / rows with a target) and so never waits for the GPU on the host.
 // with every sum, exp and log in fp32 and dlogits rounded once to the logits' dtype. A target outside
 // [-1, V) is never used as an index: its row gets a NaN loss (and NaN dlogits), so a run with bad token ids
 // stops at train_gpt.py's non-finite-loss check instead of reading or writing out of bounds.
@@ -188,7 +190,7 @@ __device__ __forceinline__ void store_streaming(unsigned short* p, unsigned shor
 template <typename T>
 __global__ void __launch_bounds__(32 * kPlainRowsPerBlock)
     ce_plain_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, float* __restrict__ losses,
-                    T* __restrict__ dlogits, int64_t n, int V, float grad_scale) {
+                    T* __restrict__ dlogits, int64_t n, int V, const float* __restrict__ grad_scale_ptr) {
   const int64_t row = (int64_t)blockIdx.x * kPlainRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= n) return;
@@ -211,6 +213,7 @@ __global__ void __launch_bounds__(32 * kPlainRowsPerBlock)
   s = warp_sum(s);
   if (lane == 0) losses[row] = m + logf(s) - to_float(x[t]);
   if (dx == nullptr) return;
+  const float grad_scale = *grad_scale_ptr;
   for (int c = lane; c < V; c += 32) {
     const float p = expf(to_float(x[c]) - m) / s;
     dx[c] = from_float<T>((p - (c == t ? 1.f : 0.f)) * grad_scale);
@@ -226,7 +229,7 @@ __global__ void __launch_bounds__(32 * kPlainRowsPerBlock)
 template <typename T, int N, bool SMEM>
 __global__ void __launch_bounds__(kMaxThreads, kFastMinBlocks)
     ce_fast_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, float* __restrict__ losses,
-                   T* __restrict__ dlogits, int V, float grad_scale) {
+                   T* __restrict__ dlogits, int V, const float* __restrict__ grad_scale_ptr) {
   using Raw = typename RawBits<sizeof(T) * N>::type;
   ARCANA_CE_SHARED_BYTES(ce_row_cache);  // with SMEM: the row, V * sizeof(T) bytes; else none
   __shared__ MaxSum warp_parts[kMaxThreads / 32];
@@ -252,8 +255,9 @@ __global__ void __launch_bounds__(kMaxThreads, kFastMinBlocks)
     }
     return;
   }
-  // The target's logit, issued first so that its latency hides behind sweep 1.
+  // The target's logit and the gradient's scale, issued first so that their latency hides behind sweep 1.
   const float xt = threadIdx.x == 0 ? to_float(logits[row * V + t]) : 0.f;
+  const float grad_scale = dx != nullptr ? *grad_scale_ptr : 0.f;
 
   // sweep 1: two vectors in flight per thread (with 2048 threads per SM, 64 KB: more than the ~20 KB per SM
   // that 3.35 TB/s times the memory latency needs), then the tail
@@ -329,7 +333,7 @@ struct CeRun {
   void* dlogits;  // null without gradient
   int64_t n;
   int V;
-  float grad_scale;
+  const float* grad_scale;  // one fp32 value in device memory: callers never wait for it on the host
   int64_t variant;
   bool vec;  // 128-bit vectors: V a multiple of 16 / sizeof(T), the data 16-byte aligned
   cudaStream_t stream;
@@ -389,7 +393,8 @@ void ce_launch(const CeRun& r) {
 
 #ifndef ARCANA_EMULATE
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logits, const at::Tensor& targets,
-                                                         double grad_scale, bool compute_grad, int64_t variant) {
+                                                         const at::Tensor& grad_scale, bool compute_grad,
+                                                         int64_t variant) {
   const char* op = "arcana::cross_entropy_fwd_bwd";
   check_cuda(logits, op, "logits");
   check_kernel_dtype(logits, op, "logits");
@@ -407,7 +412,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logit
   TORCH_CHECK(V >= 1 && V <= INT32_MAX, op, ": logits must have between 1 and ", INT32_MAX,
               " columns (the vocabulary), got ", V);
   TORCH_CHECK(n <= INT32_MAX, op, ": at most ", INT32_MAX, " rows per call, got ", n, "; call it on chunks of rows");
-  TORCH_CHECK(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
+  check_cuda(grad_scale, op, "grad_scale");
+  check_same_device(grad_scale, logits, op, "grad_scale", "logits");
+  check_dtype(grad_scale, at::kFloat, op, "grad_scale", "the gradient's scale, e.g. 1 / rows with a target");
+  TORCH_CHECK(grad_scale.numel() == 1, op, ": grad_scale must hold one value, got shape ", grad_scale.sizes());
   TORCH_CHECK(variant >= 0 && variant <= 2, op, ": variant must be 0 (plain kernel), 1 (fast kernel) or 2 (fast "
               "kernel re-reading rows from L2, for benchmarks and tests), got ", variant);
 
@@ -425,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logit
                 compute_grad ? dlogits.data_ptr() : nullptr,
                 n,
                 (int)V,
-                (float)grad_scale,
+                grad_scale.data_ptr<float>(),
                 variant,
                 V % vec == 0 && aligned16(logits.data_ptr()) && (!compute_grad || aligned16(dlogits.data_ptr())),
                 stream};

@@ -103,11 +103,12 @@ TORCH_LIBRARY(arcana, m) {
   // cross-entropy and its gradient (cross_entropy.cu), for the chunked lm_head loss
   // logits (rows, V) contiguous, targets (rows,) int64 with -1 for rows without a target. losses (rows,) fp32:
   // logsumexp(row) - row[target], 0 where the target is -1, NaN where it is outside [-1, V). dlogits (rows, V) in
-  // logits' dtype: (softmax(row) - onehot(target)) * grad_scale, 0 for -1 rows; an empty (0,) tensor when
+  // logits' dtype: (softmax(row) - onehot(target)) * grad_scale, 0 for -1 rows, where grad_scale is a
+  // one-element fp32 tensor on the logits' GPU (read by the kernel, no host sync); an empty (0,) tensor when
   // compute_grad is false. dlogits is a new tensor rather than written over logits: an in-place op would need an
   // aliasing schema for one chunk of memory (824 MB at 8192 x 50304 bf16). variant 2: the fast kernel with the
   // row re-read from L2 instead of kept in shared memory (benchmarks and tests).
-  m.def("cross_entropy_fwd_bwd(Tensor logits, Tensor targets, float grad_scale, bool compute_grad, int variant=1)"
+  m.def("cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad, int variant=1)"
         " -> (Tensor losses, Tensor dlogits)");
 
   // Tests only: while enabled, every output and scratch buffer is filled with NaN before the kernels run, so

@@ -42,7 +42,7 @@ extern "C" {
 int emu_cross_entropy(int dtype, int variant, int vec, int row_fits, const void* logits, const int64_t* targets,
                       float* losses, void* dlogits, int64_t n, int V, float grad_scale) {
   emu::g_row_fits_shared_memory = row_fits != 0;
-  const arcana::CeRun r{logits, targets, losses, dlogits, n, V, grad_scale, variant, vec != 0, nullptr};
+  const arcana::CeRun r{logits, targets, losses, dlogits, n, V, &grad_scale, variant, vec != 0, nullptr};
   switch (dtype) {
     case 0: arcana::ce_launch<float>(r); return 0;
     case 1: arcana::ce_launch<__nv_bfloat16>(r); return 0;

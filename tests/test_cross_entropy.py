@@ -31,7 +31,7 @@ import train_gpt
 from kernel_testing import WorstErrors, build_emulator, print_after_tests, short, train_losses, write_shards
 from train_gpt import CudaOps, TorchOps
 
-SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, float grad_scale, bool compute_grad, "
+SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad, "
           "int variant=1) -> (Tensor losses, Tensor dlogits)")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -51,7 +51,8 @@ def reference(logits, targets, grad_scale):
 
 def random_case(n, V, dtype, device, seed):
     """Peaked logits like a trained model's (a few large, most small), targets -1 in rows 1, 6, 11, ... and
-    otherwise drawn half from the likely tokens; grad_scale as the chunked loss passes it (1 / counted rows)."""
+    otherwise drawn half from the likely tokens; grad_scale as the chunked loss passes it: 1 / counted rows, a
+    one-element fp32 tensor on the device."""
     gen = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(n, V, generator=gen, device=device) * 2.0
     hot = torch.randint(0, V, (n, 4), generator=gen, device=device)
@@ -60,7 +61,7 @@ def random_case(n, V, dtype, device, seed):
     likely = torch.rand(n, generator=gen, device=device) < 0.5
     targets = torch.where(likely, hot[:, 0], targets)
     targets[1::5] = -1
-    grad_scale = 1.0 / max(int((targets != -1).sum()), 1)
+    grad_scale = 1.0 / (targets != -1).sum().clamp(min=1).float()
     return logits.to(dtype), targets, grad_scale
 
 
@@ -75,10 +76,11 @@ def test_schema(arcana):
 def test_fake_shapes_on_meta(arcana, dtype):
     logits = torch.empty(6, 50304, device="meta", dtype=dtype)
     targets = torch.empty(6, device="meta", dtype=torch.long)
-    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, 0.5, True)
+    scale = torch.empty((), device="meta")
+    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, scale, True)
     assert (losses.shape, losses.dtype) == ((6,), torch.float32)
     assert (dlogits.shape, dlogits.dtype, dlogits.is_contiguous()) == ((6, 50304), dtype, True)
-    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, 0.5, False, 0)
+    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, scale, False, 0)
     assert (losses.shape, dlogits.shape, dlogits.dtype) == ((6,), (0,), dtype)
 
 
@@ -86,11 +88,12 @@ def test_fake_in_fake_tensor_mode_and_compile(arcana):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         losses, dlogits = arcana.cross_entropy_fwd_bwd(torch.empty(3, 7, dtype=torch.bfloat16),
-                                                       torch.empty(3, dtype=torch.long), 1.0, True, 2)
+                                                       torch.empty(3, dtype=torch.long), torch.ones(()), True, 2)
     assert (losses.shape, dlogits.shape, dlogits.dtype) == ((3,), (3, 7), torch.bfloat16)
 
     def loss_and_grad(logits, targets):
-        losses, dlogits = torch.ops.arcana.cross_entropy_fwd_bwd(logits, targets, 0.25, True)
+        scale = 1.0 / (targets != -1).sum().clamp(min=1).float()  # as lm_head_loss_op computes it
+        losses, dlogits = torch.ops.arcana.cross_entropy_fwd_bwd(logits, targets, scale, True)
         return losses.sum(), dlogits * 2
 
     torch._dynamo.reset()
@@ -102,7 +105,7 @@ def test_fake_in_fake_tensor_mode_and_compile(arcana):
 def test_cpu_tensors_get_the_clear_error(arcana):
     with pytest.raises(RuntimeError, match=r"arcana::cross_entropy_fwd_bwd: logits must be a CUDA tensor, got cpu; "
                                            r"move it with \.cuda\(\) or use --kernels torch"):
-        arcana.cross_entropy_fwd_bwd(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), 1.0, True)
+        arcana.cross_entropy_fwd_bwd(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(()), True)
 
 
 def test_cuda_ops_loss_paths(monkeypatch):
@@ -150,7 +153,8 @@ def emu_run(lib, logits, targets, grad_scale, compute_grad, variant, row_fits, o
     out[n * V:] = 3.0
     code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[logits.dtype]
     rc = lib.emu_cross_entropy(code, variant, int(vec), int(row_fits), x.data_ptr(), targets.data_ptr(),
-                               losses.data_ptr(), out.data_ptr() if compute_grad else None, n, V, grad_scale)
+                               losses.data_ptr(), out.data_ptr() if compute_grad else None, n, V,
+                               ctypes.c_float(float(grad_scale)))
     assert rc == 0
     assert (out[n * V:] == 3.0).all(), "the kernel wrote past the end of dlogits"
     if not compute_grad:
@@ -194,7 +198,7 @@ def test_emulated_misaligned_rows_and_no_grad(emu, dtype):
     for variant, fits in EMU_PATHS:
         losses, grad = emu_run(emu, logits, targets, grad_scale, True, variant, fits, offset=1)
         assert (losses.double() - ref_losses).abs().max().item() <= 1e-5 * ref_losses.abs().max().item()
-        assert (grad.double() - ref_grad).abs().max().item() <= 1e-2 * grad_scale
+        assert (grad.double() - ref_grad).abs().max().item() <= 1e-2 * grad_scale.item()
         no_grad_losses, _ = emu_run(emu, logits, targets, grad_scale, False, variant, fits)
         assert torch.equal(no_grad_losses, losses)  # sweep 1 is the same with or without a gradient
 
@@ -287,13 +291,14 @@ def test_out_of_range_targets_and_misaligned_rows(arcana, poison, variant):
     base = torch.randn(6 * V + 1, device="cuda", dtype=torch.bfloat16)
     logits = base[1:].view(6, V)  # contiguous, 2 bytes off a 16-byte boundary: the scalar path
     targets = torch.tensor([5, -2, V, -1, 2 ** 40, 77], device="cuda")
-    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, 0.5, True, variant)
+    half = torch.tensor(0.5, device="cuda")
+    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, half, True, variant)
     torch.cuda.synchronize()  # an out-of-bounds access would surface here
     for row in (1, 2, 4):
         assert losses[row].isnan() and grad[row].isnan().all()
     assert losses[3] == 0 and (grad[3] == 0).all()
     good = torch.tensor([0, 5], device="cuda")
-    ref_losses, ref_grad = reference(logits[[0, 5]], targets[[0, 5]], 0.5)
+    ref_losses, ref_grad = reference(logits[[0, 5]], targets[[0, 5]], half)
     assert (losses[good].double() - ref_losses).abs().max().item() < 1e-4
     assert (grad[good].double() - ref_grad).abs().max().item() < 4e-3
 
@@ -302,21 +307,24 @@ def test_out_of_range_targets_and_misaligned_rows(arcana, poison, variant):
 def test_bad_inputs_get_clear_errors(arcana):
     x = torch.randn(8, 64, device="cuda")
     t = torch.zeros(8, dtype=torch.long, device="cuda")
+    one = torch.ones((), device="cuda")
     op = arcana.cross_entropy_fwd_bwd
     cases = [
-        (lambda: op(x.double(), t, 1.0, True), r"logits has dtype Double; expected float32, bfloat16 or float16"),
-        (lambda: op(x.view(2, 4, 64), t, 1.0, True), r"logits must be 2-D \(rows, vocab\), got shape \[2, 4, 64\]"),
-        (lambda: op(x.t(), t, 1.0, True), r"logits must be contiguous"),
-        (lambda: op(x, t.int(), 1.0, True), r"targets has dtype Int, expected Long"),
-        (lambda: op(x, t[:4], 1.0, True), r"targets must have shape \(8,\), one per row of logits, got \[4\]"),
-        (lambda: op(x, t.cpu(), 1.0, True), r"targets must be a CUDA tensor, got cpu"),
-        (lambda: op(x, t, float("inf"), True), r"grad_scale must be finite"),
-        (lambda: op(x, t, 1.0, True, 3), r"variant must be 0 \(plain kernel\), 1 \(fast kernel\) or 2"),
+        (lambda: op(x.double(), t, one, True), r"logits has dtype Double; expected float32, bfloat16 or float16"),
+        (lambda: op(x.view(2, 4, 64), t, one, True), r"logits must be 2-D \(rows, vocab\), got shape \[2, 4, 64\]"),
+        (lambda: op(x.t(), t, one, True), r"logits must be contiguous"),
+        (lambda: op(x, t.int(), one, True), r"targets has dtype Int, expected Long"),
+        (lambda: op(x, t[:4], one, True), r"targets must have shape \(8,\), one per row of logits, got \[4\]"),
+        (lambda: op(x, t.cpu(), one, True), r"targets must be a CUDA tensor, got cpu"),
+        (lambda: op(x, t, one.cpu(), True), r"grad_scale must be a CUDA tensor, got cpu"),
+        (lambda: op(x, t, one.double(), True), r"grad_scale has dtype Double, expected Float"),
+        (lambda: op(x, t, one.expand(2), True), r"grad_scale must hold one value, got shape \[2\]"),
+        (lambda: op(x, t, one, True, 3), r"variant must be 0 \(plain kernel\), 1 \(fast kernel\) or 2"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
-    losses, grad = op(x[:0], t[:0], 1.0, True)
+    losses, grad = op(x[:0], t[:0], one, True)
     assert losses.shape == (0,) and grad.shape == (0, 64)
 
 
