@@ -426,6 +426,7 @@ def bench_hellaswag(argv):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--kernels", default="auto", choices=["auto", "cuda", "torch"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = parser.parse_args(argv)
 
     rt = tg.setup_runtime(args.device)
@@ -464,13 +465,22 @@ def bench_hellaswag(argv):
             times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2] if times else first
     rate = s.total / dt
-    print(f"device {tg.device_name(rt)} ({rt.device}), {str(dtype).replace('torch.', '')}, kernels {ops.name}, "
-          f"compile {args.compile}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
-    print(f"model {name}; data {data}: {s.total} examples, rows padded to {s.length} tokens, "
-          f"batch {batch_size} examples = {4 * batch_size} rows")
+    about = (f"{str(dtype).replace('torch.', '')}, kernels {ops.name}, compile {args.compile}, torch "
+             f"{torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print(f"device {tg.device_name(rt)} ({rt.device}), {about}")
     rate_s = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3f}"
-    print(f"first call {first:.2f} s (tokenizing{' and compiling' if args.compile else ''}); then {dt:.3f} s = "
-          f"{rate_s} examples/s: the 10,042-example val split would take {10042 / rate:,.1f} s")
+    val_s = 10042 / rate
+    lines = [f"model {name}; data {data}: {s.total} examples, rows padded to {s.length} tokens, "
+             f"batch {batch_size} examples = {4 * batch_size} rows",
+             f"first call {first:.2f} s (tokenizing{' and compiling' if args.compile else ''}); then {dt:.3f} s = "
+             f"{rate_s} examples/s: the 10,042-example val split would take {val_s:,.1f} s"]
+    for line in lines:
+        print(line)
+    if rt.device_type == "cuda":
+        lines += print_goals([f"10,042 val examples in under 10 s (124M, one H100): {val_s:.1f} s, "
+                              f"{'met' if val_s < 10 else 'not met'}"])
+    if args.record:
+        record("hellaswag", tg.device_name(rt), argv, about, lines)
     return 0
 
 
