@@ -911,6 +911,14 @@ def flops_per_token(model, T):
 # -----------------------------------------------------------------------------
 # evaluation and sampling
 
+def batch_to_device(x, y, device):
+    """A batch from the loader on the run's device. A CPU batch bound for a GPU is pinned first: a copy from
+    pinned memory is queued behind the GPU's work, where one from pageable memory may wait for it."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 @torch.no_grad()
 def evaluate_val(model, loader, micro_batches, rt, amp):
     """Mean loss over the first micro_batches windows of each rank in the val shards (always the same tokens)."""
@@ -918,8 +926,7 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
     loader.reset()
     total = torch.zeros((), device=rt.device)
     for _ in range(micro_batches):
-        x, y = loader.next_batch()
-        x, y = x.to(rt.device), y.to(rt.device)
+        x, y = batch_to_device(*loader.next_batch(), rt.device)
         with amp:
             _, loss = model(x, y)
         total += loss.detach().float()
@@ -1114,8 +1121,7 @@ def forward_backward(model, ddp_model, loader, grad_accum, device, amp, scaler=N
     model.train()
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = batch_to_device(*loader.next_batch(), device)
         sync = ddp_model is None or micro_step == grad_accum - 1
         with (nullcontext() if sync else ddp_model.no_sync()):
             with amp:
