@@ -2,9 +2,9 @@
 // lm_head loss, train_gpt.py lm_head_loss_op):
 //   losses[r]    = logsumexp(logits[r]) - logits[r, t]                 (t = targets[r]; 0 where t == -1)
 //   dlogits[r]   = (softmax(logits[r]) - onehot(t)) * grad_scale       (0 where t == -1)
-// grad_scale is a one-element fp32 tensor on the GPU, read by the kernel: the chunked loss computes it from
-// the targets there (1 / rows with a target) and so never waits for the GPU on the host.
-// with every sum, exp and log in fp32 and dlogits rounded once to the logits' dtype. A target outside
+// with every sum, exp and log in fp32 and dlogits rounded once to the logits' dtype. grad_scale is a
+// one-element fp32 tensor on the GPU, read by the kernel: the chunked loss computes it from the targets there
+// (1 / rows with a target), so it never makes the host wait for the GPU. A target outside
 // [-1, V) is never used as an index: its row gets a NaN loss (and NaN dlogits), so a run with bad token ids
 // stops at train_gpt.py's non-finite-loss check instead of reading or writing out of bounds.
 //
