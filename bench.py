@@ -928,12 +928,13 @@ def bench_cross_entropy(argv):
     logits = (torch.randn(args.rows, args.vocab, device="cuda") * 2).to(dtype)
     targets = torch.randint(0, args.vocab, (args.rows,), device="cuda")
     targets[::8] = -1
-    grad_scale = 1.0 / (targets != -1).sum().float()  # a one-element tensor on the GPU, as the chunked loss passes it
+    count = int((targets != -1).sum())
+    grad_scale = torch.tensor(1.0 / count, device="cuda")  # a one-element GPU tensor, as the chunked loss passes it
     flush = gpu_flush_buffer()
     ceiling = gpu_copy_bandwidth(flush, reps=args.reps)
     nbytes = 2 * logits.numel() * logits.element_size()
     device = torch.cuda.get_device_name()
-    setup = (f"{args.rows} x {args.vocab} {args.dtype} logits, grad_scale 1/{int((targets != -1).sum())}; median "
+    setup = (f"{args.rows} x {args.vocab} {args.dtype} logits, grad_scale 1/{count}; median "
              f"of {args.reps} runs, L2 flushed before each; copy bandwidth {ceiling:.0f} GB/s")
     print(f"device {device}, {torch_versions()}")
     print(setup)
