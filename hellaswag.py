@@ -516,8 +516,7 @@ def main(argv=None):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        train_gpt.end_distributed()
 
 
 if __name__ == "__main__":

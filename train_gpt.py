@@ -18,6 +18,7 @@ Every flag: python train_gpt.py --help. The data comes from `python prepare.py`.
 
 import argparse
 import dataclasses
+import gc
 import glob
 import inspect
 import json
@@ -41,12 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-GPT2_VOCAB_SIZE = 50257  # real GPT-2 tokens; the embedding is padded past this for speed
-EOT_TOKEN = 50256
-
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, no traceback."""
+from prepare import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, format_duration, gpt2_encoding
 
 
 # -----------------------------------------------------------------------------
@@ -934,17 +930,8 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
     return all_reduce_mean(total / micro_batches, rt).item()
 
 
-def gpt2_tokenizer():
-    """prepare.py's GPT-2 tokenizer (offline-capable, built once per process), or a UserError saying why not."""
-    from prepare import TokenizerUnavailable, gpt2_encoding
-    try:
-        return gpt2_encoding()
-    except TokenizerUnavailable as e:
-        raise UserError(str(e)) from None
-
-
 def print_samples(model, prompt, num_samples, length, rt, amp, seed):
-    enc = gpt2_tokenizer()
+    enc = gpt2_encoding()
     tokens = enc.encode_ordinary(prompt) or [EOT_TOKEN]
     idx = torch.tensor(tokens, dtype=torch.long, device=rt.device).unsqueeze(0).repeat(num_samples, 1)
     generator = torch.Generator(device=rt.device).manual_seed(seed)  # its own stream: training RNG untouched
@@ -1093,12 +1080,6 @@ class RunLog:
         if self.master:
             with open(self.path, "a") as f:
                 f.write(f"{step} {stream} {value}\n")
-
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    h, m = seconds // 3600, seconds % 3600 // 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{seconds % 60:02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -1285,7 +1266,7 @@ def train(cfg):
     sample_every = cfg.sample_every
     if rt.master and sample_every > 0:
         try:  # sampling is a nicety: without a tokenizer the run goes on, and says so now, not at step 250
-            gpt2_tokenizer()
+            gpt2_encoding()
         except UserError as e:
             print(f"warning: {e}; sampling is off for this run", file=sys.stderr)
             sample_every = 0
@@ -1394,8 +1375,15 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed()
+
+
+def end_distributed():
+    """Destroy the process group while Python is fully alive. DDP keeps it in reference cycles, so collect them
+    first: a gloo worker thread that lets go of its last tensors during interpreter shutdown aborts the process."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

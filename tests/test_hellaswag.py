@@ -375,7 +375,8 @@ assert torch.equal(state, torch.get_rng_state())
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump({{"counts": [s.correct_norm, s.correct, s.total, s.truncated], "indices": s.indices.tolist(),
                "sum_loss": s.sum_loss.tolist()}}, f)
-dist.destroy_process_group()
+del model
+train_gpt.end_distributed()
 """
 
 

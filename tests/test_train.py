@@ -505,7 +505,7 @@ def test_missing_tokenizer_turns_sampling_off(data_dir, tmp_path, monkeypatch, c
     import prepare
 
     def unavailable():
-        raise prepare.TokenizerUnavailable("cannot load the GPT-2 tokenizer (test)")
+        raise prepare.UserError("cannot load the GPT-2 tokenizer (test)")
 
     monkeypatch.setattr(prepare, "gpt2_encoding", unavailable)
     log_dir = str(tmp_path / "log")
