@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import asdict
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 import hellaswag
 import train_gpt
-from prepare import gpt2_encoding
+from prepare import EOT_TOKEN, UserError, gpt2_encoding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK_SIZE = 64
@@ -112,7 +111,7 @@ def short_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unbatched(model, data_file):
-    return hellaswag.score(model, "cpu", path=data_file, batch_size=1)
+    return hellaswag.score(model, data_file, BLOCK_SIZE, batch_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def reference_losses(model, examples, block_size=BLOCK_SIZE):
     enc = gpt2_encoding()
     sums, means = np.zeros((len(examples), 4)), np.zeros((len(examples), 4))
     for i, ex in enumerate(examples):
-        ctx = enc.encode_ordinary(ex["ctx"]) or [50256]  # an empty context reads <|endoftext|>
+        ctx = enc.encode_ordinary(ex["ctx"]) or [EOT_TOKEN]  # an empty context reads <|endoftext|>
         for j, ending in enumerate(ex["endings"]):
             end = enc.encode_ordinary(" " + ending)
             if len(end) >= block_size:  # an ending that fills the block: its start, after one context token
@@ -159,101 +158,111 @@ def test_find_data_is_local_only(tmp_path):
     assert hellaswag.find_data("val", str(tmp_path)) is None
 
 
-def test_download_is_atomic(tmp_path, monkeypatch):
+def test_download_is_atomic_and_ensure_data_downloads_once(tmp_path, monkeypatch, capsys):
     source = tmp_path / "source"
     source.mkdir()
     write_jsonl(source / "hellaswag_test.jsonl", [example(1, "a", "b", "c", ["w", "x", "y", "z"], split="test")])
     monkeypatch.setattr(hellaswag, "URL", "file://" + str(source / "hellaswag_{split}.jsonl"))
     cache = tmp_path / "cache"
-    path = hellaswag.download("test", str(cache))
-    assert path == str(cache / "hellaswag_test.jsonl")
-    assert hellaswag.find_data("test", str(cache)) == path
-    assert os.listdir(cache) == ["hellaswag_test.jsonl"]
+    path = hellaswag.ensure_data("test", str(cache))
+    assert path == str(cache / "hellaswag_test.jsonl") == hellaswag.find_data("test", str(cache))
+    assert os.listdir(cache) == ["hellaswag_test.jsonl"] and "downloading HellaSwag test" in capsys.readouterr().err
+    (source / "hellaswag_test.jsonl").unlink()
+    assert hellaswag.ensure_data("test", str(cache)) == path  # the local copy: no second download
+    assert capsys.readouterr().err == ""
 
     (source / "hellaswag_val.jsonl").write_text('{"ind": 1, "ctx": "cut off in the midd')  # a broken transfer
-    with pytest.raises(hellaswag.HellaSwagError, match="not valid HellaSwag data.*nothing was saved"):
+    with pytest.raises(UserError, match=r"could not download .*:1: not a line of JSON text \(Unterminated string"):
         hellaswag.download("val", str(cache))
     assert os.listdir(cache) == ["hellaswag_test.jsonl"]
 
 
 def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
-    with pytest.raises(hellaswag.HellaSwagError) as e:
-        hellaswag.download("val", str(tmp_path), timeout=5)
-    message = str(e.value)
-    assert "network may be unreachable" in message
-    assert str(tmp_path / "hellaswag_val.jsonl") in message and "--file" in message
-    assert os.listdir(tmp_path) == []
+    for fetch in (hellaswag.download, hellaswag.ensure_data):
+        with pytest.raises(UserError) as e:
+            fetch("val", str(tmp_path))
+        assert f"could not download http://127.0.0.1:9/hellaswag_val.jsonl to {tmp_path / 'hellaswag_val.jsonl'}" \
+               in str(e.value) and "fix the network" in str(e.value) and "--file" in str(e.value)
+        assert os.listdir(tmp_path) == []
 
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(hellaswag.HellaSwagError, match=r"could not write .*a_file/sub/hellaswag_val\.jsonl.*--data_dir"):
-        hellaswag.download("val", str(tmp_path / "a_file" / "sub"), timeout=5)
+    with pytest.raises(UserError, match=r"could not download .* to .*a_file/sub/hellaswag_val\.jsonl.*--data_dir"):
+        hellaswag.download("val", str(tmp_path / "a_file" / "sub"))
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0', r"bad\.jsonl:3: malformed JSON"),
+    ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0', r"bad\.jsonl:3: not a line of JSON"),
+    (b'{"ind": 5, "ctx": "caf\xe9", "endings": ["a", "b", "c", "d"]}', r"bad\.jsonl:3: not a line of JSON"),
     ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}', r"bad\.jsonl:3: example ind=5 has label 4"),
     ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": -1}', r"ind=5 has label -1"),
     ('{"ind": 5, "ctx": "x", "endings": ["a", "b", "c", "d"], "label": "2"}', r"ind=5 has label '2'"),
-    ('{"ind": 6, "ctx": "x", "endings": ["a", "b", "c"], "label": 0}', r"bad\.jsonl:3: example ind=6 has 3 endings"),
-    ('{"ind": 7, "ctx": "x", "label": 0}', r"ind=7 has no 'endings' list"),
+    ('{"ind": 6, "ctx": "x", "endings": ["a", "b", "c"], "label": 0}',
+     r'bad\.jsonl:3: example ind=6 has endings \["a", "b", "c"\]; every example has a list of 4 strings'),
+    ('{"ind": 6, "ctx": "x", "endings": ["a", "b", "c", 4], "label": 0}', r"ind=6 has endings \["),
+    ('{"ind": 7, "ctx": "x", "label": 0}', r"ind=7 has endings null"),
     ('{"ind": 8, "endings": ["a", "b", "c", "d"], "label": 0}', r"ind=8 has no 'ctx' string"),
     ('[1, 2, 3]', r"bad\.jsonl:3: a JSON list, not an example"),
 ])
 def test_bad_rows_name_file_line_and_ind(tmp_path, model, line, message):
-    path = write_jsonl(tmp_path / "bad.jsonl", EXAMPLES[:1] + [""] + [line])  # line 2 is blank: skipped
-    with pytest.raises(hellaswag.HellaSwagError, match=message):
-        hellaswag.load_examples(path)
-    with pytest.raises(hellaswag.HellaSwagError, match=message):
-        hellaswag.evaluate(model, "cpu", path=path)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(EXAMPLES[0]).encode(), b"", line if isinstance(line, bytes)
+                                 else line.encode()]))  # line 2 is blank: skipped
+    with pytest.raises(UserError, match=message):
+        hellaswag.load_examples(str(path))
+    with pytest.raises(UserError, match=message):
+        hellaswag.score(model, str(path), BLOCK_SIZE)
 
 
 def test_empty_file_and_unlabelled_rows(tmp_path, model):
     empty = write_jsonl(tmp_path / "empty.jsonl", [""])
-    with pytest.raises(hellaswag.HellaSwagError, match="holds no examples"):
-        hellaswag.evaluate(model, "cpu", path=empty)
+    with pytest.raises(UserError, match="holds no examples"):
+        hellaswag.score(model, empty, BLOCK_SIZE)
+    with pytest.raises(UserError, match="nowhere.jsonl does not exist"):
+        hellaswag.score(model, str(tmp_path / "nowhere.jsonl"), BLOCK_SIZE)
     test_rows = [{k: v for k, v in ex.items() if k != "label"} for ex in EXAMPLES[:3]]
     path = write_jsonl(tmp_path / "hellaswag_test.jsonl", test_rows)
-    assert hellaswag.load_examples(path) == test_rows  # loading and rendering need no label
-    assert hellaswag.render_example(test_rows[0]).label is None
-    with pytest.raises(hellaswag.HellaSwagError, match=r"hellaswag_test\.jsonl:1: example ind=11 has no label"):
-        hellaswag.evaluate(model, "cpu", path=path)
+    assert hellaswag.load_examples(path) == test_rows  # loading needs no label
+    with pytest.raises(UserError, match=r"hellaswag_test\.jsonl:1: example ind=11 has no label"):
+        hellaswag.score(model, path, BLOCK_SIZE)
 
 
 # -----------------------------------------------------------------------------
 # rendering
 
-def test_render_is_context_then_space_ending():
+def test_render_is_context_then_space_ending_in_one_padded_array(tmp_path, data_file):
     enc = gpt2_encoding()
-    ex = EXAMPLES[1]
-    r = hellaswag.render_example(ex)
-    ctx = enc.encode_ordinary(ex["ctx"])
-    for row, start, ending in zip(r.rows, r.starts, ex["endings"]):
-        assert row == ctx + enc.encode_ordinary(" " + ending) and start == len(ctx)
-    assert r.label == 1 and not r.truncated
-    tokens, mask = r.tensors()
-    assert tokens.shape == mask.shape == (4, max(len(row) for row in r.rows))
-    for i, (row, start) in enumerate(zip(r.rows, r.starts)):
-        assert tokens[i, :len(row)].tolist() == row and tokens[i, len(row):].eq(0).all()
-        assert mask[i].tolist() == [0] * start + [1] * (len(row) - start) + [0] * (tokens.size(1) - len(row))
+    data = hellaswag.rendered(data_file, 1024)  # a block that holds every row
+    longest = 0
+    for i, ex in enumerate(EXAMPLES):
+        ctx = enc.encode_ordinary(ex["ctx"]) or [EOT_TOKEN]  # an empty context reads <|endoftext|>
+        for j, ending in enumerate(ex["endings"]):
+            row = ctx + enc.encode_ordinary(" " + ending)
+            assert data.tokens[i, j, :len(row)].tolist() == row and not data.tokens[i, j, len(row):].any()
+            assert (data.starts[i, j], data.lengths[i, j]) == (len(ctx), len(row))
+            longest = max(longest, len(row))
+    assert data.tokens.shape == (13, 4, -(-longest // 32) * 32) and data.tokens.dtype == np.int32
+    assert data.labels.tolist() == [ex["label"] for ex in EXAMPLES] and not data.truncated.any()
+
+    assert hellaswag.rendered(data_file, 1024) is data  # from memory while the file is unchanged
+    copy = write_jsonl(tmp_path / "copy.jsonl", EXAMPLES)
+    assert hellaswag.rendered(copy, 1024).labels.tolist() == data.labels.tolist()
+    write_jsonl(copy, EXAMPLES[:2])
+    assert len(hellaswag.rendered(copy, 1024).labels) == 2  # rewritten: read again
 
 
-def test_render_truncates_from_the_left_and_keeps_endings_whole():
+def test_render_truncates_from_the_left_and_keeps_endings_whole(data_file):
     enc = gpt2_encoding()
-    ex = EXAMPLES[5]  # a context longer than the block
-    r = hellaswag.render_example(ex, block_size=BLOCK_SIZE)
-    assert r.truncated
-    for row, start, ending in zip(r.rows, r.starts, ex["endings"]):
-        end = enc.encode_ordinary(" " + ending)
-        assert len(row) == BLOCK_SIZE and row[start:] == end
-        assert row[:start] == enc.encode_ordinary(ex["ctx"])[-start:]
-    assert not hellaswag.render_example(ex).truncated  # no block size, no truncation
-
-    r = hellaswag.render_example(EXAMPLES[7], block_size=BLOCK_SIZE)  # an ending longer than the block
-    long_end = enc.encode_ordinary(" " + LONG_ENDING)
-    assert len(long_end) > BLOCK_SIZE and r.truncated
-    assert r.rows[0] == enc.encode_ordinary(EXAMPLES[7]["ctx"])[-1:] + long_end[:BLOCK_SIZE - 1]
-    assert r.starts[0] == 1
+    data = hellaswag.rendered(data_file, BLOCK_SIZE)
+    assert data.tokens.shape[2] == BLOCK_SIZE and data.truncated.tolist() == [i in (5, 7) for i in range(13)]
+    ctx = enc.encode_ordinary(EXAMPLES[5]["ctx"])  # a context longer than the block
+    for j, ending in enumerate(EXAMPLES[5]["endings"]):
+        end, start = enc.encode_ordinary(" " + ending), data.starts[5, j]
+        assert data.lengths[5, j] == BLOCK_SIZE and data.tokens[5, j, start:].tolist() == end
+        assert data.tokens[5, j, :start].tolist() == ctx[-start:]
+    long_end = enc.encode_ordinary(" " + LONG_ENDING)  # an ending longer than the block
+    assert len(long_end) > BLOCK_SIZE and data.starts[7, 0] == 1
+    assert data.tokens[7, 0].tolist() == enc.encode_ordinary(EXAMPLES[7]["ctx"])[-1:] + long_end[:BLOCK_SIZE - 1]
 
 
 # -----------------------------------------------------------------------------
@@ -265,33 +274,37 @@ def test_scores_equal_one_example_at_a_time(model, data_file, unbatched):
     np.testing.assert_allclose(s.sum_loss, sums, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(s.mean_loss, means, rtol=1e-5, atol=1e-5)
     labels = np.array([ex["label"] for ex in EXAMPLES])
-    pred, pred_norm = s.predictions
+    pred, pred_norm = s.sum_loss.argmin(1), s.mean_loss.argmin(1)
     assert pred.tolist() == sums.argmin(1).tolist() and pred_norm.tolist() == means.argmin(1).tolist()
     assert len(set(pred_norm.tolist())) > 1 and len(set(pred.tolist())) > 1  # the data tells endings apart
     assert (s.correct_norm, s.correct, s.total) == ((pred_norm == labels).sum(), (pred == labels).sum(), 13)
     assert s.truncated == 2  # the long context and the long ending
-    assert hellaswag.evaluate(model, "cpu", path=data_file) == (s.correct_norm, s.correct, s.total)
+    default = hellaswag.score(model, data_file, BLOCK_SIZE)
+    assert (default.correct_norm, default.correct, default.total) == (s.correct_norm, s.correct, s.total)
 
 
 def test_batched_equals_unbatched(model, data_file, unbatched):
     one = unbatched
     for batch_size in (3, 5, 20):  # 13 examples: none of these divides them
-        s = hellaswag.score(model, "cpu", path=data_file, batch_size=batch_size)
+        s = hellaswag.score(model, data_file, BLOCK_SIZE, batch_size=batch_size)
         np.testing.assert_allclose(s.sum_loss, one.sum_loss, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(s.mean_loss, one.mean_loss, rtol=1e-6, atol=1e-5)
         assert (s.correct_norm, s.correct, s.total, s.truncated) == \
                (one.correct_norm, one.correct, one.total, one.truncated)
-        assert [p.tolist() for p in s.predictions] == [p.tolist() for p in one.predictions]
-    limited = hellaswag.score(model, "cpu", path=data_file, batch_size=3, limit=5)
+    limited = hellaswag.score(model, data_file, BLOCK_SIZE, batch_size=3, limit=5)
     assert limited.total == 5 and np.array_equal(limited.indices, np.arange(5))
     np.testing.assert_allclose(limited.sum_loss, one.sum_loss[:5], rtol=1e-6, atol=1e-5)
+    for flag in ("batch_size", "limit"):
+        with pytest.raises(UserError, match=f"--{flag} 0 must be at least 1"):
+            hellaswag.score(model, data_file, BLOCK_SIZE, **{flag: 0})
 
 
 def test_padded_vocabulary_is_never_scored(short_file):
     model = tiny_gpt()
-    before = hellaswag.score(model, "cpu", path=short_file, batch_size=5)
+    before = hellaswag.score(model, short_file, BLOCK_SIZE, batch_size=5)
     with torch.no_grad():
         model.lm_head.weight[50257:] = 10.0  # huge logits for the padding ids
-    after = hellaswag.score(model, "cpu", path=short_file, batch_size=5)
+    after = hellaswag.score(model, short_file, BLOCK_SIZE, batch_size=5)
     np.testing.assert_allclose(after.sum_loss, before.sum_loss, rtol=1e-6)
 
 
@@ -311,20 +324,17 @@ class Recorder(torch.nn.Module):
 def test_one_fixed_shape_through_wrappers_and_rng_untouched(model, data_file, short_file, unbatched):
     wrapped = Recorder(model)
     state = torch.get_rng_state()
-    s = hellaswag.score(wrapped, "cpu", path=data_file, batch_size=5)
+    s = hellaswag.score(wrapped, data_file, BLOCK_SIZE, batch_size=5)
     assert torch.equal(torch.get_rng_state(), state)
     assert (s.correct_norm, s.correct) == (unbatched.correct_norm, unbatched.correct)
-    assert s.block_size == BLOCK_SIZE and s.length == BLOCK_SIZE  # the long example fills the block
+    assert s.length == BLOCK_SIZE  # the long example fills the block
     assert wrapped.shapes == [(20, BLOCK_SIZE)] * 3  # 13 examples: 5 + 5 + 3 real, 2 dummy
 
     wrapped.shapes.clear()
-    s = hellaswag.score(wrapped, "cpu", path=short_file, batch_size=2)
+    s = hellaswag.score(wrapped, short_file, BLOCK_SIZE, batch_size=2)
     assert s.length == 32 and wrapped.shapes == [(8, 32)] * 3  # longest row < 32: one multiple of 32
-
-    with pytest.raises(hellaswag.HellaSwagError, match="pass block_size="):
-        hellaswag.evaluate(lambda idx: model(idx), "cpu", path=data_file)
-    assert hellaswag.evaluate(lambda idx: model(idx), "cpu", path=short_file, block_size=BLOCK_SIZE) == \
-           hellaswag.evaluate(model, "cpu", path=short_file)
+    plain = hellaswag.score(lambda idx: model(idx), short_file, BLOCK_SIZE)  # any callable: block_size is given
+    assert (plain.correct_norm, plain.correct, plain.total) == (s.correct_norm, s.correct, s.total)
 
 
 def test_compiled_model_compiles_once(model, short_file):
@@ -336,24 +346,24 @@ def test_compiled_model_compiles_once(model, short_file):
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counting_backend)
-    first = hellaswag.evaluate(compiled, "cpu", path=short_file, batch_size=2)  # 2 + 2 + 1 examples
-    second = hellaswag.evaluate(compiled, "cpu", path=short_file, batch_size=2)
-    assert first == second == hellaswag.evaluate(model, "cpu", path=short_file, batch_size=2)
+    counts = [(s.correct_norm, s.correct, s.total) for s in
+              (hellaswag.score(m, short_file, BLOCK_SIZE, batch_size=2) for m in (compiled, compiled, model))]
+    assert counts[0] == counts[1] == counts[2]  # 2 + 2 + 1 examples, twice: one compilation
     assert len(compiles) == 1
     torch._dynamo.reset()
 
 
 def test_a_process_with_no_examples_runs_no_forward_pass(short_file):
     # world_size larger than the file: the ranks past its end score nothing and contribute zero counts
-    data = hellaswag.load_rendered(short_file, BLOCK_SIZE)
+    data = hellaswag.rendered(short_file, BLOCK_SIZE)
     wrapped = Recorder(tiny_gpt())
     summed, mean = hellaswag._ending_losses(wrapped, data, np.arange(7, 5, 8), "cpu", 2)
     assert summed.shape == mean.shape == (0, 4) and wrapped.shapes == []
 
 
 def test_world_size_needs_distributed(model, data_file):
-    with pytest.raises(hellaswag.HellaSwagError, match="torch.distributed"):
-        hellaswag.evaluate(model, "cpu", 1, 2, path=data_file)
+    with pytest.raises(UserError, match="torch.distributed"):
+        hellaswag.score(model, data_file, BLOCK_SIZE, "cpu", 1, 2)
 
 
 DISTRIBUTED_SCRIPT = """
@@ -363,32 +373,46 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, {root!r})
 import hellaswag, train_gpt
+from prepare import UserError
 
 dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
+hellaswag.URL = {url!r}  # the 5 short examples stand in for the official val file
+path = hellaswag.ensure_data("val", {cache!r}, rank == 0, True)  # rank 0 downloads, rank 1 waits for it
+hellaswag.URL = "file:///nowhere/hellaswag_{{split}}.jsonl"
+try:
+    hellaswag.ensure_data("train", {cache!r}, rank == 0, True)
+    missing = None
+except UserError as e:
+    missing = str(e)
 model, _ = train_gpt.model_from_checkpoint({checkpoint!r})
 model = DDP(model, broadcast_buffers=False).eval()  # as train_gpt.py wraps it
 state = torch.get_rng_state()
 # 5 examples, batch 2: rank 0 scores 3 in 2 forward passes, rank 1 scores 2 in 1
-s = hellaswag.score(model, "cpu", rank, world_size, path={data!r}, batch_size=2)
+s = hellaswag.score(model, path, {block_size}, "cpu", rank, world_size, batch_size=2)
 assert torch.equal(state, torch.get_rng_state())
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
-    json.dump({{"counts": [s.correct_norm, s.correct, s.total, s.truncated], "indices": s.indices.tolist(),
-               "sum_loss": s.sum_loss.tolist()}}, f)
+    json.dump({{"path": path, "missing": missing, "counts": [s.correct_norm, s.correct, s.total, s.truncated],
+               "indices": s.indices.tolist(), "sum_loss": s.sum_loss.tolist()}}, f)
 del model
 train_gpt.end_distributed()
 """
 
 
 def test_two_processes_give_the_same_totals(tmp_path, model, checkpoint, short_file):
-    script = tmp_path / "score.py"
-    script.write_text(DISTRIBUTED_SCRIPT.format(root=ROOT, checkpoint=checkpoint, data=short_file, out=str(tmp_path)))
+    script, cache = tmp_path / "score.py", tmp_path / "cache"
+    script.write_text(DISTRIBUTED_SCRIPT.format(root=ROOT, url="file://" + short_file, cache=str(cache),
+                                                checkpoint=checkpoint, block_size=BLOCK_SIZE, out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    one = hellaswag.score(model, "cpu", path=short_file, batch_size=5)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["path"] for r in ranks] == [str(cache / "hellaswag_val.jsonl")] * 2
+    assert proc.stderr.count("downloading HellaSwag val") == 1 and os.listdir(cache) == ["hellaswag_val.jsonl"]
+    assert "could not download file:///nowhere/hellaswag_train.jsonl" in ranks[0]["missing"]
+    assert "the master process could not download it" in ranks[1]["missing"]
+    one = hellaswag.score(model, short_file, BLOCK_SIZE, batch_size=5)
     for r in ranks:
         assert r["counts"] == [one.correct_norm, one.correct, one.total, one.truncated]
     assert ranks[0]["indices"] == [0, 2, 4] and ranks[1]["indices"] == [1, 3]
@@ -412,8 +436,8 @@ def test_cli_scores_a_checkpoint(capsys, checkpoint, data_file, unbatched):
     s = unbatched
     assert result["examples"] == 13 and result["truncated"] == 2 and result["block_size"] == BLOCK_SIZE
     assert result["acc_norm"] == s.correct_norm / 13 and result["acc"] == s.correct / 13
-    assert result["model"] == f"{checkpoint} (step 7)"
-    assert {"seconds", "examples_per_s", "device", "dtype", "batch_size"} <= set(result)
+    assert result["model"] == f"{checkpoint} (step 7)" and result["file"] == data_file and result["split"] is None
+    assert {"seconds", "examples_per_s", "load_seconds", "device", "dtype", "batch_size", "processes"} <= set(result)
 
     code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--file", data_file, "--limit", "4",
                              "--batch_size", "3", "--device", "cpu")
@@ -421,9 +445,8 @@ def test_cli_scores_a_checkpoint(capsys, checkpoint, data_file, unbatched):
     assert "4 examples (0 truncated" in out and "acc " in out and "acc_norm " in out and "examples/s" in out
 
 
-def test_cli_scores_a_hugging_face_directory(capsys, tmp_path, model, data_file, unbatched):
-    # the tiny model in Hugging Face's GPT-2 layout, with the unpadded 50,257-token vocabulary: the same
-    # weights for every real token, so the same scores as the padded model
+def hf_directory(path, model, vocab_size=50257):
+    """The tiny model in Hugging Face's GPT-2 layout, its vocabulary cut to vocab_size."""
     from safetensors.torch import save_file
 
     conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -431,29 +454,42 @@ def test_cli_scores_a_hugging_face_directory(capsys, tmp_path, model, data_file,
     for name, value in model.state_dict().items():
         if name == "lm_head.weight":
             continue  # tied to wte
-        value = value[:50257] if name == "transformer.wte.weight" else value
+        value = value[:vocab_size] if name == "transformer.wte.weight" else value
         tensors[name] = (value.t() if name.endswith(conv1d) else value).contiguous()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
     c = model.config
-    (tmp_path / "config.json").write_text(json.dumps({
-        "n_positions": c.block_size, "vocab_size": 50257, "n_layer": c.n_layer, "n_head": c.n_head,
+    (path / "config.json").write_text(json.dumps({
+        "n_positions": c.block_size, "vocab_size": vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
         "n_embd": c.n_embd, "activation_function": "gelu_new"}))
-    code, out, err = run_cli(capsys, "--model_dir", str(tmp_path), "--file", data_file, "--device", "cpu", "--json")
+    return str(path)
+
+
+def test_cli_scores_a_hugging_face_directory(capsys, tmp_path, model, data_file, unbatched):
+    # the unpadded 50,257-token vocabulary has the same weights for every real token: the same scores
+    code, out, err = run_cli(capsys, "--model_dir", hf_directory(tmp_path / "gpt2", model), "--file", data_file,
+                             "--device", "cpu", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert (result["correct_norm"], result["correct"], result["examples"]) == \
            (unbatched.correct_norm, unbatched.correct, 13)
+    code, out, err = run_cli(capsys, "--model_dir", hf_directory(tmp_path / "small", model, 1000), "--file",
+                             data_file, "--device", "cpu")
+    assert code == 2 and "1000 tokens, fewer than GPT-2's 50257" in err
 
 
 def test_cli_downloads_on_first_use(capsys, tmp_path, monkeypatch, checkpoint, data_file):
     monkeypatch.setattr(hellaswag, "URL", "file://" + data_file.replace("hellaswag_val", "hellaswag_{split}"))
     cache = tmp_path / "cache"
     code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--data_dir", str(cache), "--device", "cpu",
-                             "--limit", "2")
+                             "--limit", "2", "--json")
     assert code == 0, err
-    assert "downloading" in out and os.path.isfile(cache / "hellaswag_val.jsonl")
+    assert "downloading" in err and os.path.isfile(cache / "hellaswag_val.jsonl")
+    assert json.loads(out)["split"] == "val" and json.loads(out)["examples"] == 2  # stdout: the JSON alone
     code, out, err = run_cli(capsys, "--download", "--data_dir", str(cache))
-    assert code == 0 and "already there" in out
+    assert code == 0 and out == f"{cache / 'hellaswag_val.jsonl'} is in place\n" and err == ""
+    code, out, err = run_cli(capsys, "--download", "--data_dir", str(tmp_path / "other"))
+    assert code == 0 and "downloading" in err and os.path.isfile(tmp_path / "other" / "hellaswag_val.jsonl")
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path, monkeypatch, checkpoint, data_file):
@@ -464,7 +500,10 @@ def test_cli_errors_are_one_line(capsys, tmp_path, monkeypatch, checkpoint, data
 
     assert "exactly one of --checkpoint" in error_of("--file", data_file)
     assert "(got --checkpoint and --model)" in error_of("--checkpoint", checkpoint, "--model", "gpt2")
-    assert "--file nowhere.jsonl does not exist" in error_of("--checkpoint", checkpoint, "--file", "nowhere.jsonl")
+    assert "nowhere.jsonl does not exist" in error_of("--checkpoint", checkpoint, "--file", "nowhere.jsonl",
+                                                      "--device", "cpu")
+    assert "--batch_size 0 must be at least 1" in error_of("--checkpoint", checkpoint, "--file", data_file,
+                                                           "--device", "cpu", "--batch_size", "0")
 
     garbage = tmp_path / "model_00001.pt"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -475,15 +514,17 @@ def test_cli_errors_are_one_line(capsys, tmp_path, monkeypatch, checkpoint, data
     torch.save({"model": state, "step": 2, "model_config": dict(asdict(tiny_gpt().config), n_embd=64)}, other)
     assert "does not load into a GPT (RuntimeError" in error_of("--checkpoint", str(other), "--file", data_file,
                                                                  "--device", "cpu")
-    assert "has no config.json" in error_of("--model_dir", str(tmp_path), "--file", data_file, "--device", "cpu")
+    assert "config.json" in error_of("--model_dir", str(tmp_path), "--file", data_file, "--device", "cpu")
 
     monkeypatch.setattr(hellaswag, "URL", "http://127.0.0.1:9/hellaswag_{split}.jsonl")
-    err = error_of("--checkpoint", checkpoint, "--data_dir", str(tmp_path / "empty"), "--device", "cpu")
-    assert "network may be unreachable" in err and str(tmp_path / "empty" / "hellaswag_val.jsonl") in err
+    code, out, err = run_cli(capsys, "--checkpoint", checkpoint, "--data_dir", str(tmp_path / "empty"))
+    notice, error = err.splitlines()  # what it tried, then why it failed
+    assert code == 2 and notice.startswith("downloading HellaSwag val") and error.startswith("error: could not download")
+    assert str(tmp_path / "empty" / "hellaswag_val.jsonl") in error
 
     bad = write_jsonl(tmp_path / "bad.jsonl", EXAMPLES[:2] + ['{"ind": 9, "ctx": "x", "endings": ["a"], "label": 0}'])
-    assert "bad.jsonl:3: example ind=9 has 1 endings" in error_of("--checkpoint", checkpoint, "--file", bad,
-                                                                  "--device", "cpu")
+    assert 'bad.jsonl:3: example ind=9 has endings ["a"]' in error_of("--checkpoint", checkpoint, "--file", bad,
+                                                                      "--device", "cpu")
 
 
 def test_cli_process_prints_no_traceback(tmp_path, checkpoint):
@@ -498,42 +539,42 @@ def test_cli_process_prints_no_traceback(tmp_path, checkpoint):
 # -----------------------------------------------------------------------------
 # train_gpt.py
 
-def train_command(tmp_path, hellaswag_dir, log_dir):
+def train(tmp_path, hellaswag_dir):
+    """A 2-step tiny training run with HellaSwag every step, offline: any download fails at once."""
     data = tmp_path / "shards"
-    if not data.exists():
-        data.mkdir()
-        rng = np.random.default_rng(0)
-        np.save(data / "x_val_000000.npy", rng.integers(0, 50257, 4000).astype(np.uint16))
-        np.save(data / "x_train_000001.npy", rng.integers(0, 50257, 4000).astype(np.uint16))
-    return [sys.executable, os.path.join(ROOT, "train_gpt.py"), "--model", "tiny", "--device", "cpu",
-            "--data_dir", str(data), "--log_dir", str(log_dir), "--max_steps", "2", "--batch_size", "2",
-            "--block_size", "64", "--total_batch_size", "128", "--val_every", "1", "--val_steps", "1",
-            "--hellaswag_every", "1", "--hellaswag_dir", str(hellaswag_dir), "--sample_every", "0",
-            "--checkpoint_every", "0"]
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "x_val_000000.npy", rng.integers(0, 50257, 4000).astype(np.uint16))
+    np.save(data / "x_train_000001.npy", rng.integers(0, 50257, 4000).astype(np.uint16))
+    script = tmp_path / "offline_train.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport hellaswag, train_gpt\n"
+                      f"hellaswag.URL = 'file:///nowhere/hellaswag_{{split}}.jsonl'\n"
+                      f"sys.exit(train_gpt.main(sys.argv[1:]))\n")
+    command = [sys.executable, str(script), "--model", "tiny", "--device", "cpu", "--data_dir", str(data),
+               "--log_dir", str(tmp_path / "log"), "--max_steps", "2", "--batch_size", "2", "--block_size", "64",
+               "--total_batch_size", "128", "--val_every", "1", "--val_steps", "1", "--hellaswag_every", "1",
+               "--hellaswag_dir", str(hellaswag_dir), "--sample_every", "0", "--checkpoint_every", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, [line.split() for line in (tmp_path / "log" / "log.txt").read_text().splitlines()]
 
 
 def test_train_gpt_logs_hella_lines(tmp_path):
     folder = tmp_path / "hs"
     folder.mkdir()
     write_jsonl(folder / "hellaswag_val.jsonl", EXAMPLES[:4])
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run(train_command(tmp_path, folder, tmp_path / "log"), capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = (tmp_path / "log" / "log.txt").read_text().split("\n")
-    hella = [line.split() for line in lines if " hella " in line]
-    assert [h[0] for h in hella] == ["0", "1", "2"]
+    proc, log = train(tmp_path, folder)
+    hella = [line for line in log if line[1] == "hella"]
+    assert hella and [h[0] for h in hella] == [line[0] for line in log if line[1] == "val"]
     assert all(float(h[2]) * 4 == round(float(h[2]) * 4) for h in hella)  # k right of 4
-    assert "hella_acc_norm" in proc.stdout
+    assert "hella" in proc.stdout
 
 
-def test_train_gpt_skips_hellaswag_without_data(tmp_path):
+def test_train_gpt_goes_on_without_hellaswag_data(tmp_path):
     empty = tmp_path / "hs"
     empty.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run(train_command(tmp_path, empty, tmp_path / "log"), capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(f"HellaSwag data not found in {empty}") == 1
-    log = (tmp_path / "log" / "log.txt").read_text()
-    assert " hella " not in log and " val " in log
+    proc, log = train(tmp_path, empty)
+    notices = [line for line in (proc.stdout + proc.stderr).splitlines() if "hellaswag_val.jsonl" in line]
+    assert len(notices) == 1 and "could not download" in notices[0], proc.stdout + proc.stderr
+    assert not [line for line in log if line[1] == "hella"] and [line for line in log if line[1] == "val"]
