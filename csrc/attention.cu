@@ -1036,10 +1036,10 @@ void fill_qkv(Params& p, const at::Tensor& qkv, const QkvShape& s) {
   p.scale = 1.f / std::sqrt(static_cast<float>(s.D));
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, int64_t variant) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv) {
   const char* op = "arcana::attention_fwd";
   const QkvShape s = check_qkv(qkv, op);
-  check_variant(variant, op);
+  const int variant = std::min(kernel_variant(), 1);
   const c10::cuda::CUDAGuard guard(qkv.device());
   if (variant == 1) check_arch(op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -1054,16 +1054,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, int64_t 
     p.qkv = reinterpret_cast<const E*>(qkv.data_ptr());
     p.out = reinterpret_cast<E*>(out.data_ptr());
     p.lse = lse.data_ptr<float>();
-    launch_fwd<E, kD>(p, static_cast<int>(variant), stream);
+    launch_fwd<E, kD>(p, variant, stream);
   });
   return {out, lse};
 }
 
 at::Tensor attention_bwd(const at::Tensor& dout_in, const at::Tensor& qkv, const at::Tensor& out_in,
-                         const at::Tensor& lse_in, int64_t variant) {
+                         const at::Tensor& lse_in) {
   const char* op = "arcana::attention_bwd";
   const QkvShape s = check_qkv(qkv, op);
-  check_variant(variant, op);
+  const int variant = std::min(kernel_variant(), 1);
   const std::array<int64_t, 4> rows_dims{s.B, s.T, s.H, s.D};
   const at::IntArrayRef rows_shape(rows_dims);
   const std::pair<const at::Tensor*, const char*> rows_args[] = {{&dout_in, "dout"}, {&out_in, "out"}};
@@ -1101,7 +1101,7 @@ at::Tensor attention_bwd(const at::Tensor& dout_in, const at::Tensor& qkv, const
     p.delta = delta.data_ptr<float>();
     p.dq_accum = variant == 1 ? dq_accum.data_ptr<float>() : nullptr;
     p.dqkv = reinterpret_cast<E*>(dqkv.data_ptr());
-    launch_bwd<E, kD>(p, static_cast<int>(variant), stream);
+    launch_bwd<E, kD>(p, variant, stream);
   });
   return dqkv;
 }

@@ -73,6 +73,10 @@ int resident_blocks_per_sm(void (*kernel)(Params...), int threads, size_t smem) 
 
 // Defined in ops.cpp: set by torch.ops.arcana._set_poison (tests only).
 bool poison_enabled();
+// Defined in ops.cpp: the kernels the ops run, set by torch.ops.arcana._set_variant (tests and benchmarks only):
+// 0 the plain ones, 1 the fast ones (the default), 2 the fast ones with cross-entropy rows re-read from L2 (the
+// other ops run their fast kernels under 2).
+int kernel_variant();
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device(),
@@ -103,11 +107,6 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType expected, const char
                         const char* why) {
   TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
               expected, " (", why, ")");
-}
-
-inline void check_variant(int64_t variant, const char* op) {
-  TORCH_CHECK(variant == 0 || variant == 1, op, ": variant must be 0 (plain kernel) or 1 (fast kernel), got ",
-              variant);
 }
 
 // A vector of per-column parameters (LayerNorm weight/bias, a Linear bias): 1-D of length C, any kernel dtype.

@@ -393,8 +393,7 @@ void ce_launch(const CeRun& r) {
 
 #ifndef ARCANA_EMULATE
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logits, const at::Tensor& targets,
-                                                         const at::Tensor& grad_scale, bool compute_grad,
-                                                         int64_t variant) {
+                                                         const at::Tensor& grad_scale, bool compute_grad) {
   const char* op = "arcana::cross_entropy_fwd_bwd";
   check_cuda(logits, op, "logits");
   check_kernel_dtype(logits, op, "logits");
@@ -416,8 +415,6 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logit
   check_same_device(grad_scale, logits, op, "grad_scale", "logits");
   check_dtype(grad_scale, at::kFloat, op, "grad_scale", "the gradient's scale, e.g. 1 / rows with a target");
   TORCH_CHECK(grad_scale.numel() == 1, op, ": grad_scale must hold one value, got shape ", grad_scale.sizes());
-  TORCH_CHECK(variant >= 0 && variant <= 2, op, ": variant must be 0 (plain kernel), 1 (fast kernel) or 2 (fast "
-              "kernel re-reading rows from L2, for benchmarks and tests), got ", variant);
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -434,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logit
                 n,
                 (int)V,
                 grad_scale.data_ptr<float>(),
-                variant,
+                kernel_variant(),
                 V % vec == 0 && aligned16(logits.data_ptr()) && (!compute_grad || aligned16(dlogits.data_ptr())),
                 stream};
   ARCANA_DISPATCH(logits.scalar_type(), op, T, [&] { ce_launch<T>(r); });

@@ -266,12 +266,10 @@ struct GeluInputs {
   at::Tensor bias;  // fp32, or undefined
 };
 
-GeluInputs check_gelu(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                      int64_t variant) {
+GeluInputs check_gelu(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   check_cuda(x, op, "x");
   check_kernel_dtype(x, op, "x");
   check_contiguous(x, op, "x");
-  check_variant(variant, op);
   GeluInputs a{x.numel(), 0, at::Tensor()};
   if (bias.has_value()) {
     TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension when a bias is given, got a scalar");
@@ -285,14 +283,15 @@ GeluInputs check_gelu(const char* op, const at::Tensor& x, const std::optional<a
 
 // gelu (dout == nullptr) or its gradient into out; with a bias and dbias, also dbias (fp32, (C,)).
 void gelu_run(const char* op, const at::Tensor* dout, const at::Tensor& x, const GeluInputs& a, at::Tensor& out,
-              at::Tensor* dbias, int64_t variant, cudaStream_t stream) {
+              at::Tensor* dbias, cudaStream_t stream) {
   if (a.n == 0) {
     if (dbias != nullptr) dbias->zero_();
     return;
   }
   const GeluRun g{dout != nullptr ? dout->data_ptr() : nullptr, x.data_ptr(),
                   a.bias.defined() ? a.bias.data_ptr<float>() : nullptr, out.data_ptr(),
-                  dbias != nullptr ? dbias->data_ptr<float>() : nullptr, a.n, a.c, (int)variant, stream};
+                  dbias != nullptr ? dbias->data_ptr<float>() : nullptr, a.n, a.c, std::min(kernel_variant(), 1),
+                  stream};
   at::Tensor part;  // the dbias partials, alive until this function returns
   auto scratch = [&](int64_t count) {
     part = new_buffer({count}, x.options().dtype(at::kFloat), stream);
@@ -301,20 +300,20 @@ void gelu_run(const char* op, const at::Tensor* dout, const at::Tensor& x, const
   ARCANA_DISPATCH(x.scalar_type(), op, T, [&] { gelu_launch<T>(g, scratch); });
 }
 
-at::Tensor gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t variant) {
+at::Tensor gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const char* op = "arcana::gelu_fwd";
-  const GeluInputs a = check_gelu(op, x, bias, variant);
+  const GeluInputs a = check_gelu(op, x, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = new_buffer(x.sizes(), x.options(), stream);
-  gelu_run(op, nullptr, x, a, out, nullptr, variant, stream);
+  gelu_run(op, nullptr, x, a, out, nullptr, stream);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dout, const at::Tensor& x,
-                                            const std::optional<at::Tensor>& bias, int64_t variant) {
+                                            const std::optional<at::Tensor>& bias) {
   const char* op = "arcana::gelu_bwd";
-  const GeluInputs a = check_gelu(op, x, bias, variant);
+  const GeluInputs a = check_gelu(op, x, bias);
   check_cuda(dout, op, "dout");
   check_same_device(dout, x, op, "dout", "x");
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), op, ": dout (", dout.sizes(),
@@ -324,11 +323,11 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dout, const at::Te
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dx = new_buffer(x.sizes(), x.options(), stream);
   if (!bias.has_value()) {
-    gelu_run(op, &dout, x, a, dx, nullptr, variant, stream);
+    gelu_run(op, &dout, x, a, dx, nullptr, stream);
     return {dx, at::empty({0}, x.options().dtype(at::kFloat))};
   }
   at::Tensor dbias = new_buffer({a.c}, x.options().dtype(at::kFloat), stream);
-  gelu_run(op, &dout, x, a, dx, &dbias, variant, stream);
+  gelu_run(op, &dout, x, a, dx, &dbias, stream);
   return {dx, dbias.to(bias->scalar_type())};
 }
 

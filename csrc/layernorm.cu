@@ -478,7 +478,7 @@ at::Tensor row_stat_buffer(const at::Tensor& x, cudaStream_t stream) {
 }
 
 std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at::Tensor* y,
-                                   const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t variant) {
+                                   const at::Tensor& weight, const at::Tensor& bias, double eps) {
   const Rows rows = check_rows(x, op, "x");
   if (y != nullptr) {
     check_like(*y, x, op, "y", "x", false);
@@ -488,7 +488,6 @@ std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at
                 "; y must have x's dtype, or x must be float32 (r = x + y then has x's dtype); cast them first");
   }
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
-  check_variant(variant, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor w = column_param_f32(weight, rows.c, x, op, "weight");
@@ -503,7 +502,7 @@ std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at
   if (rows.n == 0) return result;
   const LnFwd f{x.data_ptr(), y != nullptr ? y->data_ptr() : nullptr, y != nullptr ? r.data_ptr() : nullptr,
                 out.data_ptr(), w.data_ptr<float>(), b.data_ptr<float>(), mean.data_ptr<float>(),
-                rstd.data_ptr<float>(), rows.n, rows.c, (float)eps, (int)variant, stream};
+                rstd.data_ptr<float>(), rows.n, rows.c, (float)eps, std::min(kernel_variant(), 1), stream};
   const at::ScalarType ytype = y != nullptr ? y->scalar_type() : x.scalar_type();
   ARCANA_DISPATCH(x.scalar_type(), op, TX, [&] {
     ARCANA_DISPATCH(ytype, op, TY, [&] { ln_forward_launch<TX, TY>(f); });
@@ -512,32 +511,29 @@ std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                              const at::Tensor& bias, double eps, int64_t variant) {
-  auto res = ln_forward("arcana::layer_norm_fwd", x, nullptr, weight, bias, eps, variant);
+                                                              const at::Tensor& bias, double eps) {
+  auto res = ln_forward("arcana::layer_norm_fwd", x, nullptr, weight, bias, eps);
   return {res[0], res[1], res[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x,
                                                                               const at::Tensor& y,
                                                                               const at::Tensor& weight,
-                                                                              const at::Tensor& bias, double eps,
-                                                                              int64_t variant) {
-  auto res = ln_forward("arcana::add_layer_norm_fwd", x, &y, weight, bias, eps, variant);
+                                                                              const at::Tensor& bias, double eps) {
+  auto res = ln_forward("arcana::add_layer_norm_fwd", x, &y, weight, bias, eps);
   return {res[0], res[1], res[2], res[3]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dout, const at::Tensor& x,
                                                               const at::Tensor& weight, const at::Tensor& mean,
                                                               const at::Tensor& rstd,
-                                                              const std::optional<at::Tensor>& dr,
-                                                              int64_t variant) {
+                                                              const std::optional<at::Tensor>& dr) {
   const char* op = "arcana::layer_norm_bwd";
   const Rows rows = check_rows(x, op, "x");
   check_like(dout, x, op, "dout", "x", true);
   if (dr.has_value()) check_like(*dr, x, op, "dr", "x", true);
   check_row_stat(mean, x, rows.n, op, "mean");
   check_row_stat(rstd, x, rows.n, op, "rstd");
-  check_variant(variant, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor w = column_param_f32(weight, rows.c, x, op, "weight");
@@ -551,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   } else {
     const LnBwd a{dout.data_ptr(), x.data_ptr(), w.data_ptr<float>(), mean.data_ptr<float>(),
                   rstd.data_ptr<float>(), dr.has_value() ? dr->data_ptr() : nullptr, dx.data_ptr(),
-                  dw.data_ptr<float>(), db.data_ptr<float>(), rows.n, rows.c, (int)variant, stream};
+                  dw.data_ptr<float>(), db.data_ptr<float>(), rows.n, rows.c, std::min(kernel_variant(), 1), stream};
     at::Tensor part;  // the partials, alive until this function returns (the caching allocator orders reuse)
     auto scratch = [&](int64_t count) {
       part = new_buffer({count}, x.options().dtype(at::kFloat), stream);

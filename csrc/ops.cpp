@@ -1,13 +1,14 @@
 // The arcana op library: every schema in one place, and the Python module whose import registers them.
 //
-// `import arcana_kernels` loads this shared library; its static initializers run the TORCH_LIBRARY blocks
-// below and the TORCH_LIBRARY_IMPL(arcana, CUDA, ...) block of each .cu file, and torch.ops.arcana.* exist
-// from then on. The module itself is empty: the ops are called through torch.ops, and train_gpt.py adds their
-// Python half (fake implementations for torch.compile, autograd) in its ops seam.
+// `import csrc` loads this shared library (csrc/arcana_kernels*.so); its static initializers run the
+// TORCH_LIBRARY blocks below and the TORCH_LIBRARY_IMPL(arcana, CUDA, ...) block of each .cu file, and
+// torch.ops.arcana.* exist from then on. The module itself is empty: the ops are called through torch.ops, and
+// csrc/__init__.py adds their Python half (fake implementations for torch.compile, autograd).
 //
 // Conventions: rows are the last dimension of a contiguous tensor; every op computes in fp32 and accepts
-// float32, bfloat16 and float16; mean/rstd are fp32; `variant` picks the plain kernel (0) or the fast one
-// (1, the default); see the .cu file of each op for the kernels.
+// float32, bfloat16 and float16; mean/rstd are fp32; see the .cu file of each op for the kernels. Two test-only
+// switches act on every op: _set_poison and _set_variant (the plain kernels, for telling a fast-path bug from a
+// binding or layout one on a GPU).
 
 #include <Python.h>
 
@@ -24,8 +25,15 @@ namespace arcana {
 namespace {
 
 std::atomic<bool> g_poison{false};
+std::atomic<int> g_variant{1};
 
 void set_poison(bool enabled) { g_poison = enabled; }
+
+void set_variant(int64_t variant) {
+  TORCH_CHECK(variant >= 0 && variant <= 2, "arcana::_set_variant: variant must be 0 (plain kernels), 1 (fast "
+              "kernels) or 2 (fast kernels, cross-entropy rows re-read from L2), got ", variant);
+  g_variant = static_cast<int>(variant);
+}
 
 // The CPU kernel of every op: the kernels run on CUDA tensors only, and without this a CPU call stops in the
 // dispatcher with "Could not run 'arcana::...' with arguments from the 'CPU' backend". This names the argument
@@ -65,6 +73,7 @@ std::vector<std::string>& declared_ops() {
 }  // namespace
 
 bool poison_enabled() { return g_poison.load(std::memory_order_relaxed); }
+int kernel_variant() { return g_variant.load(std::memory_order_relaxed); }
 
 }  // namespace arcana
 
@@ -73,29 +82,29 @@ TORCH_LIBRARY(arcana, m) {
 
   // LayerNorm over the last dimension (layernorm.cu). out has x's dtype; weight and bias are (C,) of any
   // float dtype; mean and rstd are fp32 with x's shape minus the last dimension.
-  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps, int variant=1)"
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps)"
         " -> (Tensor out, Tensor mean, Tensor rstd)");
   // r = x + y (the residual stream plus a branch output), out = LayerNorm(r). y has x's dtype, or x is
   // float32 and y any float dtype (bf16 attention/MLP outputs under autocast); r and out have x's dtype.
-  m.def("add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps, int variant=1)"
+  m.def("add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps)"
         " -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)");
   // The backward of both: x is the normalized input (r for the fused op), dr the incoming gradient of r,
   // added into dx. dweight and dbias have weight's dtype.
-  m.def("layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? dr=None,"
-        " int variant=1) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? dr=None)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
   // GELU, tanh approximation, of x [+ bias] (gelu.cu); bias is (C,) with C = x.size(-1).
-  m.def("gelu_fwd(Tensor x, Tensor? bias=None, int variant=1) -> Tensor");
+  m.def("gelu_fwd(Tensor x, Tensor? bias=None) -> Tensor");
   // dx has x's dtype; dbias is (C,) in bias's dtype, or an empty (0,) float32 tensor without bias.
-  m.def("gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None, int variant=1) -> (Tensor dx, Tensor dbias)");
+  m.def("gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None) -> (Tensor dx, Tensor dbias)");
 
   // causal attention (attention.cu)
   // softmax(Q K^T / sqrt(D), causal) V. qkv is c_attn's output viewed as (B, T, 3, H, D), bf16 or fp16, D 64 or
   // 128, any strides with a contiguous last dimension; out is (B, T, H, D) in qkv's dtype and lse (B, H, T) fp32
   // the log-sum-exp of each row's scaled scores.
-  m.def("attention_fwd(Tensor qkv, int variant=1) -> (Tensor out, Tensor lse)");
+  m.def("attention_fwd(Tensor qkv) -> (Tensor out, Tensor lse)");
   // dqkv is (B, T, 3, H, D) contiguous, dQ, dK and dV in the slots of Q, K and V (c_attn's output gradient).
-  m.def("attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int variant=1) -> Tensor");
+  m.def("attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse) -> Tensor");
   // Tests only: the kernels' mma/ldmatrix fragment helpers on x = (X, Y, Z), three 16 x 16 bf16/fp16 matrices;
   // returns (4, 16, 16) fp32: X Y^T, X Z, X^T Z and (X Y^T rounded to x's dtype) Z.
   m.def("attention_selftest(Tensor x) -> Tensor");
@@ -106,14 +115,16 @@ TORCH_LIBRARY(arcana, m) {
   // logits' dtype: (softmax(row) - onehot(target)) * grad_scale, 0 for -1 rows, where grad_scale is a
   // one-element fp32 tensor on the logits' GPU (read by the kernel, no host sync); an empty (0,) tensor when
   // compute_grad is false. dlogits is a new tensor rather than written over logits: an in-place op would need an
-  // aliasing schema for one chunk of memory (824 MB at 8192 x 50304 bf16). variant 2: the fast kernel with the
-  // row re-read from L2 instead of kept in shared memory (benchmarks and tests).
-  m.def("cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad, int variant=1)"
+  // aliasing schema for one chunk of memory (824 MB at 8192 x 50304 bf16).
+  m.def("cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad)"
         " -> (Tensor losses, Tensor dlogits)");
 
   // Tests only: while enabled, every output and scratch buffer is filled with NaN before the kernels run, so
   // an element a kernel forgets to write shows up.
   m.def("_set_poison(bool enabled) -> ()", &arcana::set_poison);
+  // Tests and benchmarks only: the kernels every op runs from now on (0 plain, 1 fast, 2 fast with cross-entropy
+  // rows re-read from L2); see kernel_variant() in common.cuh.
+  m.def("_set_variant(int variant) -> ()", &arcana::set_variant);
 
   for (const std::string& name : arcana::arcana_op_names()) {
     if (name[0] != '_' && std::find(before.begin(), before.end(), name) == before.end()) {
@@ -135,7 +146,7 @@ PyMODINIT_FUNC PyInit_arcana_kernels(void) {
   static struct PyModuleDef module = {
       PyModuleDef_HEAD_INIT,
       "arcana_kernels",
-      "ArcanaGPT's CUDA kernels; importing this module registers torch.ops.arcana.* (see csrc/ops.cpp).",
+      "ArcanaGPT's CUDA kernels; loading this module declares torch.ops.arcana.* (see csrc/ops.cpp).",
       -1,
       nullptr,
   };

@@ -133,13 +133,16 @@ def test_from_pretrained_bin_and_hub_layout(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(train_gpt.UserError, match="neither a directory nor one of"):
+    with pytest.raises(train_gpt.UserError, match="neither a folder nor one of"):
         GPT.from_pretrained("gpt5")
-    with pytest.raises(train_gpt.UserError, match="no config.json"):
+    with pytest.raises(train_gpt.UserError, match="is not a Hugging Face GPT-2 folder .*config.json"):
         GPT.from_pretrained(str(tmp_path))
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 50257, "n_positions": 8}, f)
-    with pytest.raises(train_gpt.UserError, match="neither model.safetensors nor pytorch_model.bin"):
+    with pytest.raises(train_gpt.UserError, match="is not a Hugging Face GPT-2 folder .*pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path))
+    torch.save({"wte.weight": torch.zeros(50257, 8)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(train_gpt.UserError, match="do not fit a GPT-2 model: .*Missing key"):
         GPT.from_pretrained(str(tmp_path))
 
 
@@ -202,7 +205,8 @@ def test_torch_ops_match_plain_pytorch():
 
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 48, 97, 4096])
-def test_chunked_loss_equals_cross_entropy(padding, chunk_rows):
+def test_chunked_loss_equals_cross_entropy(arcana, padding, chunk_rows):
+    import csrc
     torch.manual_seed(chunk_rows)
     h = torch.randn(4, 50, 32, requires_grad=True)
     weight = (torch.randn(3000, 32) * 0.5).requires_grad_()
@@ -212,34 +216,37 @@ def test_chunked_loss_equals_cross_entropy(padding, chunk_rows):
         targets[3, -11:] = -1
     expected = F.cross_entropy((h @ weight.t()).view(-1, 3000), targets.view(-1), ignore_index=-1)
     expected_grads = torch.autograd.grad(expected, (h, weight))
-    loss = train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows)
+    loss = csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows)
     grads = torch.autograd.grad(loss, (h, weight))
     assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
     for g, e in zip(grads, expected_grads):
         assert (g - e).abs().max().item() < 1e-6
     with torch.no_grad():  # evaluation: no gradient work, same loss
-        assert train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows).item() == loss.item()
+        assert csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows).item() == loss.item()
 
 
-def test_chunked_loss_op_registration():
+def test_chunked_loss_op_registration(arcana):
+    import csrc
     torch.manual_seed(0)
     h = torch.randn(2, 9, 8, requires_grad=True)
     weight = torch.randn(100, 8, requires_grad=True)
     targets = torch.randint(0, 100, (2, 9))
     targets[1, 2] = -1
-    torch.library.opcheck(train_gpt.lm_head_loss_op, (h, weight, targets, 5, True, False))
-    torch.library.opcheck(train_gpt.lm_head_loss_op, (h.detach(), weight.detach(), targets, 5, False, False))
+    torch.library.opcheck(csrc.lm_head_loss_op, (h, weight, targets, 5, True, False))
+    torch.library.opcheck(csrc.lm_head_loss_op, (h.detach(), weight.detach(), targets, 5, False, False))
 
 
-def test_model_with_chunked_loss_trains_like_torch_path():
+def test_model_with_chunked_loss_trains_like_torch_path(arcana):
+    import csrc
+
     class ChunkedOps(TorchOps):
         def lm_head_loss(self, h, weight, targets):
-            return None, train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=40)
+            return None, csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=40)
 
     torch.manual_seed(0)
     reference = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
-    chunked = copy.deepcopy(reference)
-    chunked.set_ops(ChunkedOps())
+    chunked = GPT(reference.config, ChunkedOps())
+    chunked.load_state_dict(reference.state_dict())
     x, y = torch.randint(0, 50257, (3, 32)), torch.randint(0, 50257, (3, 32))
     logits, loss_ref = reference(x, y)
     none, loss = chunked(x, y)
@@ -306,17 +313,19 @@ def test_loader_state_round_trip_and_shuffle(tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(train_gpt.UserError, match="does not exist; run `python prepare.py`"):
-        train_gpt.find_shards(str(tmp_path / "missing"), "train")
-    with pytest.raises(train_gpt.UserError, match="has no \\*_train_\\*.npy shards; run `python prepare.py`"):
-        train_gpt.find_shards(str(tmp_path), "train")
+    for folder in (tmp_path / "missing", tmp_path):
+        with pytest.raises(train_gpt.UserError, match="has no \\*_train_\\*.npy shards; run `python prepare.py"):
+            train_gpt.find_shards(str(folder), "train")
     np.save(tmp_path / "x_train_000001.npy", np.zeros(10, dtype=np.uint16))
     with pytest.raises(train_gpt.UserError, match="shorter than one batch"):
         ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
-    np.save(tmp_path / "x_train_000002.npy", np.full(1000, 60000, dtype=np.uint16))
-    loader = ShardLoader([str(tmp_path / "x_train_000002.npy")], 2, 8, vocab_size=50304)
-    with pytest.raises(train_gpt.UserError, match="x_train_000002.npy holds token id 60000"):
-        loader.next_batch()
+    # ids GPT-2's tokenizer cannot produce, deep in a shard: found at start, with the shard and the offset
+    for name, dtype, bad in [("x_train_000002.npy", np.uint16, 50257), ("x_train_000003.npy", np.int32, -3)]:
+        tokens = np.zeros(5000, dtype=dtype)
+        tokens[4321] = bad
+        np.save(tmp_path / name, tokens)
+        with pytest.raises(train_gpt.UserError, match=f"{name} holds token id {bad} at offset 4321"):
+            ShardLoader([str(tmp_path / name)], 2, 8)
 
 
 def test_corrupt_shard_is_named(tmp_path):
@@ -355,7 +364,7 @@ def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
     assert code == 0
     log = read_log(log_dir)
     assert [s for s, k, _ in log if k == "train"] == list(range(6))
-    assert [s for s, k, _ in log if k == "val"] == [0, 3, 6]
+    assert [s for s, k, _ in log if k == "val"] == [3, 6]  # after 3 and 6 steps
     assert all(len(v.split(".")[1]) == (6 if k == "train" else 4) for _, k, v in log)
     train_losses = [float(v) for _, k, v in log if k == "train"]
     assert train_losses[-1] < train_losses[0]
@@ -433,7 +442,7 @@ def test_half_written_checkpoint_is_ignored(data_dir, tmp_path, capsys):
         f.write(data[: len(data) // 3])  # a copy cut short, under a valid name
     with open(os.path.join(log_dir, "model_00010.pt.tmp.123"), "wb") as f:
         f.write(data[:100])  # an interrupted atomic write
-    path, ckpt = train_gpt.newest_valid_checkpoint(log_dir)
+    path, ckpt = train_gpt.resolve_resume(TrainConfig(resume="auto", log_dir=log_dir))
     assert path.endswith("model_00002.pt") and ckpt["step"] == 2
     assert "model_00009.pt does not load" in capsys.readouterr().err
     assert train_gpt.main(args + ["--max_steps", "4", "--resume", "auto"]) == 0
@@ -491,23 +500,20 @@ def test_compile_with_eval_and_sampling(data_dir, tmp_path, monkeypatch):
         def decode(self, tokens):
             return " ".join(map(str, tokens))
 
-    import prepare
-    monkeypatch.setattr(prepare, "gpt2_encoding", lambda: FakeEncoding())
+    monkeypatch.setattr(train_gpt, "gpt2_encoding", lambda: FakeEncoding())
     log_dir = str(tmp_path / "log")
     args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "1",
                     "--sample_every", "1", "--num_samples", "2", "--sample_length", "4", "--compile"]
     assert train_gpt.main(args) == 0
     log = read_log(log_dir)
-    assert [(s, k) for s, k, _ in log] == [(0, "val"), (0, "train"), (1, "val"), (1, "train"), (2, "val")]
+    assert [(s, k) for s, k, _ in log] == [(0, "train"), (1, "val"), (1, "train"), (2, "val")]
 
 
 def test_missing_tokenizer_turns_sampling_off(data_dir, tmp_path, monkeypatch, capsys):
-    import prepare
-
     def unavailable():
-        raise prepare.UserError("cannot load the GPT-2 tokenizer (test)")
+        raise train_gpt.UserError("cannot load the GPT-2 tokenizer (test)")
 
-    monkeypatch.setattr(prepare, "gpt2_encoding", unavailable)
+    monkeypatch.setattr(train_gpt, "gpt2_encoding", unavailable)
     log_dir = str(tmp_path / "log")
     args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "0"]
     assert train_gpt.main(args + ["--sample_every", "1"]) == 0
@@ -525,8 +531,7 @@ def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
         def decode(self, tokens):
             return "|".join(map(str, tokens))
 
-    import prepare
-    monkeypatch.setattr(prepare, "gpt2_encoding", lambda: FakeEncoding())
+    monkeypatch.setattr(train_gpt, "gpt2_encoding", lambda: FakeEncoding())
     log_dir = str(tmp_path / "log")
     assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1",
                                    "--val_every", "0"]) == 0
@@ -548,13 +553,16 @@ def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
 # errors a user can cause
 
 @pytest.mark.parametrize("extra, message", [
-    (["--total_batch_size", "100"], "--total_batch_size 100 is not divisible by batch_size * block_size * "
-                                    "world_size = 2 * 32 * 1 = 64"),
+    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of batch_size * block_size * "
+                                    "processes = 2 * 32 * 1 = 64"),
+    (["--total_batch_size", "0"], "--total_batch_size 0 must be at least 1"),
+    (["--max_steps", "-1"], "--max_steps -1 must be at least 1"),
+    (["--val_steps", "-2"], "--val_steps -2 must not be negative"),
     (["--n_head", "3"], "--n_embd 32 is not divisible by --n_head 3"),
     (["--device", "tpu"], "unknown --device 'tpu'"),
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--vocab_size", "1000"], "--vocab_size 1000 is smaller than GPT-2's 50257"),
-    (["--min_lr", "1"], "--min_lr 1.0 must lie between 0 and --max_lr"),
+    (["--min_lr", "1"], "--min_lr 1.0 is above --max_lr"),
 ])
 def test_bad_configuration_is_refused(data_dir, tmp_path, capsys, extra, message):
     log_dir = str(tmp_path / "log")
@@ -580,10 +588,10 @@ def test_unknown_model_and_help():
 def test_missing_and_empty_data_dir(tmp_path, capsys):
     args = SMALL + ["--log_dir", str(tmp_path / "log"), "--max_steps", "1"]
     assert train_gpt.main(args + ["--data_dir", str(tmp_path / "nope")]) == 2
-    assert "does not exist; run `python prepare.py` first" in capsys.readouterr().err
+    assert "nope has no *_train_*.npy shards; run `python prepare.py" in capsys.readouterr().err
     os.makedirs(tmp_path / "empty")
     assert train_gpt.main(args + ["--data_dir", str(tmp_path / "empty")]) == 2
-    assert "has no *_train_*.npy shards; run `python prepare.py` first" in capsys.readouterr().err
+    assert "empty has no *_train_*.npy shards; run `python prepare.py" in capsys.readouterr().err
 
 
 def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, capsys):
@@ -597,6 +605,8 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
     assert "has a different model: n_layer=2 (this run: 3)" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", os.path.join(log_dir, "missing.pt")]) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
+    assert train_gpt.main(args + ["--resume", log_dir]) == 2
+    assert "does not exist or is not a file" in capsys.readouterr().err
     # --resume auto with a log but no usable checkpoint starts over, keeping the old log beside the new one
     os.remove(os.path.join(log_dir, "model_00001.pt"))
     assert train_gpt.main(args + ["--resume", "auto"]) == 0
@@ -605,9 +615,3 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
         new, old = f.read(), g.read()
     assert new == old and new.startswith("0 train ")  # the same deterministic run, logged again
 
-
-def test_readme_documents_every_flag():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    missing = [f.name for f in train_gpt.dataclasses.fields(TrainConfig) if f"`--{f.name}`" not in readme]
-    assert not missing, f"README's flag table lacks {missing}"

@@ -1,0 +1,209 @@
+"""
+ArcanaGPT's CUDA kernels as torch.ops.arcana.*, and the Python half that makes them a drop-in for the model's ops.
+
+`import csrc` loads the compiled extension (csrc/arcana_kernels*.so, built by `python setup.py build_ext
+--inplace`), whose C++ side declares every op (ops.cpp) and its CUDA implementation (*.cu); this file then adds
+what torch.compile and autograd need (a fake implementation per op, each forward's backward), the chunked
+lm_head loss, and CudaOps, the kernels behind train_gpt.py's TorchOps interface. The kernels themselves are
+described in csrc/README.md.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from . import arcana_kernels  # noqa: F401  (loading it declares torch.ops.arcana.*)
+
+# -----------------------------------------------------------------------------
+# fake implementations (shapes for torch.compile and opcheck) and autograd
+
+
+def _row_stats(x):
+    return x.new_empty(x.shape[:-1], dtype=torch.float32), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+_fake = torch.library.register_fake
+_fake("arcana::layer_norm_fwd")(lambda x, weight, bias, eps: (torch.empty_like(x), *_row_stats(x)))
+_fake("arcana::add_layer_norm_fwd")(
+    lambda x, y, weight, bias, eps: (torch.empty_like(x), torch.empty_like(x), *_row_stats(x)))
+_fake("arcana::layer_norm_bwd")(lambda dout, x, weight, mean, rstd, dr=None: (
+    torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)))
+_fake("arcana::gelu_fwd")(lambda x, bias=None: torch.empty_like(x))
+_fake("arcana::gelu_bwd")(lambda dout, x, bias=None: (
+    torch.empty_like(x), torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=torch.float32)))
+_fake("arcana::attention_fwd")(lambda qkv: (  # qkv (B, T, 3, H, D) -> out (B, T, H, D), lse (B, H, T)
+    qkv.new_empty(qkv.shape[:2] + qkv.shape[3:]),
+    qkv.new_empty(qkv.shape[0], qkv.shape[3], qkv.shape[1], dtype=torch.float32)))
+_fake("arcana::attention_bwd")(lambda dout, qkv, out, lse: qkv.new_empty(qkv.shape))  # dqkv, contiguous
+_fake("arcana::cross_entropy_fwd_bwd")(lambda logits, targets, grad_scale, compute_grad: (
+    logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape if compute_grad else 0)))
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])  # mean, rstd
+    ctx.save_for_backward(inputs[0], inputs[1], *output[1:])  # x, weight, mean, rstd
+
+
+def _layer_norm_backward(ctx, dout, dmean, drstd):
+    dx, dweight, dbias = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors)
+    return dx, dweight, dbias, None
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.save_for_backward(output[0], inputs[2], *output[2:])  # the backward normalizes r = x + y
+
+
+def _add_layer_norm_backward(ctx, dr, dout, dmean, drstd):
+    # r's gradient: dr from the blocks after it, plus the one through LayerNorm(r); x and y both get it
+    # (autograd casts y's copy to y's dtype)
+    dx, dweight, dbias = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors, dr.contiguous())
+    return dx, dx, dweight, dbias, None
+
+
+def _gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x, bias
+
+
+def _gelu_backward(ctx, dout):
+    x, bias = ctx.saved_tensors
+    dx, dbias = torch.ops.arcana.gelu_bwd(dout.contiguous(), x, bias)
+    return dx, dbias if bias is not None else None
+
+
+def _attention_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # lse
+    ctx.save_for_backward(inputs[0], *output)  # qkv, out, lse: the backward recomputes the scores
+
+
+def _attention_backward(ctx, dout, dlse):
+    return torch.ops.arcana.attention_bwd(dout, *ctx.saved_tensors)
+
+
+for _op, _backward, _setup in [("layer_norm_fwd", _layer_norm_backward, _layer_norm_setup),
+                               ("add_layer_norm_fwd", _add_layer_norm_backward, _add_layer_norm_setup),
+                               ("gelu_fwd", _gelu_backward, _gelu_setup),
+                               ("attention_fwd", _attention_backward, _attention_setup)]:
+    torch.library.register_autograd(f"arcana::{_op}", _backward, setup_context=_setup)
+
+# -----------------------------------------------------------------------------
+# the lm_head loss without the (rows, vocab) logits
+
+
+def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
+    """The PyTorch twin of arcana::cross_entropy_fwd_bwd: per-row cross-entropy (0 where the target is -1) and, with
+    compute_grad, d(sum of losses)/d(logits) * grad_scale in the logits' dtype (else an empty tensor)."""
+    valid = targets != -1
+    safe = targets.clamp(min=0).unsqueeze(1)
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    losses = torch.where(valid, lse - lf.gather(1, safe).squeeze(1), 0.0)
+    if not compute_grad:
+        return losses, logits.new_empty(0)
+    grad = torch.exp(lf - lse.unsqueeze(1))  # softmax
+    grad.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))  # minus the one-hot target
+    grad *= (valid.float() * grad_scale).unsqueeze(1)
+    return losses, grad.to(logits.dtype)
+
+
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=...), newer torch only
+
+
+@torch.library.custom_op("arcana::lm_head_loss", mutates_args=())
+def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                    compute_grad: bool, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits = h @ weight.T against targets (-1 = ignore), chunk_rows rows at a time so the
+    logits never exist whole. The gradients are made on the way (each chunk's dlogits is used at once and
+    dropped): returns (loss, dh, dweight), the last two empty without compute_grad."""
+    h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    count = (t != -1).sum()
+    grad_scale = 1.0 / count.clamp(min=1).float()  # stays on the device: the host never waits for the GPU here
+    loss = torch.zeros((), dtype=torch.float64, device=h.device)  # a sum of many rows: keep its digits
+    dh = torch.empty_like(h2) if compute_grad else h.new_empty(0)
+    dweight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad else weight.new_empty(0)
+    cross_entropy = torch.ops.arcana.cross_entropy_fwd_bwd if use_kernel else cross_entropy_rows
+    for start in range(0, h2.size(0), chunk_rows):
+        hc, tc = h2[start:start + chunk_rows], t[start:start + chunk_rows]
+        logits = hc @ weight.t()  # (rows, vocab)
+        losses, dlogits = cross_entropy(logits, tc, grad_scale, compute_grad)
+        del logits  # its memory serves the next chunk's logits
+        loss += losses.sum(dtype=torch.float64)
+        if compute_grad:
+            torch.mm(dlogits, weight, out=dh[start:start + chunk_rows])  # written in place, no temporary
+            if MM_OUT_DTYPE and dlogits.is_cuda and dlogits.dtype != torch.float32:
+                dweight += torch.mm(dlogits.t(), hc, out_dtype=torch.float32)  # cuBLAS writes fp32 directly
+            else:
+                dweight += (dlogits.t() @ hc).float()
+    loss = (loss / count).float()  # F.cross_entropy's mean (NaN when no target counts, as there)
+    return loss, dh.view_as(h) if compute_grad else dh, dweight
+
+
+@lm_head_loss_op.register_fake
+def _(h, weight, targets, chunk_rows, compute_grad, use_kernel):
+    loss = h.new_empty((), dtype=torch.float32)
+    if not compute_grad:
+        return loss, h.new_empty(0), weight.new_empty(0)
+    return loss, torch.empty_like(h), torch.empty_like(weight, dtype=torch.float32)
+
+
+def _lm_head_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])  # dh, dweight: the gradients, ready-made
+    ctx.weight_dtype = inputs[1].dtype
+
+
+def _lm_head_loss_backward(ctx, grad_loss, grad_dh, grad_dweight):
+    dh, dweight = ctx.saved_tensors
+    return grad_loss.to(dh.dtype) * dh, (grad_loss * dweight).to(ctx.weight_dtype), None, None, None, None
+
+
+lm_head_loss_op.register_autograd(_lm_head_loss_backward, setup_context=_lm_head_loss_setup)
+
+
+def chunked_lm_head_loss(h, weight, targets, chunk_rows=8192, use_kernel=False):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) holding one chunk of (chunk_rows, vocab) logits at
+    a time instead of all (B*T, vocab). Under autocast the matmuls run in the autocast dtype, as F.linear's."""
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return lm_head_loss_op(h, weight, targets, chunk_rows, compute_grad, use_kernel)[0]
+
+
+# -----------------------------------------------------------------------------
+# the model's ops on the kernels
+
+
+class CudaOps:
+    """train_gpt.py's TorchOps interface on the kernels, for CUDA tensors; where a kernel does not apply it calls
+    the PyTorch ops it is given. Under autocast the residual stream x is float32 and the branch outputs bf16: the
+    kernels take that pair as it is and give what the PyTorch path gives."""
+    name = "cuda"
+
+    def __init__(self, torch_ops):
+        self.torch_ops = torch_ops
+
+    def layer_norm(self, x, ln):
+        return torch.ops.arcana.layer_norm_fwd(x.contiguous(), ln.weight, ln.bias, ln.eps)[0]
+
+    def add_layer_norm(self, x, y, ln):
+        r, h, _, _ = torch.ops.arcana.add_layer_norm_fwd(x.contiguous(), y.contiguous(), ln.weight, ln.bias, ln.eps)
+        return r, h
+
+    def linear_gelu(self, x, fc):
+        """The matmul without its bias, then one pass over the (B, T, 4C) activation adding the bias and GELU."""
+        return torch.ops.arcana.gelu_fwd(F.linear(x, fc.weight).contiguous(), fc.bias)
+
+    def attention(self, qkv, n_head):
+        """The fused kernel reads q, k and v in place. It takes bf16/fp16 (autocast) and head sizes 64 and 128;
+        float32 runs keep SDPA rather than lose precision to a cast."""
+        B, T, C3 = qkv.shape
+        hs = C3 // (3 * n_head)
+        if qkv.dtype not in (torch.bfloat16, torch.float16) or hs not in (64, 128):
+            return self.torch_ops.attention(qkv, n_head)
+        return torch.ops.arcana.attention_fwd(qkv.view(B, T, 3, n_head, hs))[0].view(B, T, C3 // 3)
+
+    def lm_head_loss(self, h, weight, targets):
+        """The loss without the full logits; no logits are returned. float16 runs keep the PyTorch path: their
+        GradScaler factor arrives after dlogits (down to 1e-10) would have flushed to zero in fp16."""
+        if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16:
+            return self.torch_ops.lm_head_loss(h, weight, targets)
+        return None, chunked_lm_head_loss(h, weight, targets, use_kernel=True)
