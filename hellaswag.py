@@ -163,7 +163,7 @@ class Rendered:  # the labelled examples of a file as the model reads them
     truncated: np.ndarray  # (n,) bool: a row was cut to fit block_size
 
 
-def rendered(path, block_size, limit=None):
+def render_file(path, block_size, limit=None):
     """The labelled examples of a jsonl file fitted to block_size, from memory while the file is unchanged."""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
@@ -243,7 +243,7 @@ def score(model, path, block_size, device="cpu", rank=0, world_size=1, batch_siz
         if value is not None and value < 1:
             raise UserError(f"--{name} {value} must be at least 1")
     t0 = time.perf_counter()
-    data = rendered(path, block_size, limit)
+    data = render_file(path, block_size, limit)
     load_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
     indices = np.arange(rank, len(data.labels), world_size)
     sum_loss, mean_loss = _ending_losses(model, data, indices, device, batch_size or default_batch_size(device))

@@ -232,7 +232,7 @@ def test_empty_file_and_unlabelled_rows(tmp_path, model):
 
 def test_render_is_context_then_space_ending_in_one_padded_array(tmp_path, data_file):
     enc = gpt2_encoding()
-    data = hellaswag.rendered(data_file, 1024)  # a block that holds every row
+    data = hellaswag.render_file(data_file, 1024)  # a block that holds every row
     longest = 0
     for i, ex in enumerate(EXAMPLES):
         ctx = enc.encode_ordinary(ex["ctx"]) or [EOT_TOKEN]  # an empty context reads <|endoftext|>
@@ -244,16 +244,16 @@ def test_render_is_context_then_space_ending_in_one_padded_array(tmp_path, data_
     assert data.tokens.shape == (13, 4, -(-longest // 32) * 32) and data.tokens.dtype == np.int32
     assert data.labels.tolist() == [ex["label"] for ex in EXAMPLES] and not data.truncated.any()
 
-    assert hellaswag.rendered(data_file, 1024) is data  # from memory while the file is unchanged
+    assert hellaswag.render_file(data_file, 1024) is data  # from memory while the file is unchanged
     copy = write_jsonl(tmp_path / "copy.jsonl", EXAMPLES)
-    assert hellaswag.rendered(copy, 1024).labels.tolist() == data.labels.tolist()
+    assert hellaswag.render_file(copy, 1024).labels.tolist() == data.labels.tolist()
     write_jsonl(copy, EXAMPLES[:2])
-    assert len(hellaswag.rendered(copy, 1024).labels) == 2  # rewritten: read again
+    assert len(hellaswag.render_file(copy, 1024).labels) == 2  # rewritten: read again
 
 
 def test_render_truncates_from_the_left_and_keeps_endings_whole(data_file):
     enc = gpt2_encoding()
-    data = hellaswag.rendered(data_file, BLOCK_SIZE)
+    data = hellaswag.render_file(data_file, BLOCK_SIZE)
     assert data.tokens.shape[2] == BLOCK_SIZE and data.truncated.tolist() == [i in (5, 7) for i in range(13)]
     ctx = enc.encode_ordinary(EXAMPLES[5]["ctx"])  # a context longer than the block
     for j, ending in enumerate(EXAMPLES[5]["endings"]):
@@ -355,7 +355,7 @@ def test_compiled_model_compiles_once(model, short_file):
 
 def test_a_process_with_no_examples_runs_no_forward_pass(short_file):
     # world_size larger than the file: the ranks past its end score nothing and contribute zero counts
-    data = hellaswag.rendered(short_file, BLOCK_SIZE)
+    data = hellaswag.render_file(short_file, BLOCK_SIZE)
     wrapped = Recorder(tiny_gpt())
     summed, mean = hellaswag._ending_losses(wrapped, data, np.arange(7, 5, 8), "cpu", 2)
     assert summed.shape == mean.shape == (0, 4) and wrapped.shapes == []
