@@ -38,3 +38,14 @@ def poison(arcana):
     arcana._set_poison(True)
     yield
     arcana._set_poison(False)
+
+
+@pytest.fixture
+def variant(arcana, request):
+    """The kernels every arcana op runs while a test runs (torch.ops.arcana._set_variant: 0 plain, 1 fast, 2 fast
+    with cross-entropy rows re-read from L2), from the test's `@pytest.mark.parametrize("variant", [...],
+    indirect=True)`; 1, the default, is restored afterwards whatever happens. (The emulator tests parametrize
+    `variant` directly: they pass it to the launchers themselves and never touch the switch.)"""
+    arcana._set_variant(request.param)
+    yield request.param
+    arcana._set_variant(1)

@@ -1,7 +1,7 @@
 """What the kernel tests (test_kernels.py, test_cross_entropy.py, test_attention.py) share: the rule for a missing
 arcana_kernels extension, building the CPU emulators (tests/*_emu.cpp) with g++, the table of errors printed
-after a module's tests, and short training runs compared through their logs. The `arcana` and `poison`
-fixtures are in conftest.py."""
+after a module's tests, and short training runs compared through their logs. The `arcana`, `poison` and
+`variant` fixtures are in conftest.py."""
 
 import ctypes
 import json
@@ -14,22 +14,23 @@ import sys
 import numpy as np
 import pytest
 
-import train_gpt
-
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 
 def require_kernels():
-    """Import arcana_kernels (and register its Python half): a skip without it, a failure where CI requires it
+    """The csrc package (the arcana_kernels extension with the Python half of its ops: fake implementations,
+    autograd, CudaOps), imported: a skip without the built extension, a failure where CI requires it
     (ARCANA_REQUIRE_KERNELS=1)."""
-    if train_gpt.load_kernels():
-        return
-    reason = (f"the arcana_kernels extension is not built ({train_gpt.KERNELS['error']}); "
-              f"build it with `python setup.py build_ext --inplace`")
-    if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
-        pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
-    pytest.skip(reason)
+    try:
+        import csrc
+    except ImportError as e:
+        reason = (f"the arcana_kernels extension is not built ({e}); "
+                  f"build it with `python setup.py build_ext --inplace`")
+        if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
+            pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
+        pytest.skip(reason)
+    return csrc
 
 
 def short(dtype):

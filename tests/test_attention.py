@@ -8,9 +8,10 @@ Three parts:
   with ldmatrix, mma, cp.async and shuffles emulated per warp, and runs them on small shapes; no extension
   needed, only g++ and the CUDA headers. This checks the kernels' index arithmetic; the GPU part checks the
   rest.
-- GPU (marker cuda): the fragment self-test first, then both variants against an fp32 reference for the
-  output, lse and the three gradients, the errors, peak memory against SDPA, opcheck, torch.compile and a
-  tiny training run. A table of the errors is printed at the end.
+- GPU (marker cuda): the fragment self-test first, then both variants (the plain and the fast kernels, chosen
+  with torch.ops.arcana._set_variant by the `variant` fixture) against an fp32 reference for the output, lse and
+  the three gradients, the kernels autograd launches under the switch, the errors, peak memory against SDPA,
+  opcheck, torch.compile and a tiny training run. A table of the errors is printed at the end.
 
 Accuracy rule (as FlashAttention's tests): against fp32 math attention on the upcast inputs, each output and
 gradient must be within 2x the error of PyTorch's own SDPA in the same low precision, plus a small floor.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 import train_gpt
 from kernel_testing import (build_emulator, emulator_command, format_table, print_after_tests, read_train_losses,
                             require_kernels)
-from train_gpt import CudaOps, TorchOps
+from train_gpt import TorchOps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,8 +136,8 @@ def error_table(request):
 # CPU: registration
 
 SCHEMAS = {
-    "attention_fwd": "arcana::attention_fwd(Tensor qkv, int variant=1) -> (Tensor out, Tensor lse)",
-    "attention_bwd": "arcana::attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int variant=1) -> Tensor",
+    "attention_fwd": "arcana::attention_fwd(Tensor qkv) -> (Tensor out, Tensor lse)",
+    "attention_bwd": "arcana::attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse) -> Tensor",
     "attention_selftest": "arcana::attention_selftest(Tensor x) -> Tensor",
 }
 
@@ -158,7 +159,7 @@ def test_fake_implementations_give_shapes_and_dtypes():
             assert lse.shape == (3, 4, 10) and lse.dtype == torch.float32
             strided = torch.empty(3, 3, 4, 10, 128, dtype=dtype, device="meta").permute(1, 3, 0, 2, 4)
             dqkv = torch.ops.arcana.attention_bwd(out.new_empty(3, 10, 4, 128), strided,
-                                                  out.new_empty(3, 10, 4, 128), lse, 0)
+                                                  out.new_empty(3, 10, 4, 128), lse)
             assert dqkv.shape == (3, 10, 3, 4, 128) and dqkv.dtype == dtype and dqkv.is_contiguous()
 
 
@@ -167,7 +168,7 @@ def test_autograd_runs_the_backward_op_and_lse_has_no_gradient():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def fwd_bwd(qkv, dout):
-        out, lse = torch.ops.arcana.attention_fwd(qkv, 0)
+        out, lse = torch.ops.arcana.attention_fwd(qkv)
         assert not lse.requires_grad and out.requires_grad
         return torch.autograd.grad(out, qkv, dout)
 
@@ -175,7 +176,6 @@ def test_autograd_runs_the_backward_op_and_lse_has_no_gradient():
     gm = make_fx(fwd_bwd, tracing_mode="fake")(qkv, torch.empty(2, 7, 4, 64, dtype=torch.bfloat16, device="meta"))
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "arcana" in str(n.target)]
     assert [str(n.target) for n in calls] == ["arcana.attention_fwd.default", "arcana.attention_bwd.default"]
-    assert calls[1].args[-1] == 0  # the forward's variant reaches the backward
 
 
 def test_cpu_tensors_get_the_clear_error():
@@ -192,10 +192,11 @@ def test_cpu_tensors_get_the_clear_error():
 
 def test_cuda_ops_attention_falls_back_for_float32_and_other_head_sizes():
     """float32 runs and head sizes without a kernel take the PyTorch path (so this runs on CPU)."""
+    cuda_ops = require_kernels().CudaOps(TorchOps())
     torch.manual_seed(0)
     for qkv, n_head in [(torch.randn(2, 9, 3 * 128), 2),  # float32, head size 64
                         (torch.randn(2, 9, 3 * 128).bfloat16(), 4)]:  # head size 32
-        assert torch.equal(CudaOps().attention(qkv, n_head), TorchOps().attention(qkv, n_head))
+        assert torch.equal(cuda_ops.attention(qkv, n_head), TorchOps().attention(qkv, n_head))
 
 
 # -----------------------------------------------------------------------------
@@ -298,9 +299,9 @@ def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
 # -----------------------------------------------------------------------------
 # GPU
 
-def cuda_attention(qkv, dout, variant):
-    out, lse = torch.ops.arcana.attention_fwd(qkv, variant)
-    dqkv = torch.ops.arcana.attention_bwd(dout, qkv, out, lse, variant)
+def cuda_attention(qkv, dout):
+    out, lse = torch.ops.arcana.attention_fwd(qkv)
+    dqkv = torch.ops.arcana.attention_bwd(dout, qkv, out, lse)
     return out, lse, dqkv
 
 
@@ -324,14 +325,14 @@ GPU_CASES += [(2, T, 3, D, "fp16", 1) for T in (97, 1024) for D in (64, 128)]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("B,T,H,D,dtype,variant", GPU_CASES,
+@pytest.mark.parametrize("B,T,H,D,dtype,variant", GPU_CASES, indirect=["variant"],
                          ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}-{c[4]}-v{c[5]}" for c in GPU_CASES])
 def test_matches_reference(poison, B, T, H, D, dtype, variant):
     seed = fresh_seed()
     qkv, dout = make_inputs(B, T, H, D, DTYPES[dtype], seed, device="cuda")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out, lse, dqkv = cuda_attention(qkv, dout, variant)
+    out, lse, dqkv = cuda_attention(qkv, dout)
     torch.cuda.synchronize()
     check_against_reference(f"B{B} T{T} H{H} D{D} {dtype} v{variant} s{seed}", qkv, dout, out, lse, dqkv,
                             time.perf_counter() - t0)
@@ -339,13 +340,33 @@ def test_matches_reference(poison, B, T, H, D, dtype, variant):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["stacked", "padded"])
-@pytest.mark.parametrize("variant", [1, 0])
+@pytest.mark.parametrize("variant", [1, 0], indirect=True)
 def test_strided_layouts(poison, layout, variant):
     seed = fresh_seed()
     qkv, dout = make_inputs(2, 300, 3, 64, torch.bfloat16, seed, device="cuda", layout=layout)
     assert not qkv.is_contiguous()
-    out, lse, dqkv = cuda_attention(qkv, dout, variant)
+    out, lse, dqkv = cuda_attention(qkv, dout)
     check_against_reference(f"B2 T300 H3 D64 bf16 v{variant} {layout} s{seed}", qkv, dout, out, lse, dqkv)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1, 2], indirect=True)
+def test_autograd_runs_the_kernels_the_switch_picks(variant):
+    """The switch is global, so the backward that autograd runs after attention_fwd launches the same kind of
+    kernels as the forward: under _set_variant(0) both directions run the plain kernels, under 1 and 2 (which
+    changes only the cross-entropy kernel) both run the fast ones. The kernels are read off a profile."""
+    qkv, dout = make_inputs(2, 97, 2, 64, torch.bfloat16, fresh_seed(), device="cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        out, _ = torch.ops.arcana.attention_fwd(qkv.requires_grad_())
+        out.backward(dout)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    plain = ["attention_fwd_plain_kernel", "attention_bwd_plain_dq_kernel", "attention_bwd_plain_dkv_kernel"]
+    fast = ["attention_fwd_kernel", "attention_bwd_kernel", "attention_bwd_dq_convert_kernel"]
+    ran = sorted(k for k in plain + fast if k in names)
+    assert ran == sorted(plain if variant == 0 else fast), \
+        f"variant {variant}: the profile shows {ran or 'no attention kernel (no CUDA activity recorded?)'}"
 
 
 @pytest.mark.cuda
@@ -363,8 +384,6 @@ def test_clear_errors_for_unsupported_inputs():
         fwd(torch.zeros(1, 4, 3, 64, 2, dtype=torch.bfloat16, device="cuda").transpose(3, 4))
     with pytest.raises(RuntimeError, match="multiples of 8"):
         fwd(torch.zeros(1, 4, 3 * 2 * 64 + 4, dtype=torch.bfloat16, device="cuda")[:, :, 4:].unflatten(-1, (3, 2, 64)))
-    with pytest.raises(RuntimeError, match="variant must be 0"):
-        fwd(good, 2)
     out, lse = fwd(good)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         torch.ops.arcana.attention_bwd(out, good, out, lse[:, :1])
@@ -388,7 +407,7 @@ def test_peak_memory_not_above_sdpa():
     the same (B, T, 3C) c_attn output; inference likewise, allowing for the fp32 lse (B H T 4 bytes, 1/32 of
     the output at D = 64) that our forward always returns and PyTorch's no-grad paths may skip. And nothing
     grows with T^2: doubling T at most doubles our peak."""
-    require_kernels()
+    cuda_ops = require_kernels().CudaOps(TorchOps())
     H, D = 12, 64
 
     def inputs(B, T):
@@ -412,31 +431,29 @@ def test_peak_memory_not_above_sdpa():
     lse_bytes = B * H * T * 4
     for mode, allowance in ((train, 0), (infer, lse_bytes)):
         for _ in range(2):  # the second round is measured, after any one-time workspace allocations
-            ours, sdpa = peak_bytes(mode(CudaOps(), qkv, grad)), peak_bytes(mode(TorchOps(), qkv, grad))
+            ours, sdpa = peak_bytes(mode(cuda_ops, qkv, grad)), peak_bytes(mode(TorchOps(), qkv, grad))
         assert ours <= sdpa + allowance, (f"{mode.__name__}: peak {ours / 2**20:.1f} MiB > SDPA's "
                                           f"{sdpa / 2**20:.1f} MiB (+ {allowance / 2**20:.2f} MiB)")
-    peaks = [peak_bytes(train(CudaOps(), *inputs(2, t))) for t in (1024, 2048)]
+    peaks = [peak_bytes(train(cuda_ops, *inputs(2, t))) for t in (1024, 2048)]
     assert peaks[1] <= 2.05 * peaks[0], f"peak {peaks[0] / 2**20:.1f} MiB at T=1024, {peaks[1] / 2**20:.1f} at 2048"
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [1, 0])
+@pytest.mark.parametrize("variant", [1, 0], indirect=True)
 def test_opcheck(variant):
-    require_kernels()
     qkv, dout = make_inputs(2, 97, 2, 64, torch.bfloat16, fresh_seed(), device="cuda")
-    torch.library.opcheck(torch.ops.arcana.attention_fwd.default, (qkv.requires_grad_(), variant))
-    out, lse = torch.ops.arcana.attention_fwd(qkv.detach(), variant)
-    torch.library.opcheck(torch.ops.arcana.attention_bwd.default, (dout, qkv.detach(), out, lse, variant))
+    torch.library.opcheck(torch.ops.arcana.attention_fwd.default, (qkv.requires_grad_(),))
+    out, lse = torch.ops.arcana.attention_fwd(qkv.detach())
+    torch.library.opcheck(torch.ops.arcana.attention_bwd.default, (dout, qkv.detach(), out, lse))
 
 
 @pytest.mark.cuda
 def test_torch_compile_fullgraph():
     """A c_attn -> attention -> c_proj block compiled with fullgraph=True matches eager, forward and backward."""
-    require_kernels()
+    ops = require_kernels().CudaOps(TorchOps())
     torch.manual_seed(fresh_seed())
     C, H = 256, 4
     c_attn, c_proj = torch.nn.Linear(C, 3 * C).cuda(), torch.nn.Linear(C, C).cuda()
-    ops = CudaOps()
 
     def block(x):
         with torch.autocast("cuda", dtype=torch.bfloat16):

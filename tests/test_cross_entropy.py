@@ -1,18 +1,19 @@
 """The fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu, torch.ops.arcana.cross_entropy_fwd_bwd)
-and the chunked lm_head loss that calls it (train_gpt.py lm_head_loss_op, CudaOps.lm_head_loss).
+and the chunked lm_head loss that calls it (csrc/__init__.py: lm_head_loss_op, CudaOps.lm_head_loss).
 
 Three parts:
 - CPU: the schema, the fake implementation (meta and fake tensors, torch.compile), the clear error for CPU
-  tensors. Needs the built extension: skipped without it, failed without it when ARCANA_REQUIRE_KERNELS=1 (CI).
+  tensors, CudaOps.lm_head_loss's choice of path. Needs the built extension: skipped without it, failed without
+  it when ARCANA_REQUIRE_KERNELS=1 (CI).
 - CPU emulation: tests/cross_entropy_emu.cpp compiles the kernels and the launcher for the CPU (threads as OS
   threads, shuffles and barriers emulated) and runs every variant, both vector widths and both places the row
   is kept between the sweeps, on small shapes; needs only g++ and the CUDA headers.
-- GPU (marker cuda): every variant against a float64 reference for fp32/bf16/fp16 at V = 50304, 50257, 1000, 7
-  and 1, 7, 4097 rows with -1 targets mixed in and the outputs poisoned with NaN; out-of-range targets,
-  misaligned rows, input checks, determinism, opcheck; the chunked loss against F.cross_entropy on the full
-  logits; a model step with the kernel against TorchOps; the peak memory of a d12-sized loss; and the loss
-  curve of a 200-step d12 run with --kernels cuda against --kernels torch. A table of the worst errors is
-  printed at the end.
+- GPU (marker cuda): every variant (torch.ops.arcana._set_variant, set by the `variant` fixture) against a
+  float64 reference for fp32/bf16/fp16 at V = 50304, 50257, 1000, 7 and 1, 7, 4097 rows with -1 targets mixed
+  in and the outputs poisoned with NaN; out-of-range targets, misaligned rows, input checks, determinism,
+  opcheck; the chunked loss against F.cross_entropy on the full logits; a model step with the kernel against
+  TorchOps; the peak memory of a d12-sized loss; and the loss curve of a 200-step d12 run with --kernels cuda
+  against --kernels torch. A table of the worst errors is printed at the end.
 
 Tolerances: losses (fp32 whatever the input dtype) and fp32 dlogits within 1e-5 of the largest reference value;
 bf16/fp16 dlogits within twice the error of cross_entropy_rows (PyTorch's fp32 softmax rounded once to 16
@@ -28,24 +29,27 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from kernel_testing import WorstErrors, build_emulator, print_after_tests, short, train_losses, write_shards
-from train_gpt import CudaOps, TorchOps
+from kernel_testing import (WorstErrors, build_emulator, print_after_tests, require_kernels, short, train_losses,
+                            write_shards)
+from train_gpt import TorchOps
 
-SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad, "
-          "int variant=1) -> (Tensor losses, Tensor dlogits)")
+SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad) "
+          "-> (Tensor losses, Tensor dlogits)")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def reference(logits, targets, grad_scale):
-    """(losses, dlogits) in float64 from the logits as given (16-bit values upcast exactly)."""
-    x = logits.double()
+def reference(logits, targets, grad_scale, dtype=torch.float64):
+    """(losses, dlogits) computed in dtype from the logits as given (16-bit values upcast exactly). In float32,
+    with dlogits rounded to the logits' dtype, it stands in for csrc.cross_entropy_rows (the PyTorch path the
+    kernel replaces) in the emulator tests, which run without the extension."""
+    x = logits.to(dtype)
     valid = targets != -1
     safe = targets.clamp(min=0)
     lse = torch.logsumexp(x, dim=-1)
     losses = torch.where(valid, lse - x.gather(1, safe[:, None])[:, 0], 0.0)
     grad = torch.softmax(x, dim=-1)
     grad[torch.arange(len(targets), device=x.device), safe] -= 1.0
-    grad *= (valid.double() * grad_scale)[:, None]
+    grad *= (valid.to(dtype) * grad_scale)[:, None]
     return losses, grad
 
 
@@ -80,7 +84,7 @@ def test_fake_shapes_on_meta(arcana, dtype):
     losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, scale, True)
     assert (losses.shape, losses.dtype) == ((6,), torch.float32)
     assert (dlogits.shape, dlogits.dtype, dlogits.is_contiguous()) == ((6, 50304), dtype, True)
-    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, scale, False, 0)
+    losses, dlogits = arcana.cross_entropy_fwd_bwd(logits, targets, scale, False)
     assert (losses.shape, dlogits.shape, dlogits.dtype) == ((6,), (0,), dtype)
 
 
@@ -88,7 +92,7 @@ def test_fake_in_fake_tensor_mode_and_compile(arcana):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         losses, dlogits = arcana.cross_entropy_fwd_bwd(torch.empty(3, 7, dtype=torch.bfloat16),
-                                                       torch.empty(3, dtype=torch.long), torch.ones(()), True, 2)
+                                                       torch.empty(3, dtype=torch.long), torch.ones(()), True)
     assert (losses.shape, dlogits.shape, dlogits.dtype) == ((3,), (3, 7), torch.bfloat16)
 
     def loss_and_grad(logits, targets):
@@ -110,17 +114,27 @@ def test_cpu_tensors_get_the_clear_error(arcana):
 
 def test_cuda_ops_loss_paths(monkeypatch):
     """CudaOps.lm_head_loss: the chunked kernel path, without logits, for bf16 and fp32; the full-logits PyTorch
-    path for fp16, whose GradScaler factor comes too late for dlogits stored in fp16. (The chunked call is
-    replaced here: only the choice is tested.)"""
+    path under fp16 autocast, whose GradScaler factor comes too late for dlogits stored in fp16. (The chunked call
+    is replaced here: only the choice is tested.)"""
+    csrc = require_kernels()
     calls = []
-    monkeypatch.setattr(train_gpt, "chunked_lm_head_loss",
+    monkeypatch.setattr(csrc, "chunked_lm_head_loss",
                         lambda h, weight, targets, use_kernel=False: calls.append((h.dtype, use_kernel)) or 0.0)
+    ops = csrc.CudaOps(TorchOps())
     h, weight = torch.randn(2, 8, 16), torch.randn(100, 16)
     targets = torch.randint(0, 100, (2, 8))
     for dtype in (torch.float32, torch.bfloat16):
-        assert CudaOps().lm_head_loss(h.to(dtype), weight.to(dtype), targets) == (None, 0.0)
+        assert ops.lm_head_loss(h.to(dtype), weight.to(dtype), targets) == (None, 0.0)
     assert calls == [(torch.float32, True), (torch.bfloat16, True)]
-    logits, loss = CudaOps().lm_head_loss(h.half(), weight.half(), targets)
+    # the state torch.autocast("cuda", dtype=torch.float16) sets, which the context manager refuses without a GPU
+    dtype = torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.float16)
+    try:
+        logits, loss = ops.lm_head_loss(h.half(), weight.half(), targets)
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_dtype("cuda", dtype)
     assert logits.shape == (2, 8, 100) and torch.isfinite(loss) and len(calls) == 2
 
 
@@ -177,7 +191,7 @@ def test_emulated_kernels_match_reference(emu, n, V, dtype):
     seed = n * 100003 + V
     logits, targets, grad_scale = random_case(n, V, dtype, "cpu", seed)
     ref_losses, ref_grad = reference(logits, targets, grad_scale)
-    torch_losses, torch_grad = train_gpt.cross_entropy_rows(logits, targets, grad_scale, True)
+    torch_grad = reference(logits, targets, grad_scale, torch.float32)[1].to(dtype)
     grad_tol = max(2 * (torch_grad.double() - ref_grad).abs().max().item(), 1e-5 * ref_grad.abs().max().item())
     for variant, fits in EMU_PATHS:
         losses, grad = emu_run(emu, logits, targets, grad_scale, True, variant, fits)
@@ -253,7 +267,7 @@ def record(dtype, variant, out, shape, err, ref_err, tol):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [0, 1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=short)
 @pytest.mark.parametrize("V", [50304, 50257, 1000, 7])
 @pytest.mark.parametrize("n", [1, 7, 4097])
@@ -261,7 +275,7 @@ def test_kernel_matches_reference(arcana, poison, n, V, dtype, variant):
     seed = random.randrange(2 ** 31)
     logits, targets, grad_scale = random_case(n, V, dtype, "cuda", seed)
     ref_losses, ref_grad = reference(logits, targets, grad_scale)
-    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, variant)
+    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True)
     assert (losses.dtype, losses.shape, grad.dtype, grad.shape) == (torch.float32, (n,), dtype, (n, V))
     assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), f"unwritten outputs; seed {seed}"
     loss_err = (losses.double() - ref_losses).abs().max().item()
@@ -273,26 +287,26 @@ def test_kernel_matches_reference(arcana, poison, n, V, dtype, variant):
     if dtype == torch.float32:
         torch_err, grad_tol = None, 1e-5 * scale
     else:
-        _, torch_grad = train_gpt.cross_entropy_rows(logits, targets, grad_scale, True)
+        _, torch_grad = require_kernels().cross_entropy_rows(logits, targets, grad_scale, True)
         torch_err = (torch_grad.double() - ref_grad).abs().max().item()
         grad_tol = max(2 * torch_err, 1e-5 * scale)
     assert record(dtype, variant, "dlogits", (n, V), grad_err, torch_err, grad_tol), \
         f"dlogits error {grad_err:.3e} > {grad_tol:.3e} (PyTorch's own: {torch_err}); seed {seed}"
     # without the gradient: the same losses, an empty dlogits
-    no_grad_losses, empty = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, False, variant)
+    no_grad_losses, empty = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, False)
     assert empty.shape == (0,) and empty.dtype == dtype
     torch.testing.assert_close(no_grad_losses, losses, rtol=1e-6, atol=0)  # same sweep 1, without the row copy
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [0, 1, 2], indirect=True)
 def test_out_of_range_targets_and_misaligned_rows(arcana, poison, variant):
     V = 50304
     base = torch.randn(6 * V + 1, device="cuda", dtype=torch.bfloat16)
     logits = base[1:].view(6, V)  # contiguous, 2 bytes off a 16-byte boundary: the scalar path
     targets = torch.tensor([5, -2, V, -1, 2 ** 40, 77], device="cuda")
     half = torch.tensor(0.5, device="cuda")
-    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, half, True, variant)
+    losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, half, True)
     torch.cuda.synchronize()  # an out-of-bounds access would surface here
     for row in (1, 2, 4):
         assert losses[row].isnan() and grad[row].isnan().all()
@@ -319,7 +333,6 @@ def test_bad_inputs_get_clear_errors(arcana):
         (lambda: op(x, t, one.cpu(), True), r"grad_scale must be a CUDA tensor, got cpu"),
         (lambda: op(x, t, one.double(), True), r"grad_scale has dtype Double, expected Float"),
         (lambda: op(x, t, one.expand(2), True), r"grad_scale must hold one value, got shape \[2\]"),
-        (lambda: op(x, t, one, True, 3), r"variant must be 0 \(plain kernel\), 1 \(fast kernel\) or 2"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -329,21 +342,21 @@ def test_bad_inputs_get_clear_errors(arcana):
 
 
 @pytest.mark.cuda
-def test_deterministic(arcana):
+@pytest.mark.parametrize("variant", [1, 2], indirect=True)
+def test_deterministic(arcana, variant):
     logits, targets, grad_scale = random_case(512, 50304, torch.bfloat16, "cuda", 1)
-    for variant in (1, 2):
-        first = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, variant)
-        second = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True, variant)
-        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    first = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True)
+    second = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [0, 1, 2], indirect=True)
 def test_opcheck(arcana, variant):
     for dtype in DTYPES:
         logits, targets, grad_scale = random_case(7, 1000, dtype, "cuda", 5)
-        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, True, variant))
-        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, False, variant))
+        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, True))
+        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, False))
 
 
 # -----------------------------------------------------------------------------
@@ -367,34 +380,41 @@ def rel_err(a, b):
 def test_chunked_loss_with_kernel_equals_cross_entropy(arcana):
     """fp32: loss and gradients as F.cross_entropy on the full logits, to fp32 rounding. bf16 under autocast:
     as the TorchOps path (full bf16 logits, F.cross_entropy on their float32 copy), to bf16 rounding."""
+    csrc = require_kernels()
     h, weight, targets = lm_head_case(4096, 256, 50304, 0)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32: both sides in full fp32
     try:
         expected = F.cross_entropy((h @ weight.t()).view(-1, 50304), targets.view(-1), ignore_index=-1)
         eh, ew = torch.autograd.grad(expected, (h, weight))
-        loss = train_gpt.chunked_lm_head_loss(h, weight, targets, chunk_rows=1500, use_kernel=True)
+        loss = csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=1500, use_kernel=True)
         gh, gw = torch.autograd.grad(loss, (h, weight))
     finally:
         torch.set_float32_matmul_precision(precision)
     assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
     assert rel_err(gh, eh) < 1e-5 and rel_err(gw, ew) < 1e-5
 
+    cuda_ops = csrc.CudaOps(TorchOps())
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, expected = TorchOps().lm_head_loss(h, weight, targets)
-        _, loss = CudaOps().lm_head_loss(h, weight, targets)
+        _, loss = cuda_ops.lm_head_loss(h, weight, targets)
     eh, ew = torch.autograd.grad(expected, (h, weight))
     gh, gw = torch.autograd.grad(loss, (h, weight))
     assert loss.dtype == torch.float32
     assert abs(loss.item() - expected.item()) <= 2e-3 * expected.item()
     assert rel_err(gh, eh) < 2e-2 and rel_err(gw, ew) < 2e-2
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # evaluation: no gradient work
-        assert abs(CudaOps().lm_head_loss(h, weight, targets)[1].item() - loss.item()) < 1e-6 * loss.item()
+        assert abs(cuda_ops.lm_head_loss(h, weight, targets)[1].item() - loss.item()) < 1e-6 * loss.item()
 
 
 class LossOps(TorchOps):
     """TorchOps with only the loss from CudaOps: isolates the chunked kernel path in a model."""
-    lm_head_loss = CudaOps.lm_head_loss
+
+    def __init__(self):
+        self.kernels = require_kernels().CudaOps(TorchOps())
+
+    def lm_head_loss(self, h, weight, targets):
+        return self.kernels.lm_head_loss(h, weight, targets)
 
 
 def grads_close(model_a, model_b, rtol):
@@ -449,7 +469,7 @@ def test_peak_memory_below_full_logits(arcana):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    chunked, full = peak(CudaOps()), peak(TorchOps())
+    chunked, full = peak(require_kernels().CudaOps(TorchOps())), peak(TorchOps())
     print(f"\nlm_head loss peak memory at 16384 x 50304: chunked kernel {chunked / 2**30:.2f} GiB, "
           f"full logits {full / 2**30:.2f} GiB")
     assert chunked < 0.5 * full, (chunked, full)

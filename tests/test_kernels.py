@@ -1,22 +1,24 @@
 """The LayerNorm and GELU ops of the arcana_kernels extension (csrc/layernorm.cu, csrc/gelu.cu, schemas in
-csrc/ops.cpp) and their Python half in train_gpt.py (fake implementations, autograd, CudaOps).
+csrc/ops.cpp) and their Python half in csrc/__init__.py (fake implementations, autograd, CudaOps).
 
 Without a GPU (CI): the module imports (a failure when ARCANA_REQUIRE_KERNELS=1, else a skip), every op has its
 schema, the fake implementations give the right shapes, dtypes and strides on meta and fake tensors, autograd
 reaches every backward op, torch.compile(fullgraph=True) traces through the ops, CPU tensors get the clear error,
-and --kernels cuda is refused on CPU. The kernels and their launchers also run under a CPU emulation of the CUDA
-features they use (tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on small awkward
-shapes, with fenced NaN-filled outputs, against float64: this checks their index arithmetic, layouts,
-synchronization and reductions before any GPU run.
+the test-only kernel switch (_set_variant) refuses unknown values, and --kernels cuda is refused on CPU. The
+kernels and their launchers also run under a CPU emulation of the CUDA features they use
+(tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on small awkward shapes, with
+fenced NaN-filled outputs, against float64: this checks their index arithmetic, layouts, synchronization and
+reductions before any GPU run.
 
-On a GPU (marker cuda): every op and its backward, plain (variant 0) and fast (variant 1), against PyTorch on
-fresh random inputs at C = 768, 1000, 1024, 1600 (GELU also 3072) and 1, 7, 4097, 65536 rows, with every output
-buffer poisoned with NaN first (torch.ops.arcana._set_poison) so an unwritten element fails. Tolerances: fp32
-inputs, max-norm relative error under 1e-5 against the op in float64; bf16/fp16 inputs, at most twice PyTorch's
-own bf16/fp16 error against the op in fp32 on the same inputs (or under the fp32 tolerance, where PyTorch
-computes in fp32 too). Then opcheck, input checks, determinism, CudaOps against TorchOps under autocast, a
-torch.compile(fullgraph=True) GPT, and 50 training steps with --kernels cuda against --kernels torch. The worst
-error of each op, output and dtype is printed as a table at the end.
+On a GPU (marker cuda): every op and its backward, plain and fast kernels (torch.ops.arcana._set_variant(0) and
+(1), set by the `variant` fixture), against PyTorch on fresh random inputs at C = 768, 1000, 1024, 1600 (GELU
+also 3072) and 1, 7, 4097, 65536 rows, with every output buffer poisoned with NaN first
+(torch.ops.arcana._set_poison) so an unwritten element fails. Tolerances: fp32 inputs, max-norm relative error
+under 1e-5 against the op in float64; bf16/fp16 inputs, at most twice PyTorch's own bf16/fp16 error against the
+op in fp32 on the same inputs (or under the fp32 tolerance, where PyTorch computes in fp32 too). Then opcheck,
+input checks, determinism, CudaOps against TorchOps under autocast, a torch.compile(fullgraph=True) GPT, and 50
+training steps with --kernels cuda against --kernels torch. The worst error of each op, output and dtype is
+printed as a table at the end.
 """
 
 import math
@@ -30,19 +32,20 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from kernel_testing import ROOT, WorstErrors, build_emulator, print_after_tests, short, train_losses, write_shards
+from kernel_testing import (ROOT, WorstErrors, build_emulator, print_after_tests, require_kernels, short, train_losses,
+                            write_shards)
 
 SCHEMAS = {
-    "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps, int variant=1)"
+    "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps)"
                       " -> (Tensor out, Tensor mean, Tensor rstd)",
-    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps,"
-                          " int variant=1) -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
+    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps)"
+                          " -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
     "layer_norm_bwd": "arcana::layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd,"
-                      " Tensor? dr=None, int variant=1) -> (Tensor dx, Tensor dweight, Tensor dbias)",
-    "gelu_fwd": "arcana::gelu_fwd(Tensor x, Tensor? bias=None, int variant=1) -> Tensor",
-    "gelu_bwd": "arcana::gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None, int variant=1)"
-                " -> (Tensor dx, Tensor dbias)",
+                      " Tensor? dr=None) -> (Tensor dx, Tensor dweight, Tensor dbias)",
+    "gelu_fwd": "arcana::gelu_fwd(Tensor x, Tensor? bias=None) -> Tensor",
+    "gelu_bwd": "arcana::gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None) -> (Tensor dx, Tensor dbias)",
     "_set_poison": "arcana::_set_poison(bool enabled) -> ()",
+    "_set_variant": "arcana::_set_variant(int variant) -> ()",
 }
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -74,7 +77,7 @@ def test_fake_shapes_on_meta(arcana, dtype):
     for stat in (mean, rstd):
         assert (stat.shape, stat.dtype) == ((B, T), torch.float32)
     y = torch.empty(B, T, C, device="meta", dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
-    r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, w, EPS, 0)
+    r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, w, EPS)
     assert (r.shape, r.dtype, out.shape, out.dtype) == (x.shape, dtype, x.shape, dtype)
     assert (mean.shape, rstd.dtype) == ((B, T), torch.float32)
     dx, dw, db = arcana.layer_norm_bwd(x, x, w, mean, rstd, x)
@@ -102,7 +105,8 @@ def test_fake_shapes_in_fake_tensor_mode(arcana):
 
 def test_autograd_reaches_every_backward_op_on_meta(arcana):
     """Gradients of every input, with the model's dtypes under autocast: residual stream float32, branch output
-    and MLP activation bfloat16, parameters float32."""
+    and MLP activation bfloat16, parameters float32. Each gradient comes back in its input's dtype (autograd
+    casts y's, which the backward computes as x's, and a bias's in another dtype than its weight)."""
     B, T, C = 2, 5, 16
     x = torch.empty(B, T, C, device="meta", requires_grad=True)
     y = torch.empty(B, T, C, device="meta", dtype=torch.bfloat16, requires_grad=True)
@@ -111,16 +115,29 @@ def test_autograd_reaches_every_backward_op_on_meta(arcana):
     assert not mean.requires_grad and not rstd.requires_grad
     u = torch.empty(B, T, 4 * C, device="meta", dtype=torch.bfloat16, requires_grad=True)
     fb = torch.empty(4 * C, device="meta", requires_grad=True)
-    h2, _, _ = arcana.layer_norm_fwd(h, w, b, EPS)
+    b16 = torch.empty(C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    h2, _, _ = arcana.layer_norm_fwd(h, w, b16, EPS)
     (r.sum() + h2.sum() + arcana.gelu_fwd(u, fb).float().sum()).backward()
     assert (x.grad.shape, x.grad.dtype, y.grad.dtype) == (x.shape, torch.float32, torch.bfloat16)
     assert (w.grad.shape, b.grad.dtype, u.grad.dtype, fb.grad.shape) == ((C,), torch.float32, torch.bfloat16, (4 * C,))
+    assert (b16.grad.shape, b16.grad.dtype) == ((C,), torch.bfloat16)
 
 
-class NormGeluOps(train_gpt.CudaOps):
-    """CudaOps with only this file's ops: attention and the loss from PyTorch."""
-    attention = train_gpt.TorchOps.attention
-    lm_head_loss = train_gpt.TorchOps.lm_head_loss
+class NormGeluOps(train_gpt.TorchOps):
+    """TorchOps with this file's ops from CudaOps (LayerNorm, the fused add + LayerNorm, GELU): attention and the
+    loss stay PyTorch's."""
+
+    def __init__(self):
+        self.kernels = require_kernels().CudaOps(train_gpt.TorchOps())
+
+    def layer_norm(self, x, ln):
+        return self.kernels.layer_norm(x, ln)
+
+    def add_layer_norm(self, x, y, ln):
+        return self.kernels.add_layer_norm(x, y, ln)
+
+    def linear_gelu(self, x, fc):
+        return self.kernels.linear_gelu(x, fc)
 
 
 def test_compile_fullgraph_traces_through_the_ops(arcana):
@@ -173,6 +190,15 @@ def test_cpu_tensors_get_the_clear_error(arcana):
             call()
 
 
+def test_set_variant_refuses_unknown_variants(arcana):
+    """The test-only kernel switch of every op takes 0, 1 and 2 only, and says what each means."""
+    for bad in (3, -1):
+        with pytest.raises(RuntimeError, match=rf"arcana::_set_variant: variant must be 0 \(plain kernels\), 1 "
+                                               rf"\(fast kernels\) or 2 \(fast kernels, cross-entropy rows re-read "
+                                               rf"from L2\), got {bad}"):
+            arcana._set_variant(bad)
+
+
 def test_kernels_cuda_is_refused_on_cpu():
     with pytest.raises(train_gpt.UserError, match="--kernels cuda needs a CUDA device"):
         train_gpt.select_ops("cuda", "cpu")
@@ -180,15 +206,20 @@ def test_kernels_cuda_is_refused_on_cpu():
 
 
 def test_setup_without_a_toolkit_skips_or_fails_when_required():
-    """No CUDA toolkit: setup.py builds nothing, says why and exits 0; ARCANA_REQUIRE_KERNELS=1 makes it fail."""
+    """No CUDA toolkit (a CUDA_HOME without one, and every other place setup.py looks hidden by making
+    include/cuda_runtime.h invisible): setup.py builds nothing, says why and exits 0; ARCANA_REQUIRE_KERNELS=1
+    makes it fail."""
+    hide_toolkit = ("import os, runpy, sys; isfile = os.path.isfile; "
+                    "os.path.isfile = lambda p: not str(p).endswith('cuda_runtime.h') and isfile(p); "
+                    "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
     env = dict(os.environ, CUDA_HOME=os.path.join(ROOT, "no-such-toolkit"))
     env.pop("ARCANA_REQUIRE_KERNELS", None)
-    cmd = [sys.executable, "setup.py", "--version"]
+    cmd = [sys.executable, "-c", hide_toolkit]
+    reason = "no CUDA toolkit" if torch.version.cuda else f"torch {torch.__version__} is built without CUDA"
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and "notice: not building the arcana_kernels CUDA extension" in res.stderr
-    assert "no-such-toolkit holds no bin/nvcc" in res.stderr
+    assert res.returncode == 0 and f"notice: not building the CUDA kernels: {reason}" in res.stderr, res.stderr
     res = subprocess.run(cmd, cwd=ROOT, env=dict(env, ARCANA_REQUIRE_KERNELS="1"), capture_output=True, text=True)
-    assert res.returncode != 0 and "error: cannot build arcana_kernels" in res.stderr
+    assert res.returncode != 0 and f"error: cannot build the CUDA kernels: {reason}" in res.stderr, res.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -397,7 +428,7 @@ def ln_reference(x, weight, bias, dout, y=None, dr=None, round_to=None):
 # on a GPU: LayerNorm
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=short)
 @pytest.mark.parametrize("C", WIDTHS)
 @pytest.mark.parametrize("N", ROWS)
@@ -407,8 +438,8 @@ def test_layer_norm(arcana, poison, seed, N, C, dtype, variant):
     x = (2 * torch.randn(N, C, device="cuda") + 3).to(dtype)
     weight, bias = ln_params(C, "cuda")
     dout = torch.randn(N, C, device="cuda").to(dtype)
-    out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS, variant)
-    dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd, None, variant)
+    out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS)
+    dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
 
     rd = reference_dtype(dtype)
     _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd))
@@ -431,7 +462,7 @@ ADD_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), 
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
 @pytest.mark.parametrize("dtypes", ADD_DTYPES, ids=lambda d: f"{short(d[0])}+{short(d[1])}")
 @pytest.mark.parametrize("C", WIDTHS)
 @pytest.mark.parametrize("N", ROWS)
@@ -443,8 +474,8 @@ def test_add_layer_norm(arcana, poison, seed, N, C, dtypes, variant):
     weight, bias = ln_params(C, "cuda")
     dout = torch.randn(N, C, device="cuda").to(xdt)
     dr = torch.randn(N, C, device="cuda").to(xdt)
-    r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, weight, bias, EPS, variant)
-    dx, dw, db = arcana.layer_norm_bwd(dout, r, weight, mean, rstd, dr, variant)
+    r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, weight, bias, EPS)
+    dx, dw, db = arcana.layer_norm_bwd(dout, r, weight, mean, rstd, dr)
 
     lowp = xdt != torch.float32
     rd = torch.float32 if lowp else torch.float64
@@ -463,7 +494,7 @@ def test_add_layer_norm(arcana, poison, seed, N, C, dtypes, variant):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
 @pytest.mark.parametrize("shape", [(5, 37), (3, 2, 100), (4, 2056)], ids=str)
 def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, variant):
     """Rows whose bytes are not a multiple of 16 (C = 37, C = 100 in bf16) and 3-D inputs run correctly with
@@ -473,8 +504,8 @@ def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, varian
         C = shape[-1]
         weight, bias = ln_params(C, "cuda")
         dout = torch.randn(shape, device="cuda").to(dtype)
-        out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS, variant)
-        dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd, None, variant)
+        out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS)
+        dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
         rd = reference_dtype(dtype)
         _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd))
         low = None if dtype == torch.float32 else ln_reference(x.float(), weight, bias, dout.float(),
@@ -525,7 +556,7 @@ def gelu_torch_lowp(x, bias, dout):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=short)
 @pytest.mark.parametrize("C", WIDTHS + [3072])
@@ -535,8 +566,8 @@ def test_gelu(arcana, poison, seed, N, C, dtype, with_bias, variant):
     x = (3 * torch.randn(N, C, device="cuda")).to(dtype)
     bias = 0.5 * torch.randn(C, device="cuda") if with_bias else None
     dout = torch.randn(N, C, device="cuda").to(dtype)
-    out = arcana.gelu_fwd(x, bias, variant)
-    dx, dbias = arcana.gelu_bwd(dout, x, bias, variant)
+    out = arcana.gelu_fwd(x, bias)
+    dx, dbias = arcana.gelu_bwd(dout, x, bias)
 
     rd = reference_dtype(dtype)
     out_ref, dx_ref, db_ref = gelu_reference(x.to(rd), None if bias is None else bias.to(rd), dout.to(rd))
@@ -553,7 +584,7 @@ def test_gelu(arcana, poison, seed, N, C, dtype, with_bias, variant):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
 def test_gelu_shapes_off_the_fast_path(arcana, poison, seed, variant):
     """A flat tail (numel not a multiple of 8), a misaligned view (offset by one element), a bias row of 1001
     (not a multiple of 8), and a 3-D input all run correctly."""
@@ -566,8 +597,8 @@ def test_gelu_shapes_off_the_fast_path(arcana, poison, seed, variant):
             C = x.size(-1)
             bias = 0.5 * torch.randn(C, device="cuda") if with_bias else None
             dout = torch.randn(x.shape, device="cuda").to(dtype)
-            out = arcana.gelu_fwd(x, bias, variant)
-            dx, dbias = arcana.gelu_bwd(dout, x, bias, variant)
+            out = arcana.gelu_fwd(x, bias)
+            dx, dbias = arcana.gelu_bwd(dout, x, bias)
             rd = reference_dtype(dtype)
             out_ref, dx_ref, db_ref = gelu_reference(x.to(rd), None if bias is None else bias.to(rd), dout.to(rd))
             low = None if dtype == torch.float32 else gelu_torch_lowp(x, bias, dout)
@@ -582,7 +613,7 @@ def test_gelu_shapes_off_the_fast_path(arcana, poison, seed, variant):
 # on a GPU: registration, input checks, determinism
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
 def test_opcheck(arcana, variant):
     """torch.library.opcheck: schema, autograd registration, fake tensors and AOT dispatch of every op."""
     N, C = 7, 1000
@@ -591,16 +622,16 @@ def test_opcheck(arcana, variant):
         w, b = ln_params(C, "cuda", requires_grad=True)
         ydt = torch.bfloat16 if dtype == torch.float32 else dtype
         y = torch.randn(N, C, device="cuda").to(ydt).requires_grad_()
-        torch.library.opcheck(arcana.layer_norm_fwd.default, (x, w, b, EPS, variant))
-        torch.library.opcheck(arcana.add_layer_norm_fwd.default, (x, y, w, b, EPS, variant))
+        torch.library.opcheck(arcana.layer_norm_fwd.default, (x, w, b, EPS))
+        torch.library.opcheck(arcana.add_layer_norm_fwd.default, (x, y, w, b, EPS))
         _, mean, rstd = arcana.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
         d = torch.randn(N, C, device="cuda").to(dtype)
-        torch.library.opcheck(arcana.layer_norm_bwd.default, (d, x.detach(), w.detach(), mean, rstd, d, variant))
+        torch.library.opcheck(arcana.layer_norm_bwd.default, (d, x.detach(), w.detach(), mean, rstd, d))
         fb = torch.randn(C, device="cuda", requires_grad=True)
-        torch.library.opcheck(arcana.gelu_fwd.default, (x, fb, variant))
-        torch.library.opcheck(arcana.gelu_fwd.default, (x, None, variant))
-        torch.library.opcheck(arcana.gelu_bwd.default, (d, x.detach(), fb.detach(), variant))
-        torch.library.opcheck(arcana.gelu_bwd.default, (d, x.detach(), None, variant))
+        torch.library.opcheck(arcana.gelu_fwd.default, (x, fb))
+        torch.library.opcheck(arcana.gelu_fwd.default, (x, None))
+        torch.library.opcheck(arcana.gelu_bwd.default, (d, x.detach(), fb.detach()))
+        torch.library.opcheck(arcana.gelu_bwd.default, (d, x.detach(), None))
 
 
 @pytest.mark.cuda
@@ -612,7 +643,6 @@ def test_bad_inputs_get_clear_errors(arcana):
         (lambda: arcana.layer_norm_fwd(x.t(), w, b, EPS), r"x must be contiguous"),
         (lambda: arcana.layer_norm_fwd(x, w[:32], b, EPS), r"weight must have shape \(64,\)"),
         (lambda: arcana.layer_norm_fwd(x, w, b.cpu(), EPS), r"bias must be a CUDA tensor, got cpu"),
-        (lambda: arcana.layer_norm_fwd(x, w, b, EPS, 2), r"variant must be 0 \(plain kernel\) or 1"),
         (lambda: arcana.add_layer_norm_fwd(x.bfloat16(), x, w, b, EPS), r"y must have x's dtype, or x must be"),
         (lambda: arcana.add_layer_norm_fwd(x, x[:4], w, b, EPS), r"y has shape \[4, 64\] but x has shape"),
         (lambda: arcana.layer_norm_bwd(x, x, w, x[:, 0].contiguous(), x[:4, 0].contiguous()),
