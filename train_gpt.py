@@ -794,9 +794,11 @@ def train(cfg):
         import hellaswag
         try:
             hellaswag_path = hellaswag.ensure_data("val", cfg.hellaswag_dir or None, rt.master, rt.ddp)
-        except UserError as e:
+        except UserError as e:  # no copy and no network: the run goes on without it
             if rt.master:
-                print(f"HellaSwag is off for this run: {e}")
+                print(f"notice: HellaSwag is off for this run: {e}")
+        else:
+            hellaswag.render_file(hellaswag_path, T)  # a bad file is refused now, not at the first evaluation
     sample_every = cfg.sample_every
     if rt.master and sample_every > 0:
         try:  # sampling is a nicety: without a tokenizer the run goes on, and says so now, not at step 250
