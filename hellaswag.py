@@ -270,7 +270,7 @@ class EvalConfig:
     data_dir: str = DEFAULT_DATA_DIR  # the cache folder of the official files
     download: bool = False  # only download --split into --data_dir, then exit
     limit: Optional[int] = None  # score only the first N examples
-    batch_size: Optional[int] = None  # examples (4 rows each) per forward pass (default: 32 on CUDA, 4 elsewhere)
+    batch_size: Optional[int] = None  # examples (4 rows each) per forward pass; None: 32 on CUDA, 4 elsewhere
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # autocast precision (auto: bfloat16 on CUDA, float32 elsewhere)
     kernels: str = "auto"  # the model's ops: the arcana_kernels extension (cuda) or PyTorch (torch)
@@ -297,9 +297,7 @@ def run(cfg):
             name = f"{name} (step {ckpt['step']})"
         else:
             model = train_gpt.GPT.from_pretrained(name, ops=ops).to(rt.device)
-    except UserError:
-        raise
-    except Exception as e:  # e.g. weights of another shape: load_state_dict's RuntimeError
+    except (RuntimeError, TypeError) as e:  # weights of another shape; a model_config GPTConfig does not take
         raise UserError(f"{flag} {name} does not load into a GPT ({type(e).__name__}: {str(e)[:400]})") from None
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"{flag} {name}: {model.config.vocab_size} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}")
