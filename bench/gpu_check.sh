@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The first run on a GPU machine, in one command: build the kernels for this GPU, run the fragment self-test and
+# the GPU tests, then record every benchmark suite. Each step has a time limit and the run goes on after a failure;
+# the summary at the end says which steps failed. Everything printed also goes to OUTDIR/log.txt, and the records
+# to OUTDIR/RESULTS.md (a copy of bench/RESULTS.md). About 10 minutes at most on an H100; no network needed
+# (HellaSwag falls back to synthetic val-shaped data, tokenize generates its text).
+#
+#     bench/gpu_check.sh OUTDIR
+set -u
+if [ $# -ne 1 ]; then
+    echo "usage: bench/gpu_check.sh OUTDIR  (OUTDIR gets log.txt and RESULTS.md)" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 1
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} ARCANA_REQUIRE_KERNELS=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if ! ARCH=$(python -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())'); then
+    echo "error: torch sees no CUDA GPU here; run this on a machine with one"
+    exit 1
+fi
+export TORCH_CUDA_ARCH_LIST=$ARCH  # this GPU's architecture only: a faster build
+echo "gpu_check $(date -u '+%F %T') UTC, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+     "sm $ARCH, $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+
+DEADLINE=$((SECONDS + 590))  # every step's limit is cut to what is left of the 10 minutes
+SUMMARY=()
+FAILED=0
+step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS and note how it ended
+    local name=$1 limit=$2 start=$SECONDS left=$((DEADLINE - SECONDS - 5)) rc
+    shift 2
+    if [ "$left" -lt 10 ]; then
+        SUMMARY+=("SKIPPED $name: no time left"); FAILED=$((FAILED + 1)); return
+    fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    echo; echo "=== $name (at most ${limit}s): $*"
+    timeout --kill-after=5 "$limit" "$@"
+    rc=$?
+    if [ $rc -eq 0 ]; then SUMMARY+=("ok      $name ($((SECONDS - start))s)")
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then SUMMARY+=("TIMEOUT $name (${limit}s)"); FAILED=$((FAILED + 1))
+    else SUMMARY+=("FAILED  $name (exit $rc, $((SECONDS - start))s)"); FAILED=$((FAILED + 1))
+    fi
+}
+
+PROCS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))  # tokenize: the pipeline with all cores but one, against one process
+step build 150 python setup.py build_ext --inplace --force
+step selftest 45 python -m pytest -q tests/test_attention.py -k selftest -m cuda
+step tests 120 python -m pytest -m cuda -x -q
+step kernels 50 python bench.py kernels --record
+step cross_entropy 25 python bench.py cross_entropy --record
+step attention 45 python bench.py attention --T 1024 --record
+step train 120 python bench.py train --steps 5 --record
+step hellaswag 45 python bench.py hellaswag --record
+step tokenize 60 python bench.py tokenize --num_proc "$PROCS" --record
+
+cp bench/RESULTS.md "$OUT/RESULTS.md"
+echo; echo "=== summary: $((${#SUMMARY[@]} - FAILED)) of ${#SUMMARY[@]} steps passed"
+printf '  %s\n' "${SUMMARY[@]}"
+[ "$FAILED" -eq 0 ]
