@@ -157,9 +157,9 @@ CONFIGS = ["torch", "torch+compile", "cuda", "cuda+compile"]
 @dataclass
 class Train:
     model: str = "d12"  # model preset
-    block_size: Optional[int] = None  # T (default: the preset's)
-    batch_size: Optional[int] = None  # micro-batch B (default: the largest of 64, 32, ..., 1 that fits; 4 off GPU)
-    configs: Optional[list] = None  # kernels[+compile] configurations (default: all four on CUDA, torch ones else)
+    block_size: Optional[int] = None  # sequence length T; None: the preset's
+    batch_size: Optional[int] = None  # micro-batch B; None: the largest of 64, 32, ..., 1 that fits (4 off a GPU)
+    configs: Optional[list] = None  # kernels[+compile] configurations; None: all four on CUDA, torch ones elsewhere
     steps: int = 10  # timed optimizer steps per configuration, after 3 untimed ones; the median counts
 
 
@@ -321,7 +321,7 @@ def bench_attention(cfg, rt, dtype):
                     times = [median_ms(torch.no_grad()(lambda: ops.attention(qkv, cfg.H))),
                              median_ms(lambda: torch.autograd.grad(y, x, grad, retain_graph=True)),
                              median_ms(forward_backward)]  # forward, backward, both
-                    del x, y
+                    x = y = None  # the backward-only runs' graph, freed before measuring memory
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                     forward_backward()
@@ -380,8 +380,8 @@ def sentence(rng, lo, hi):
 @dataclass
 class HellaSwag:
     model: str = "d12"  # model preset, randomly initialized: the speed does not depend on the weights
-    limit: Optional[int] = None  # examples to score (default: all 10,042 on CUDA, 8 elsewhere)
-    batch_size: Optional[int] = None  # examples per forward pass (default: hellaswag.py's for the device)
+    limit: Optional[int] = None  # examples to score; None: all of them on CUDA, 8 elsewhere
+    batch_size: Optional[int] = None  # examples per forward pass; None: hellaswag.py's for the device
     compile: bool = False  # torch.compile the model
 
 
@@ -420,8 +420,8 @@ def bench_hellaswag(cfg, rt, dtype):
 
 @dataclass
 class Tokenize:
-    mb: Optional[float] = None  # MB of text to tokenize (default: 32, or 8 per process when more)
-    num_proc: Optional[list] = None  # worker process counts to measure (default: 1 and all cores but one)
+    mb: Optional[float] = None  # MB of text to tokenize; None: 32, or 8 per process when that is more
+    num_proc: Optional[list] = None  # worker process counts to measure; None: 1 and all cores but one
 
 
 def bench_tokenize(cfg, rt, dtype):
