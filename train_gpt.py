@@ -128,11 +128,11 @@ def model_config(cfg):
 
 def check_train_config(cfg, mc, world_size):
     """Refuse sizes and counts that cannot work, before any work is done."""
-    for name in ("batch_size", "total_batch_size", "max_steps", "num_samples", "sample_length"):
+    for name in ("batch_size", "total_batch_size", "max_steps", "val_steps", "num_samples", "sample_length"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)} must be at least 1")
-    for name in ("warmup_steps", "grad_clip", "min_lr", "weight_decay", "val_every", "val_steps",
-                 "hellaswag_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("warmup_steps", "grad_clip", "min_lr", "weight_decay", "val_every", "hellaswag_every",
+                 "sample_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)} must not be negative")
     if cfg.min_lr > cfg.max_lr:
