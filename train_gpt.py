@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, config_parser, format_duration, gpt2_encoding
+from prepare import (EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, config_parser, format_duration, gpt2_encoding,
+                     gpt2_files)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -69,12 +71,13 @@ class TrainConfig:
     log_dir: str = "log"  # log.txt, run.json and the model_*.pt checkpoints go here
     shuffle: bool = False  # permute the order of train shards each epoch (seeded, reproducible)
     # model
-    model: str = "d12"  # model preset: tiny, d12 (124M), d24 (350M), d36 (774M), d48 (1.5B)
+    model: Optional[str] = None  # model preset: tiny, d12 (124M, the default), d24 (350M), d36 (774M), d48 (1.5B)
     n_layer: Optional[int] = None  # override the preset's number of blocks
     n_head: Optional[int] = None  # override the preset's attention heads
     n_embd: Optional[int] = None  # override the preset's width
     block_size: Optional[int] = None  # sequence length T (default: the preset's context, 1024 for GPT-2)
     vocab_size: Optional[int] = None  # override the embedding rows (default 50304)
+    init_from: str = ""  # start from OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder
     # batch and schedule
     batch_size: int = 64  # micro-batch B, sequences per forward pass per process
     total_batch_size: int = 524288  # tokens per optimizer step, across processes and accumulation steps
@@ -96,10 +99,12 @@ class TrainConfig:
     checkpoint_every: int = 5000  # checkpoint every this many steps, and after the last step (0: last step only)
     keep_checkpoints: int = 3  # keep the newest this many checkpoints (0: keep all)
     resume: str = ""  # 'auto' continues the newest valid checkpoint in log_dir; or a checkpoint path
+    branch: bool = False  # with --resume PATH older than log_dir's newest: continue it, moving the later ones aside
+    export: str = ""  # with --resume: write the checkpoint as a Hugging Face GPT-2 folder here, and exit
     # hardware
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16
-    compile: bool = False  # torch.compile the model
+    compile: Optional[bool] = None  # torch.compile the model (default: on CUDA, off on CPU and MPS)
     kernels: str = "auto"  # auto, cuda (the arcana_kernels extension) or torch (PyTorch ops)
     seed: int = 1337  # seed for initialization, data shuffling and sampling
 
@@ -111,10 +116,18 @@ def parse_config(argv=None):
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
-def model_config(cfg):
-    """--model and its overrides as a GPTConfig, refusing shapes that cannot work."""
-    mc = GPTConfig(**{**MODEL_PRESETS[cfg.model], **{k: v for k, v in asdict(cfg).items()
-                                                      if k in GPTConfig.__annotations__ and v is not None}})
+def model_config(cfg, base=None, source=None):
+    """The model's shape: --model's preset with the shape flags over it, refusing shapes that cannot work. Resuming,
+    or starting from pretrained weights, the shape is theirs (base, from source), and a flag may not differ."""
+    flags = {k: v for k, v in asdict(cfg).items() if k in GPTConfig.__annotations__ and v is not None}
+    if base is not None:
+        stated = {**(MODEL_PRESETS[cfg.model] if cfg.model else {}), **flags}
+        diff = ", ".join(f"{k}={base[k]} (flags: {v})" for k, v in stated.items() if base[k] != v)
+        if diff:
+            raise UserError(f"{source} has a different model: {diff}; leave out --model and the shape flags (the "
+                            f"shape comes with the weights), or use another --log_dir")
+        return GPTConfig(**base)
+    mc = GPTConfig(**{**MODEL_PRESETS[cfg.model or "d12"], **flags})
     for name, value in asdict(mc).items():
         if value < 1:
             raise UserError(f"--{name} {value} must be at least 1")
@@ -176,6 +189,9 @@ class TorchOps:
         logits = F.linear(h, weight)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out) there
 
 
 class CausalSelfAttention(nn.Module):
@@ -311,11 +327,8 @@ class GPT(nn.Module):
                 sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{path} is not a Hugging Face GPT-2 folder ({type(e).__name__}: {e})") from None
-        sd = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in sd.items()
-              if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # those two are causal-mask buffers
-        for k in sd:
-            if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
-                sd[k] = sd[k].t()  # Hugging Face's Conv1D stores (in, out); nn.Linear wants (out, in)
+        sd = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v.t() if k.endswith(HF_CONV1D)
+              else v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
         sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))  # tied
         model = cls(config, ops)
         try:
@@ -344,6 +357,21 @@ def select_ops(kernels, device_type):
 
 # -----------------------------------------------------------------------------
 # data
+
+
+def check_data_dir(data_dir):
+    """A note for the run's summary when prepare.py has not finished --data_dir (its manifest says so)."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return ""  # shards from another tool (build-nanogpt's fineweb.py writes none)
+    try:
+        with open(path) as f:
+            complete = json.load(f)["complete"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}{f':{e.lineno}' if hasattr(e, 'lineno') else ''} is not a manifest prepare.py "
+                        f"wrote ({e}); run prepare.py again or remove it") from None
+    return "" if complete else (f"; UNFINISHED: {path} says prepare.py has not completed, so the run trains on the "
+                                f"shards written so far (run prepare.py again to finish them)")
 
 
 def find_shards(data_dir, split):
@@ -396,12 +424,17 @@ class ShardLoader:
             raise UserError(f"every shard in {os.path.dirname(shards[0]) or '.'} is shorter than one batch of "
                             f"batch_size * block_size * processes + 1 = {self.span + 1} tokens; lower --batch_size "
                             f"or --block_size, or prepare more data")
+        self.capacity = sum((n - 1) // self.span * self.span for n in lengths)  # tokens read in one pass
         self.load_state_dict({"epoch": 0, "index": 0, "pos": 0})
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index, "pos": self.pos}
 
     def load_state_dict(self, state):
+        if state["index"] >= len(self.shards):
+            raise UserError(f"the checkpoint was reading shard {state['index'] + 1} of its data, but "
+                            f"{os.path.dirname(self.shards[0]) or '.'} has {len(self.shards)}; resume with the "
+                            f"--data_dir it was trained on")
         self.epoch, self.index, self.pos = state["epoch"], state["index"], state["pos"]
         self.tokens = open_shard(self.shards[self.order(self.epoch)[self.index]])
         if self.pos + self.span + 1 > len(self.tokens):  # no window left in this shard
@@ -715,35 +748,128 @@ def sample_from_checkpoint(cfg):
                   autocast_context(rt.device_type, resolve_dtype(cfg.dtype, rt.device_type)), cfg.seed)
 
 
+def export_hf(cfg):
+    """`--export DIR --resume PATH|auto`: the checkpoint as a Hugging Face GPT-2 folder (config.json,
+    model.safetensors, GPT-2's tokenizer files), which transformers, lm-evaluation-harness and
+    GPT.from_pretrained read. The padding rows of the vocabulary are dropped."""
+    from safetensors.torch import save
+    path, ckpt = resolve_resume(cfg)
+    if path is None:
+        raise UserError("--export needs a checkpoint: pass --resume PATH (or --resume auto with a --log_dir holding "
+                        "one)")
+    c = GPTConfig(**ckpt["model_config"])
+    sd = {k: (v[:GPT2_VOCAB_SIZE] if k == "transformer.wte.weight" else v.t() if k.endswith(HF_CONV1D) else v)
+          .contiguous() for k, v in ckpt["model"].items() if k != "lm_head.weight"}  # lm_head is wte, tied
+    config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=GPT2_VOCAB_SIZE,
+                  n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                  activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True)
+    try:
+        os.makedirs(cfg.export, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--export {cfg.export}: cannot make that folder ({e.strerror}); choose another") from None
+    atomic_write(os.path.join(cfg.export, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+    atomic_write(os.path.join(cfg.export, "model.safetensors"), lambda f: f.write(save(sd, {"format": "pt"})))
+    if gpt2_files():  # GPT-2's tokenizer under the names transformers reads, so the folder needs no network
+        for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            shutil.copyfile(os.path.join(gpt2_files(), ours), os.path.join(cfg.export, theirs))
+    print(f"wrote {path} (step {ckpt['step']}) to {cfg.export}/ as a Hugging Face GPT-2 model; evaluate it with "
+          f"lm_eval --model hf --model_args pretrained={cfg.export} --tasks hellaswag")
+
+
+def check_log_dir(cfg, resume_path, ckpt):
+    """Refuse a run that would mix with another history in --log_dir (on every process, before any work). Returns
+    the checkpoints newer than the one resumed (damaged ones --resume auto skipped, or those --branch leaves)."""
+    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
+        raise UserError(f"--log_dir {cfg.log_dir} is a file, not a folder; choose another --log_dir")
+    log_txt = os.path.join(cfg.log_dir, "log.txt")
+    holds_run = list_checkpoints(cfg.log_dir) or os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0
+    if ckpt is None:
+        if holds_run and cfg.resume != "auto":
+            raise UserError(f"--log_dir {cfg.log_dir} already holds a run (log.txt or model_*.pt); pass --resume auto "
+                            f"to continue it, or choose another --log_dir")
+        return [path for _, path in list_checkpoints(cfg.log_dir)]
+    if os.path.dirname(os.path.abspath(resume_path)) != os.path.abspath(cfg.log_dir):
+        if holds_run:
+            raise UserError(f"--log_dir {cfg.log_dir} holds another run; continue {resume_path} in its own folder or "
+                            f"in an empty --log_dir")
+        return []
+    later = [path for step, path in list_checkpoints(cfg.log_dir) if step > ckpt["step"]]
+    if later and cfg.resume != "auto" and not cfg.branch:
+        raise UserError(f"{resume_path} is at step {ckpt['step']}, but {cfg.log_dir} holds later checkpoints "
+                        f"({', '.join(os.path.basename(p) for p in later)}): continuing it starts a second history. "
+                        f"Pass --branch to do that (the later checkpoints and the old log.txt move into a folder "
+                        f"beside them), or --resume auto to continue the newest")
+    return later
+
+
+def set_up_log_dir(cfg, resume_path, ckpt, later):
+    """The master's side of check_log_dir: later checkpoints (and the log of the history they belong to) are moved
+    into a set_aside_* folder, never deleted; the log keeps what the resumed checkpoint had logged."""
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    for tmp in glob.glob(os.path.join(cfg.log_dir, "*.tmp")):  # left by checkpoint writes a kill interrupted
+        os.remove(tmp)
+    log = os.path.join(cfg.log_dir, "log.txt")
+    if later or ckpt is None and os.path.exists(log):
+        aside = os.path.join(cfg.log_dir, time.strftime("set_aside_%Y%m%d_%H%M%S"))
+        os.makedirs(aside)
+        for path in later:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        if os.path.exists(log):
+            (os.replace if ckpt is None else shutil.copy2)(log, os.path.join(aside, "log.txt"))
+        print(f"moved {len(later)} checkpoint(s) newer than the one resumed{' and the old log' if ckpt is None else ''} "
+              f"to {aside}")
+    source = os.path.join(os.path.dirname(resume_path or ""), "log.txt")
+    if ckpt is not None and os.path.exists(source):  # keep the train lines before the checkpoint, evaluations at it
+        with open(source) as f:
+            kept = [line for line in f if len(parts := line.split()) == 3 and parts[0].isdigit() and
+                    (int(parts[0]) < ckpt["step"] or int(parts[0]) == ckpt["step"] and parts[1] != "train")]
+        atomic_write(log, lambda f: f.write("".join(kept).encode()))
+
+
+def save_checkpoint(path, state):
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise UserError(f"cannot write checkpoint {path} ({' '.join(str(e).split())[:200]}); free some disk space, "
+                        f"then continue with --resume auto") from None
+
+
 def train(cfg):
     """Run training as configured; returns the process exit code."""
-    mc = model_config(cfg)
     rt = setup_runtime(cfg.device)
+    ops = select_ops(cfg.kernels, rt.device_type)
+    resume_path, ckpt = resolve_resume(cfg)
+    pretrained = None
+    if cfg.init_from:
+        if cfg.resume:
+            raise UserError("--init_from starts a run from pretrained weights and --resume continues one: pass one of "
+                            "them")
+        pretrained = GPT.from_pretrained(cfg.init_from, ops)
+        if cfg.block_size:  # a shorter context: keep the first position embeddings
+            if cfg.block_size > pretrained.config.block_size:
+                raise UserError(f"--block_size {cfg.block_size} is longer than {cfg.init_from}'s context "
+                                f"{pretrained.config.block_size}")
+            pretrained.config.block_size = cfg.block_size
+            wpe = pretrained.transformer.wpe
+            wpe.weight = nn.Parameter(wpe.weight[:cfg.block_size].detach().clone())
+    base = ckpt["model_config"] if ckpt else asdict(pretrained.config) if pretrained else None
+    mc = model_config(cfg, base, resume_path or cfg.init_from)
     check_train_config(cfg, mc, rt.world_size)
     B, T = cfg.batch_size, mc.block_size
     grad_accum = cfg.total_batch_size // (B * T * rt.world_size)
     dtype = resolve_dtype(cfg.dtype, rt.device_type)
     amp = autocast_context(rt.device_type, dtype)
-    ops = select_ops(cfg.kernels, rt.device_type)
     if rt.device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
-
-    resume_path, ckpt = resolve_resume(cfg)
-    log_txt = os.path.join(cfg.log_dir, "log.txt")
-    if not cfg.resume and (list_checkpoints(cfg.log_dir) or os.path.isfile(log_txt) and os.path.getsize(log_txt)):
-        raise UserError(f"--log_dir {cfg.log_dir} already holds a run (log.txt or model_*.pt); pass --resume auto to "
-                        f"continue it, or choose another --log_dir")
-    if ckpt is not None and ckpt["model_config"] != asdict(mc):
-        diff = ", ".join(f"{k}={v} (this run: {getattr(mc, k)})" for k, v in ckpt["model_config"].items()
-                         if getattr(mc, k) != v)
-        raise UserError(f"checkpoint {resume_path} has a different model: {diff}; pass the same --model/--n_* "
-                        f"flags, or another --log_dir")
+    later = check_log_dir(cfg, resume_path, ckpt)
+    data = check_data_dir(cfg.data_dir)
     train_loader = ShardLoader(find_shards(cfg.data_dir, "train"), B, T, rt.rank, rt.world_size, cfg.shuffle,
                                cfg.seed)
     val_loader = ShardLoader(find_shards(cfg.data_dir, "val"), B, T, rt.rank, rt.world_size)
 
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(mc, ops).to(rt.device)
+    raw_model = (pretrained or GPT(mc, ops)).to(rt.device)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type) if dtype == torch.float16 else None
     start_step = 0
@@ -765,40 +891,54 @@ def train(cfg):
     ddp_model = DDP(raw_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
                     gradient_as_bucket_view=True) if rt.ddp else None
     model = ddp_model or raw_model
-    if cfg.compile:
+    compile_model = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
+    if compile_model:
         model = torch.compile(model)  # compiling the DDP wrapper lets it overlap gradient sync with backward
 
     log = RunLog(cfg.log_dir, cfg.max_steps, rt.master)
     if rt.master:
-        os.makedirs(cfg.log_dir, exist_ok=True)
-        if ckpt is not None and os.path.exists(log.path):
-            log.truncate_after(start_step)
-        elif os.path.exists(log.path):
-            os.replace(log.path, log.path + ".bak")  # --resume auto found no checkpoint: keep the old log aside
+        set_up_log_dir(cfg, resume_path, ckpt, later)
         run = {"config": asdict(cfg), "model_config": asdict(mc), "resumed_from": resume_path, "start_step": start_step,
                "tokens_per_step": cfg.total_batch_size, "grad_accum_steps": grad_accum, "world_size": rt.world_size,
                "device": rt.device, "device_name": device_name(rt), "dtype": str(dtype)[6:], "kernels": ops.name,
-               "parameters": raw_model.num_params(), "git_commit": git_commit(),
+               "compile": compile_model, "parameters": raw_model.num_params(), "git_commit": git_commit(),
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "numpy": np.__version__, "cuda": torch.version.cuda},
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write(os.path.join(cfg.log_dir, "run.json"), lambda f: f.write(json.dumps(run, indent=2).encode()))
-        print(f"config: {json.dumps(asdict(cfg))}")
-        print(f"model: {json.dumps(asdict(mc))}, {raw_model.num_params():,} parameters")
-        print(f"{rt.world_size} process(es) on {rt.device}, {str(dtype)[6:]}, kernels {ops.name}, compile "
-              f"{cfg.compile}; {cfg.total_batch_size:,} tokens per step = {B} x {T} x {rt.world_size} x {grad_accum} "
-              f"accumulation steps" + (f"; resuming from {resume_path} after step {start_step}" if ckpt else ""))
+        total = cfg.max_steps * cfg.total_batch_size
+        print(f"model: {cfg.init_from or cfg.model or 'd12'}, {raw_model.num_params():,} parameters ({mc.n_layer} "
+              f"layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})\n"
+              f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x {rt.world_size} "
+              f"process(es) x {grad_accum} accumulation steps; {total / 1e9:.2f}B tokens in all\n"
+              f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), {str(dtype)[6:]}, kernels "
+              f"{ops.name}, compile {'on' if compile_model else 'off'}\n"
+              f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity / 1e6:,.1f}M "
+              f"tokens per pass; val {val_loader.capacity / 1e6:,.1f}M tokens{data}\n"
+              f"out: {log.path} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
+              f"steps and after the last" + (f"; resuming {resume_path} after step {start_step}" if ckpt else ""))
+        if total > train_loader.capacity:
+            print(f"warning: the run reads {total / 1e6:,.1f}M tokens and the train shards hold "
+                  f"{train_loader.capacity / 1e6:,.1f}M: it wraps around the data {total / train_loader.capacity:.1f} "
+                  f"times", file=sys.stderr)
 
     hellaswag_path = None
     if cfg.hellaswag_every > 0:
         import hellaswag
-        try:
-            hellaswag_path = hellaswag.ensure_data("val", cfg.hellaswag_dir or None, rt.master, rt.ddp)
-        except UserError as e:  # no copy and no network: the run goes on without it
-            if rt.master:
-                print(f"notice: HellaSwag is off for this run: {e}")
-        else:
+        notice = "a process of this run has no copy"
+        try:  # downloaded once per node where it is missing; every process must have it, or none uses it
+            hellaswag_path = hellaswag.ensure_data("val", cfg.hellaswag_dir or None, rt.local_rank == 0, rt.ddp)
+        except UserError as e:
+            notice = e
+        everyone = torch.tensor(float(hellaswag_path is not None), device=rt.device)
+        if rt.ddp:
+            dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+        if everyone.item():
             hellaswag.render_file(hellaswag_path, T)  # a bad file is refused now, not at the first evaluation
+        else:
+            hellaswag_path = None
+            if rt.master:
+                print(f"notice: HellaSwag is off for this run: {notice}")
     sample_every = cfg.sample_every
     if rt.master and sample_every > 0:
         try:  # sampling is a nicety: without a tokenizer the run goes on, and says so now, not at step 250
@@ -810,6 +950,26 @@ def train(cfg):
     def due(step, every):
         return step == cfg.max_steps or (every > 0 and step % every == 0)
 
+    def evaluate(step):
+        """The evaluations due for the model after `step` steps; returns the val loss, if measured."""
+        val_loss = None
+        if due(step, cfg.val_every):
+            val_loss = evaluate_val(model, val_loader, cfg.val_steps * grad_accum, rt, amp)
+            log.write(step, "val", f"{val_loss:.4f}")
+        if hellaswag_path and due(step, cfg.hellaswag_every):
+            model.eval()
+            with amp:
+                s = hellaswag.score(model, hellaswag_path, T, rt.device, rt.rank, rt.world_size)
+            model.train()
+            log.write(step, "hella", f"{s.correct_norm / s.total:.4f}", f" acc:{s.correct / s.total:.4f} "
+                      f"({s.total} examples)")
+        if rt.master and sample_every > 0 and step > 0 and due(step, sample_every):
+            print_samples(raw_model, "Hello, I'm a language model,", cfg.num_samples, cfg.sample_length, rt, amp,
+                          cfg.seed + step)
+        return val_loss
+
+    if ckpt is None:
+        evaluate(0)  # the model before training (a resumed run has these of its checkpoint's step already)
     peak = peak_flops(rt, dtype)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
     step_times, last_checkpoint = [], resume_path
@@ -849,31 +1009,18 @@ def train(cfg):
                       f"tok/s:{cfg.total_batch_size / dt:,.0f}{mfu} eta:{eta}")
 
             step += 1  # evaluations and checkpoints belong to the model after this many steps
-            val_loss = None
-            if due(step, cfg.val_every):
-                val_loss = evaluate_val(model, val_loader, cfg.val_steps * grad_accum, rt, amp)
-                log.write(step, "val", f"{val_loss:.4f}")
-            if hellaswag_path and due(step, cfg.hellaswag_every):
-                model.eval()
-                with amp:
-                    s = hellaswag.score(model, hellaswag_path, T, rt.device, rt.rank, rt.world_size)
-                model.train()
-                log.write(step, "hella", f"{s.correct_norm / s.total:.4f}", f" acc:{s.correct / s.total:.4f} "
-                          f"({s.total} examples)")
-            if rt.master and sample_every > 0 and due(step, sample_every):
-                print_samples(raw_model, "Hello, I'm a language model,", cfg.num_samples, cfg.sample_length, rt, amp,
-                              cfg.seed + step)
+            val_loss = evaluate(step)
             if rt.master and (stopping or due(step, cfg.checkpoint_every)):
                 last_checkpoint = checkpoint_path(cfg.log_dir, step)
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-                         "model_config": asdict(mc), "step": step, "val_loss": val_loss,
-                         "train_loader": train_loader.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(rt.device)}
-                                                                    if rt.device_type == "cuda" else {})},
-                         "world_size": rt.world_size}
-                atomic_write(last_checkpoint, lambda f: torch.save(state, f))
+                save_checkpoint(last_checkpoint, {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+                    "model_config": asdict(mc), "step": step, "val_loss": val_loss,
+                    "train_loader": train_loader.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng": {"torch": torch.get_rng_state(),
+                            **({"cuda": torch.cuda.get_rng_state(rt.device)} if rt.device_type == "cuda" else {})},
+                    "world_size": rt.world_size})
                 print(f"saved {last_checkpoint}")
-                for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints or len(state):]:
+                for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints:] if cfg.keep_checkpoints else []:
                     os.remove(old)
             if stopping:
                 break
@@ -887,8 +1034,8 @@ def train(cfg):
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        if cfg.sample:
-            sample_from_checkpoint(cfg)
+        if cfg.sample or cfg.export:
+            (sample_from_checkpoint if cfg.sample else export_hf)(cfg)
             return 0
         return train(cfg)
     except UserError as e:

@@ -1,6 +1,7 @@
 """train_gpt.py on CPU: the model, the data loader, the training loop, checkpoints, resume, DDP and errors."""
 
 import copy
+import glob
 import json
 import math
 import os
@@ -364,7 +365,7 @@ def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
     assert code == 0
     log = read_log(log_dir)
     assert [s for s, k, _ in log if k == "train"] == list(range(6))
-    assert [s for s, k, _ in log if k == "val"] == [3, 6]  # after 3 and 6 steps
+    assert [s for s, k, _ in log if k == "val"] == [0, 3, 6]  # before training, after 3 and after 6 steps
     assert all(len(v.split(".")[1]) == (6 if k == "train" else 4) for _, k, v in log)
     train_losses = [float(v) for _, k, v in log if k == "train"]
     assert train_losses[-1] < train_losses[0]
@@ -482,7 +483,7 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     multi = run_script(args + ["--log_dir", two], launcher=launcher)
     assert multi.returncode == 0, multi.stderr
-    assert "2 process(es)" in multi.stdout and "x 2 x 1 accumulation steps" in multi.stdout
+    assert "= 2 x 32 x 2 process(es) x 1 accumulation steps" in multi.stdout
     a, b = read_log(one), read_log(two)
     assert [(s, k) for s, k, _ in a] == [(s, k) for s, k, _ in b]
     for (_, _, va), (_, _, vb) in zip(a, b):
@@ -506,7 +507,7 @@ def test_compile_with_eval_and_sampling(data_dir, tmp_path, monkeypatch):
                     "--sample_every", "1", "--num_samples", "2", "--sample_length", "4", "--compile"]
     assert train_gpt.main(args) == 0
     log = read_log(log_dir)
-    assert [(s, k) for s, k, _ in log] == [(0, "train"), (1, "val"), (1, "train"), (2, "val")]
+    assert [(s, k) for s, k, _ in log] == [(0, "val"), (0, "train"), (1, "val"), (1, "train"), (2, "val")]
 
 
 def test_missing_tokenizer_turns_sampling_off(data_dir, tmp_path, monkeypatch, capsys):
@@ -603,16 +604,20 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
     assert train_gpt.main(args) == 2  # a fresh run would overwrite the first one
     assert "already holds a run" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", "auto", "--n_layer", "3"]) == 2
-    assert "has a different model: n_layer=2 (this run: 3)" in capsys.readouterr().err
+    assert "model_00001.pt has a different model: n_layer=2 (flags: 3)" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", os.path.join(log_dir, "missing.pt")]) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", log_dir]) == 2
     assert "does not exist or is not a file" in capsys.readouterr().err
-    # --resume auto with a log but no usable checkpoint starts over, keeping the old log beside the new one
-    os.remove(os.path.join(log_dir, "model_00001.pt"))
+    # --resume auto with only a damaged checkpoint starts over, and moves the old log and checkpoint aside
+    with open(os.path.join(log_dir, "model_00001.pt"), "r+b") as f:
+        f.truncate(1000)
     assert train_gpt.main(args + ["--resume", "auto"]) == 0
-    assert "no valid checkpoint" in capsys.readouterr().out
-    with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(log_dir, "log.txt.bak")) as g:
+    out = capsys.readouterr().out
+    assert "no valid checkpoint" in out and "and the old log to" in out
+    aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
+    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00001.pt"]
+    with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(aside[0], "log.txt")) as g:
         new, old = f.read(), g.read()
     assert new == old and new.startswith("0 train ")  # the same deterministic run, logged again
 
