@@ -910,17 +910,16 @@ def train(cfg):
         print(f"model: {cfg.init_from or cfg.model or 'd12'}, {raw_model.num_params():,} parameters ({mc.n_layer} "
               f"layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})\n"
               f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x {rt.world_size} "
-              f"process(es) x {grad_accum} accumulation steps; {total / 1e9:.2f}B tokens in all\n"
+              f"process(es) x {grad_accum} accumulation steps; {total:,} tokens in all\n"
               f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), {str(dtype)[6:]}, kernels "
               f"{ops.name}, compile {'on' if compile_model else 'off'}\n"
-              f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity / 1e6:,.1f}M "
-              f"tokens per pass; val {val_loader.capacity / 1e6:,.1f}M tokens{data}\n"
+              f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity:,} tokens per "
+              f"pass; val {val_loader.capacity:,} tokens{data}\n"
               f"out: {log.path} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
               f"steps and after the last" + (f"; resuming {resume_path} after step {start_step}" if ckpt else ""))
         if total > train_loader.capacity:
-            print(f"warning: the run reads {total / 1e6:,.1f}M tokens and the train shards hold "
-                  f"{train_loader.capacity / 1e6:,.1f}M: it wraps around the data {total / train_loader.capacity:.1f} "
-                  f"times", file=sys.stderr)
+            print(f"warning: the run reads {total:,} tokens and the train shards hold {train_loader.capacity:,}: it "
+                  f"wraps around the data {total / train_loader.capacity:.1f} times", file=sys.stderr)
 
     hellaswag_path = None
     if cfg.hellaswag_every > 0:

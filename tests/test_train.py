@@ -441,13 +441,16 @@ def test_half_written_checkpoint_is_ignored(data_dir, tmp_path, capsys):
         data = f.read()
     with open(os.path.join(log_dir, "model_00009.pt"), "wb") as f:
         f.write(data[: len(data) // 3])  # a copy cut short, under a valid name
-    with open(os.path.join(log_dir, "model_00010.pt.tmp.123"), "wb") as f:
-        f.write(data[:100])  # an interrupted atomic write
+    with open(os.path.join(log_dir, "model_00010.pt.tmp"), "wb") as f:
+        f.write(data[:100])  # an atomic write a kill interrupted
     path, ckpt = train_gpt.resolve_resume(TrainConfig(resume="auto", log_dir=log_dir))
     assert path.endswith("model_00002.pt") and ckpt["step"] == 2
     assert "model_00009.pt does not load" in capsys.readouterr().err
     assert train_gpt.main(args + ["--max_steps", "4", "--resume", "auto"]) == 0
     assert [s for s, _, _ in read_log(log_dir, "train")] == [0, 1, 2, 3]
+    assert not glob.glob(os.path.join(log_dir, "*.tmp"))  # the stale temp file is gone
+    aside = glob.glob(os.path.join(log_dir, "set_aside_*", "*"))  # the damaged newer checkpoint: moved, not lost
+    assert sorted(os.path.basename(p) for p in aside) == ["log.txt", "model_00009.pt"]  # the log: a copy
 
 
 def test_non_finite_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
@@ -587,6 +590,12 @@ def test_unknown_model_and_help():
     assert "tokens per optimizer step" in result.stdout  # field comments are the help text
 
 
+def test_a_file_as_log_dir(data_dir, tmp_path, capsys):
+    (tmp_path / "log").write_text("not a folder")
+    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", str(tmp_path / "log"), "--max_steps", "1"]) == 2
+    assert "is a file, not a folder; choose another --log_dir" in capsys.readouterr().err
+
+
 def test_missing_and_empty_data_dir(tmp_path, capsys):
     args = SMALL + ["--log_dir", str(tmp_path / "log"), "--max_steps", "1"]
     assert train_gpt.main(args + ["--data_dir", str(tmp_path / "nope")]) == 2
@@ -621,3 +630,150 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
         new, old = f.read(), g.read()
     assert new == old and new.startswith("0 train ")  # the same deterministic run, logged again
 
+
+
+# -----------------------------------------------------------------------------
+# histories, data and disks: nothing lost, nothing silently wrong
+
+def test_an_older_checkpoint_is_continued_only_as_a_branch(data_dir, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", data_dir, "--val_every", "0", "--checkpoint_every", "2", "--keep_checkpoints", "2"]
+    assert train_gpt.main(args + ["--log_dir", log_dir, "--max_steps", "6"]) == 0
+    old = os.path.join(log_dir, "model_00004.pt")
+    capsys.readouterr()
+    assert train_gpt.main(args + ["--log_dir", log_dir, "--max_steps", "8", "--resume", old]) == 2
+    err = capsys.readouterr().err
+    assert "model_00004.pt is at step 4, but" in err and "(model_00006.pt)" in err and "--branch" in err
+    assert train_gpt.main(args + ["--log_dir", log_dir, "--max_steps", "8", "--resume", old, "--branch"]) == 0
+    aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
+    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00006.pt"]  # moved, not deleted
+    assert [s for s, _, _ in read_log(aside[0], "train")] == list(range(6))  # the abandoned history, whole
+    assert [s for s, _, _ in read_log(log_dir, "train")] == list(range(8))  # the branch, each step once
+    assert [s for s, _ in train_gpt.list_checkpoints(log_dir)] == [8, 6]  # the branch's own, rotated
+    # another run's folder is refused; an empty one continues the run, with its log up to the checkpoint
+    other, fresh = str(tmp_path / "other"), str(tmp_path / "fresh")
+    assert train_gpt.main(args + ["--log_dir", other, "--max_steps", "1"]) == 0
+    newest = os.path.join(log_dir, "model_00008.pt")
+    assert train_gpt.main(args + ["--log_dir", other, "--max_steps", "10", "--resume", newest]) == 2
+    assert "--log_dir " + other + " holds another run" in capsys.readouterr().err
+    assert train_gpt.main(args + ["--log_dir", fresh, "--max_steps", "10", "--resume", newest]) == 0
+    assert [s for s, _, _ in read_log(fresh, "train")] == list(range(10))
+    assert read_log(fresh)[:9] == read_log(log_dir)[:9]
+
+
+def test_stopping_on_an_evaluation_step_keeps_its_points(data_dir, tmp_path, monkeypatch):
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    args = SMALL + ["--data_dir", data_dir, "--max_steps", "6", "--val_every", "4", "--checkpoint_every", "0"]
+    assert train_gpt.main(args + ["--log_dir", full]) == 0
+    forward, calls = GPT.forward, {"n": 0}
+
+    def signalled(self, idx, targets=None):  # SIGTERM during step 3, the one the step-4 evaluation follows
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, idx, targets)
+
+    monkeypatch.setattr(GPT, "forward", signalled)
+    assert train_gpt.main(args + ["--log_dir", stopped]) == 0
+    assert [s for s, _ in train_gpt.list_checkpoints(stopped)] == [4]
+    assert (4, "val") in [(s, k) for s, k, _ in read_log(stopped)]
+    monkeypatch.setattr(GPT, "forward", forward)
+    assert train_gpt.main(args + ["--log_dir", stopped, "--resume", "auto"]) == 0
+    assert read_log(stopped) == read_log(full)
+
+
+def test_data_problems_are_named_at_start(tmp_path, capsys):
+    small = make_shards(tmp_path / "small", train_tokens=600)  # 9 steps of 128 tokens per pass
+    log_dir = str(tmp_path / "log")
+    args = SMALL + ["--data_dir", small, "--log_dir", log_dir, "--val_every", "0", "--checkpoint_every", "5",
+                    "--keep_checkpoints", "0"]
+    with open(os.path.join(small, "manifest.json"), "w") as f:
+        json.dump({"settings": {}, "shards": [], "complete": False}, f)
+    assert train_gpt.main(args + ["--max_steps", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert "UNFINISHED: " in out and "prepare.py has not completed" in out
+    assert "it wraps around the data 1.3 times" in err
+    os.remove(os.path.join(small, "tok_train_000002.npy"))  # the checkpoint at step 5 reads the second shard
+    resume = ["--max_steps", "14", "--resume", os.path.join(log_dir, "model_00005.pt"), "--branch"]
+    assert train_gpt.main(args + resume) == 2
+    assert "reading shard 2 of its data, but" in capsys.readouterr().err
+    assert not glob.glob(os.path.join(log_dir, "set_aside_*"))  # refused before anything moved
+    with open(os.path.join(small, "manifest.json"), "w") as f:
+        f.write('{"complete": true,\n "shards": [}\n')
+    assert train_gpt.main(args + ["--max_steps", "14", "--resume", "auto"]) == 2
+    assert "manifest.json:2 is not a manifest prepare.py wrote" in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_is_one_line(data_dir, tmp_path):
+    log_dir = str(tmp_path / "log")
+    preexec = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))"  # files of at most 1 MB: a full disk
+    script = f"{preexec}; import runpy, sys; sys.argv = [{SCRIPT!r}] + sys.argv[1:]; " \
+             f"runpy.run_path({SCRIPT!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", script] + SMALL + ["--data_dir", data_dir, "--log_dir", log_dir,
+                          "--max_steps", "2", "--val_every", "0"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot write checkpoint ")
+    assert "free some disk space" in proc.stderr
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "run.json"]  # no partial checkpoint, no temp file
+
+
+def test_export_to_transformers_and_back(data_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    log_dir, hf_dir = str(tmp_path / "log"), str(tmp_path / "hf")
+    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2"]) == 0
+    assert train_gpt.main(["--resume", "auto", "--log_dir", log_dir, "--export", hf_dir]) == 0
+    ours, ckpt = train_gpt.model_from_checkpoint(os.path.join(log_dir, "model_00002.pt"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        expected = ours.eval()(idx)[0][..., :50257]  # the padding rows are not exported
+        assert (hf(idx).logits - expected).abs().max().item() < 1e-4
+        back = GPT.from_pretrained(hf_dir).eval()
+        assert back.config.vocab_size == 50257 and torch.equal(back(idx)[0], expected)
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)("Hello world")["input_ids"] == [15496, 995]
+    assert train_gpt.main(["--log_dir", str(tmp_path / "none"), "--export", hf_dir]) == 2
+
+
+def test_init_from_a_local_gpt2_folder(data_dir, tmp_path, capsys):
+    hf = randomized_hf_model(tmp_path / "gpt2")
+    log_dir = str(tmp_path / "log")
+    args = ["--data_dir", data_dir, "--log_dir", log_dir, "--device", "cpu", "--batch_size", "2", "--block_size",
+            "32", "--total_batch_size", "128", "--val_steps", "1", "--hellaswag_every", "0", "--sample_every", "0",
+            "--max_steps", "1", "--init_from", str(tmp_path / "gpt2")]
+    assert train_gpt.main(args) == 0
+    assert "model: " + str(tmp_path / "gpt2") in capsys.readouterr().out
+    val = np.load(os.path.join(data_dir, "tok_val_000000.npy")).astype(np.int64)
+    batches = [torch.from_numpy(val[i * 64:i * 64 + 65]) for i in range(2)]  # val_steps x accumulation windows
+    with torch.no_grad():
+        losses = [F.cross_entropy(hf(b[:-1].view(2, 32)).logits.view(-1, 50257), b[1:]) for b in batches]
+    assert abs(float(read_log(log_dir, "val")[0][2]) - sum(losses).item() / 2) < 1e-4
+    for extra, message in [(["--resume", "auto"], "--init_from starts a run from pretrained weights and --resume"),
+                           (["--n_layer", "3"], "has a different model: n_layer=2 (flags: 3)"),
+                           (["--block_size", "256"], "--block_size 256 is longer than")]:
+        assert train_gpt.main(args + ["--log_dir", str(tmp_path / "x")] + extra) == 2
+        assert message in capsys.readouterr().err
+    os.makedirs(tmp_path / "other")
+    with open(tmp_path / "other" / "config.json", "w") as f:
+        json.dump({"model_type": "llama", "hidden_size": 64}, f)
+    for name, message in [("nope", "'nope' is neither a folder nor one of gpt2"),
+                          (str(tmp_path / "other"), "is not a Hugging Face GPT-2 folder")]:
+        assert train_gpt.main(args[:-1] + [name, "--log_dir", str(tmp_path / "y")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_runs_are_bitwise_equal_on_a_loaded_machine(data_dir, tmp_path):
+    """The same flags give the same losses to the last bit on CPU with the same thread count, while another process
+    keeps every core busy."""
+    burner = subprocess.Popen([sys.executable, "-c", "import torch\nwhile True: torch.randn(500, 500) @ torch.randn(500, 500)"])
+    try:
+        args = SMALL + ["--data_dir", data_dir, "--max_steps", "8", "--val_every", "4"]
+        logs = []
+        for name in ("a", "b"):
+            assert run_script(args + ["--log_dir", str(tmp_path / name)], env={"OMP_NUM_THREADS": "2"}).returncode == 0
+            logs.append(read_log(str(tmp_path / name)))
+        assert logs[0] == logs[1]
+    finally:
+        burner.kill()
