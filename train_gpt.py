@@ -77,7 +77,7 @@ class TrainConfig:
     n_embd: Optional[int] = None  # override the preset's width
     block_size: Optional[int] = None  # sequence length T (default: the preset's context, 1024 for GPT-2)
     vocab_size: Optional[int] = None  # override the embedding rows (default 50304)
-    init_from: str = ""  # start from OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local HF folder
+    init_from: str = ""  # start from OpenAI's GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local HF folder
     # batch and schedule
     batch_size: int = 64  # micro-batch B, sequences per forward pass per process
     total_batch_size: int = 524288  # tokens per optimizer step, across processes and accumulation steps
@@ -163,7 +163,7 @@ def check_train_config(cfg, mc, world_size):
 
 class TorchOps:
     """The hot ops the model calls, in PyTorch: the reference in tests, the fallback on CPU and MPS, the baseline
-    in benchmarks. CudaOps (after the model) runs the same ops on the project's kernels."""
+    in benchmarks. csrc.CudaOps runs the same ops on the project's kernels."""
     name = "torch"
 
     def layer_norm(self, x, ln):
@@ -309,7 +309,8 @@ class GPT(nn.Module):
         path = name_or_dir
         if not os.path.isdir(path):
             if name_or_dir not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-                raise UserError(f"{name_or_dir!r} is neither a folder nor one of gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+                raise UserError(f"{name_or_dir!r} is neither a folder nor one of gpt2, gpt2-medium, gpt2-large, "
+                                f"gpt2-xl")
             try:
                 from huggingface_hub import snapshot_download
                 path = snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors"])
@@ -605,10 +606,6 @@ def print_samples(model, prompt, num_samples, length, rt, amp, seed):
 # checkpoints
 
 
-def checkpoint_path(log_dir, step):
-    return os.path.join(log_dir, f"model_{step:05d}.pt")
-
-
 def list_checkpoints(log_dir):
     """(step, path) of every model_NNNNN.pt in log_dir, newest first; temp files are not listed."""
     found = [re.fullmatch(r".*model_(\d+)\.pt", p) for p in glob.glob(os.path.join(log_dir, "model_*.pt"))]
@@ -640,6 +637,14 @@ def resolve_resume(cfg):
             print(f"warning: skipping {e}", file=sys.stderr)
     print(f"--resume auto: no valid checkpoint in {cfg.log_dir}; starting from scratch")
     return None, None
+
+
+def checkpoint_for(cfg, flag):
+    """The checkpoint --sample and --export read: --resume PATH, or auto."""
+    path, ckpt = resolve_resume(cfg)
+    if path is None:
+        raise UserError(f"{flag} needs a checkpoint: pass --resume PATH, or --resume auto with a --log_dir holding one")
+    return path, ckpt
 
 
 def model_from_checkpoint(path, device="cpu", ops=None):
@@ -675,14 +680,6 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(f"{step} {stream} {value}\n")
             print(f"step:{step}/{self.max_steps} {stream}:{value}{extra}", flush=True)
-
-    def truncate_after(self, step):
-        """Keep what a run resumed after `step` steps has logged: the train lines of steps before it, and the
-        val/hella lines up to it (measured before its checkpoint was written)."""
-        with open(self.path) as f:
-            kept = [line for line in f if len(parts := line.split()) == 3 and parts[0].isdigit()
-                    and (int(parts[0]) < step or int(parts[0]) == step and parts[1] != "train")]
-        atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -733,10 +730,7 @@ class StopRequest:
 
 def sample_from_checkpoint(cfg):
     """`--sample PROMPT --resume PATH|auto`: print completions and return."""
-    path, ckpt = resolve_resume(cfg)
-    if path is None:
-        raise UserError("--sample needs a checkpoint: pass --resume PATH (or --resume auto with a --log_dir holding "
-                        "one)")
+    path, ckpt = checkpoint_for(cfg, "--sample")
     if (cfg.block_size or 0) > ckpt["model_config"]["block_size"]:
         raise UserError(f"--block_size {cfg.block_size} is larger than checkpoint {path}'s context "
                         f"{ckpt['model_config']['block_size']}; leave it out to sample")
@@ -753,10 +747,7 @@ def export_hf(cfg):
     model.safetensors, GPT-2's tokenizer files), which transformers, lm-evaluation-harness and
     GPT.from_pretrained read. The padding rows of the vocabulary are dropped."""
     from safetensors.torch import save
-    path, ckpt = resolve_resume(cfg)
-    if path is None:
-        raise UserError("--export needs a checkpoint: pass --resume PATH (or --resume auto with a --log_dir holding "
-                        "one)")
+    path, ckpt = checkpoint_for(cfg, "--export")
     c = GPTConfig(**ckpt["model_config"])
     sd = {k: (v[:GPT2_VOCAB_SIZE] if k == "transformer.wte.weight" else v.t() if k.endswith(HF_CONV1D) else v)
           .contiguous() for k, v in ckpt["model"].items() if k != "lm_head.weight"}  # lm_head is wte, tied
@@ -817,8 +808,9 @@ def set_up_log_dir(cfg, resume_path, ckpt, later):
             os.replace(path, os.path.join(aside, os.path.basename(path)))
         if os.path.exists(log):
             (os.replace if ckpt is None else shutil.copy2)(log, os.path.join(aside, "log.txt"))
-        print(f"moved {len(later)} checkpoint(s) newer than the one resumed{' and the old log' if ckpt is None else ''} "
-              f"to {aside}")
+        what = "the old log and its checkpoints that do not load" if ckpt is None else \
+            f"the checkpoints after step {ckpt['step']} and a copy of the log"
+        print(f"moved {what} to {aside}")
     source = os.path.join(os.path.dirname(resume_path or ""), "log.txt")
     if ckpt is not None and os.path.exists(source):  # keep the train lines before the checkpoint, evaluations at it
         with open(source) as f:
@@ -1010,7 +1002,7 @@ def train(cfg):
             step += 1  # evaluations and checkpoints belong to the model after this many steps
             val_loss = evaluate(step)
             if rt.master and (stopping or due(step, cfg.checkpoint_every)):
-                last_checkpoint = checkpoint_path(cfg.log_dir, step)
+                last_checkpoint = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
                 save_checkpoint(last_checkpoint, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
                     "model_config": asdict(mc), "step": step, "val_loss": val_loss,

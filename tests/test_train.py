@@ -623,7 +623,7 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
         f.truncate(1000)
     assert train_gpt.main(args + ["--resume", "auto"]) == 0
     out = capsys.readouterr().out
-    assert "no valid checkpoint" in out and "and the old log to" in out
+    assert "no valid checkpoint" in out and "moved the old log and its checkpoints that do not load to" in out
     aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
     assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00001.pt"]
     with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(aside[0], "log.txt")) as g:
