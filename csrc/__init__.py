@@ -105,7 +105,7 @@ def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
     return losses, grad.to(logits.dtype)
 
 
-MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=...), newer torch only
+ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm(..., out_dtype=, out=): newer torch
 
 
 @torch.library.custom_op("arcana::lm_head_loss", mutates_args=())
@@ -129,8 +129,9 @@ def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         loss += losses.sum(dtype=torch.float64)
         if compute_grad:
             torch.mm(dlogits, weight, out=dh[start:start + chunk_rows])  # written in place, no temporary
-            if MM_OUT_DTYPE and dlogits.is_cuda and dlogits.dtype != torch.float32:
-                dweight += torch.mm(dlogits.t(), hc, out_dtype=torch.float32)  # cuBLAS writes fp32 directly
+            if ADDMM_OUT_DTYPE and dlogits.is_cuda and dlogits.dtype != torch.float32:
+                # cuBLAS adds the bf16 product into the fp32 sum itself: no (vocab, C) fp32 temporary per chunk
+                torch.addmm(dweight, dlogits.t(), hc, out_dtype=torch.float32, out=dweight)
             else:
                 dweight += (dlogits.t() @ hc).float()
     loss = (loss / count).float()  # F.cross_entropy's mean (NaN when no target counts, as there)
