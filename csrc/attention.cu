@@ -17,11 +17,13 @@
 // query tiles at or below the diagonal, recomputes P = exp(S - lse), accumulates dK and dV in registers and
 // adds its share of dQ = dS K into an fp32 buffer with atomics; a last kernel scales and converts it.
 // The order of those fp32 additions varies from run to run, so dQ (only dQ) is not bitwise deterministic.
+// Its tiles depend on the GPU's shared memory per block (BwdCfg): the launcher is told how much there is.
 //
 // The device code needs no torch headers: with ARCANA_EMULATE defined, tests/attention_emu.cpp compiles this
 // file for the CPU, with warp-level emulations of ldmatrix, mma, cp.async and shuffles, and runs the same
-// kernels and launchers on small shapes (tests/test_attention.py), so the index arithmetic is checked
-// without a GPU. The PTX semantics themselves are checked on a GPU by attention_selftest.
+// kernels and launchers on awkward shapes and both tile sets (tests/test_attention.py), so the index arithmetic
+// and the barriers are checked without a GPU. The PTX semantics themselves are checked on a GPU by
+// attention_selftest.
 
 #ifndef ARCANA_EMULATE
 #include "common.cuh"
@@ -177,6 +179,19 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], c
   a[1] = Elem<T>::pack(c0[2], c0[3]);
   a[2] = Elem<T>::pack(c1[0], c1[1]);
   a[3] = Elem<T>::pack(c1[2], c1[3]);
+}
+
+// 2^x in one MUFU.EX2 (ex2.approx.ftz.f32: relative error about 2^-22, results below 2^-126 flushed to 0, and
+// 2^-inf = 0). The softmax terms are at most 1, and one under 2^-126 changes neither a row sum of at least 1 nor
+// a 16-bit P or dS; exp2f would add a range check and two multiplies per element for the denormal results.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef ARCANA_EMULATE
+  return emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
 }
 
 // -----------------------------------------------------------------------------
@@ -423,19 +438,27 @@ __global__ void __launch_bounds__(128) attention_bwd_plain_dkv_kernel(BwdParams<
 // -----------------------------------------------------------------------------
 // variant 1, forward
 //
-// A block owns BR = 128 query rows of one (b, h) (64 for D = 128): 16 rows per warp. Q goes to shared memory once and
-// then into registers as A fragments; K and V tiles of BC = 64 keys stream through two shared-memory stages
-// (cp.async of tile j + 1 overlaps the math on tile j). Per tile and warp: S (16 x 64) = Q K^T on tensor
-// cores, the causal/length mask (only on tiles that cross the diagonal or T), online softmax in fp32 (base-2
-// exponentials of scale * log2(e) * S), then O += P V with P re-read from the S accumulators as A fragments.
-// Warps skip tiles that lie wholly in their future, and the key chunks of the diagonal tile past their last
-// row. Shared rows are padded by 8 elements (16 bytes), so the 8 rows of every ldmatrix 8 x 8 matrix fall in
-// 8 different bank groups. Blocks are launched heaviest (last query tile) first.
+// A block of 4 warps owns BR = 128 query rows of one (b, h), 32 per warp (two 16-row m-tiles), as in
+// FlashAttention-2: every K or V fragment a warp takes from shared memory with ldmatrix feeds 4 MMAs (its 2
+// n-tiles times the 2 m-tiles); with 16 rows per warp it fed 2, and shared-memory bandwidth bounded the loop.
+// Per key tile and warp: S (32 x BC) = Q K^T on tensor cores, the causal mask (only on a tile that reaches past
+// the warp's first row), online softmax in fp32 with base-2 exponentials of scale * log2(e) * S (one FFMA and one
+// MUFU.EX2 per element), then O += P V with P re-read from the S accumulators as A fragments. Warps skip the
+// 16-key chunks of the diagonal tile that lie wholly in their future, and the tiles after it.
+//
+// Registers set the key tile: the output accumulators take D fp32 a thread (32 rows x D per warp), the scores
+// BC. FlashAttention-2's 128-key tile at D = 64 (128 + 64) spills under ptxas, so BC = 64 at D = 64 and 32 at
+// D = 128. K and V tiles stream through two shared-memory stages each (cp.async of tile j + 1 overlaps all the
+// math on tile j; a stage is refilled only after the barrier that follows its last read), one barrier per tile:
+// per 64 keys, as often as FlashAttention-2's two per 128. Q stays in shared memory, re-read every tile (32 rows
+// of Q fragments would take D / 2 more registers). 55 KB at D = 64, 68 KB at D = 128. Rows are padded by 8
+// elements (16 bytes), so the 8 rows of every ldmatrix 8 x 8 matrix fall in 8 different bank groups. Blocks are
+// launched heaviest (last query tile) first.
 
 template <int D>
 struct FwdCfg {
-  // D = 128 takes 64 query rows (4 warps): 87 KB of shared memory, under the 99 KB per block of sm_86/sm_89
-  static constexpr int BR = D == 64 ? 128 : 64, BC = 64, WARPS = BR / 16, THREADS = WARPS * 32, LD = D + 8;
+  static constexpr int WARPS = 4, THREADS = WARPS * 32, MT = 2, WR = MT * 16, BR = WARPS * WR;
+  static constexpr int BC = D == 64 ? 64 : 32, LD = D + 8;
   static constexpr int SMEM = (BR + 4 * BC) * LD * 2;  // Q, then K and V in two stages each (16-bit elements)
   static_assert(SMEM <= 99 * 1024, "must fit the dynamic shared memory of every sm_8x/sm_90 GPU");
 };
@@ -444,7 +467,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(FwdCfg<D>::THREADS) attention_fwd_kernel(FwdParams<T> p) {
 #if ARCANA_ATTN_SM80
   using Cfg = FwdCfg<D>;
-  constexpr int BR = Cfg::BR, BC = Cfg::BC, LD = Cfg::LD, THREADS = Cfg::THREADS;
+  constexpr int BR = Cfg::BR, BC = Cfg::BC, LD = Cfg::LD, THREADS = Cfg::THREADS, MT = Cfg::MT, WR = Cfg::WR;
   ARCANA_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][LD]
   T* sK = sQ + BR * LD;                    // [2][BC][LD]
@@ -453,7 +476,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::THREADS) attention_fwd_kernel(FwdPa
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest tiles first
-  const int wq0 = q0 + warp * 16;                     // this warp's first query row
+  const int wq0 = q0 + warp * WR;                     // this warp's first query row; m-tile r starts at wq0 + 16 r
   const int seqlen = p.T;
   const T* gq = p.qkv + b * p.sb + h * p.sh;
   const T* gk = gq + p.s3;
@@ -466,136 +489,157 @@ __global__ void __launch_bounds__(FwdCfg<D>::THREADS) attention_fwd_kernel(FwdPa
   load_tile<T, BC, D, LD, THREADS>(sV, gv, p.st, 0, seqlen, tid);
   cp_async_commit();
 
-  uint32_t qf[D / 16][4];  // this warp's 16 query rows as A fragments, one per 16 columns of D
-  float o[D / 8][4];       // output accumulators: 16 rows x D
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // per thread: rows g and g + 8 (raw-score max, sum)
+  float o[MT][D / 8][4] = {};  // output accumulators: 32 rows x D
+  float m[MT][2], l[MT][2];    // per thread, rows g and g + 8 of each m-tile: raw-score max, partial sum
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  for (int r = 0; r < MT; ++r) m[r][0] = m[r][1] = -INFINITY, l[r][0] = l[r][1] = 0.f;
 
   for (int j = 0; j < n_tiles; ++j) {
     cp_async_wait_all();
     __syncthreads();  // tile j visible to all; every warp is done with tile j - 1, whose stage is refilled next
-    if (j == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) ldsm_a(qf[kk], sQ, LD, warp * 16, kk * 16, lane);
-    }
     if (j + 1 < n_tiles) {
       const int st = (j + 1) & 1;
       load_tile<T, BC, D, LD, THREADS>(sK + st * BC * LD, gk, p.st, (j + 1) * BC, seqlen, tid);
       load_tile<T, BC, D, LD, THREADS>(sV + st * BC * LD, gv, p.st, (j + 1) * BC, seqlen, tid);
+      cp_async_commit();
     }
-    cp_async_commit();
-
     const int k0 = j * BC;
     // keys of this tile that can be visible to this warp: [k0, k0 + kv_valid), a multiple of 16
-    const int kv_valid = min(min(BC, wq0 + 16 - k0), ((seqlen - k0 + 15) / 16) * 16);
+    const int kv_valid = min(min(BC, wq0 + WR - k0), ((seqlen - k0 + 15) / 16) * 16);
     if (kv_valid <= 0 || wq0 >= seqlen) continue;  // warp-uniform: nothing visible, or rows past T only
     const T* tK = sK + (j & 1) * BC * LD;
     const T* tV = sV + (j & 1) * BC * LD;
 
-    float s[BC / 8][4];
-#pragma unroll
-    for (int i = 0; i < BC / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    float s[MT][BC / 8][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[MT][4];
+#pragma unroll
+      for (int r = 0; r < MT; ++r) ldsm_a(qa[r], sQ, LD, warp * WR + 16 * r, kk * 16, lane);
 #pragma unroll
       for (int np = 0; np < BC / 16; ++np) {
         if (np * 16 < kv_valid) {
           uint32_t bf[2][2];
           ldsm_b_nk(bf, tK, LD, kk * 16, np * 16, lane);
-          mma_16816<T>(s[2 * np], qf[kk], bf[0]);
-          mma_16816<T>(s[2 * np + 1], qf[kk], bf[1]);
+#pragma unroll
+          for (int r = 0; r < MT; ++r) {
+            mma_16816<T>(s[r][2 * np], qa[r], bf[0]);
+            mma_16816<T>(s[r][2 * np + 1], qa[r], bf[1]);
+          }
         }
       }
     }
-    if (k0 + BC - 1 > wq0 || k0 + BC > seqlen) {  // the tile crosses the diagonal or the end of the sequence
+
+    // Causal mask, only on a tile that reaches past the warp's first row. Keys at or past T need no test of
+    // their own: every row that is stored lies before T. Chunks skipped above stay 0 here and are masked too.
+    if (k0 + BC - 1 > wq0) {
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) {
+      for (int r = 0; r < MT; ++r) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int key = k0 + nt * 8 + frag_col(lane, i), row = wq0 + frag_row(lane, i);
-          if (key > row || key >= seqlen) s[nt][i] = -INFINITY;
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (k0 + nt * 8 + frag_col(lane, i) > wq0 + 16 * r + frag_row(lane, i)) s[r][nt][i] = -INFINITY;
+          }
         }
       }
     }
     // online softmax; the 4 lanes of a quad share rows g and g + 8
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = m[hr];
+    for (int r = 0; r < MT; ++r) {
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mref = mx == -INFINITY ? 0.f : mx * sl2;  // a row with no visible key yet: no inf - inf
-      const float alpha = exp2f(m[hr] * sl2 - mref);
-      m[hr] = mx;
-      float sum = 0.f;
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = m[r][hr];
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) {
+        for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(s[r][nt][2 * hr], s[r][nt][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mref = mx == -INFINITY ? 0.f : mx * sl2;  // a row with no visible key yet: no inf - inf
+        const float alpha = fast_exp2(m[r][hr] * sl2 - mref);  // 0 while m was -inf
+        m[r][hr] = mx;
+        float sum = 0.f;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(fmaf(s[nt][2 * hr + e], sl2, -mref));
-          s[nt][2 * hr + e] = pv;
-          sum += pv;
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = fast_exp2(fmaf(s[r][nt][2 * hr + e], sl2, -mref));
+            s[r][nt][2 * hr + e] = pv;
+            sum += pv;
+          }
         }
-      }
-      l[hr] = l[hr] * alpha + sum;  // per-lane partial sum; the quad is summed once at the end
+        l[r][hr] = l[r][hr] * alpha + sum;  // per-lane partial sum; the quad is summed once at the end
 #pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        o[nd][2 * hr] *= alpha;
-        o[nd][2 * hr + 1] *= alpha;
+        for (int nd = 0; nd < D / 8; ++nd) {
+          o[r][nd][2 * hr] *= alpha;
+          o[r][nd][2 * hr + 1] *= alpha;
+        }
       }
     }
     // O += P V
 #pragma unroll
     for (int kc = 0; kc < BC / 16; ++kc) {
       if (kc * 16 < kv_valid) {
-        uint32_t pa[4];
-        c_to_a<T>(pa, s[2 * kc], s[2 * kc + 1]);
+        uint32_t pa[MT][4];
+#pragma unroll
+        for (int r = 0; r < MT; ++r) c_to_a<T>(pa[r], s[r][2 * kc], s[r][2 * kc + 1]);
 #pragma unroll
         for (int np = 0; np < D / 16; ++np) {
           uint32_t bf[2][2];
           ldsm_b_kn(bf, tV, LD, kc * 16, np * 16, lane);
-          mma_16816<T>(o[2 * np], pa, bf[0]);
-          mma_16816<T>(o[2 * np + 1], pa, bf[1]);
+#pragma unroll
+          for (int r = 0; r < MT; ++r) {
+            mma_16816<T>(o[r][2 * np], pa[r], bf[0]);
+            mma_16816<T>(o[r][2 * np + 1], pa[r], bf[1]);
+          }
         }
       }
     }
   }
 
-  // epilogue: O / l through this warp's own rows of sQ (free since the first tile) for 16-byte stores
-  float inv[2];
+  // epilogue: O / l through this warp's own rows of sQ (no other warp reads them) for 16-byte stores
+  float inv[MT][2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 1);
-    l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 2);
-    inv[hr] = l[hr] > 0.f ? 1.f / l[hr] : 0.f;
-  }
-  T* sO = sQ + warp * 16 * LD;
-#pragma unroll
-  for (int nd = 0; nd < D / 8; ++nd) {
+  for (int r = 0; r < MT; ++r) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      *reinterpret_cast<uint32_t*>(sO + frag_row(lane, 2 * hr) * LD + nd * 8 + frag_col(lane, 0)) =
-          Elem<T>::pack(o[nd][2 * hr] * inv[hr], o[nd][2 * hr + 1] * inv[hr]);
+      l[r][hr] += __shfl_xor_sync(0xffffffffu, l[r][hr], 1);
+      l[r][hr] += __shfl_xor_sync(0xffffffffu, l[r][hr], 2);
+      inv[r][hr] = l[r][hr] > 0.f ? 1.f / l[r][hr] : 0.f;
+    }
+  }
+  T* sO = sQ + warp * WR * LD;
+#pragma unroll
+  for (int r = 0; r < MT; ++r) {
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        *reinterpret_cast<uint32_t*>(sO + (16 * r + frag_row(lane, 2 * hr)) * LD + nd * 8 + frag_col(lane, 0)) =
+            Elem<T>::pack(o[r][nd][2 * hr] * inv[r][hr], o[r][nd][2 * hr + 1] * inv[r][hr]);
+      }
     }
   }
   __syncwarp();
   constexpr int kChunks = D / 8;
 #pragma unroll
-  for (int it = 0; it < 16 * kChunks / 32; ++it) {
+  for (int it = 0; it < WR * kChunks / 32; ++it) {
     const int idx = lane + it * 32;
-    const int r = idx / kChunks, c = idx % kChunks;
-    if (wq0 + r < seqlen) {
-      *reinterpret_cast<uint4*>(p.out + ((static_cast<int64_t>(b) * seqlen + wq0 + r) * p.H + h) * D + c * 8) =
-          *reinterpret_cast<const uint4*>(sO + r * LD + c * 8);
+    const int rr = idx / kChunks, c = idx % kChunks;
+    if (wq0 + rr < seqlen) {
+      *reinterpret_cast<uint4*>(p.out + ((static_cast<int64_t>(b) * seqlen + wq0 + rr) * p.H + h) * D + c * 8) =
+          *reinterpret_cast<const uint4*>(sO + rr * LD + c * 8);
     }
   }
   if ((lane & 3) == 0) {
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = wq0 + frag_row(lane, 2 * hr);
-      if (row < seqlen) p.lse[(static_cast<int64_t>(b) * p.H + h) * seqlen + row] = m[hr] * p.scale + logf(l[hr]);
+    for (int r = 0; r < MT; ++r) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = wq0 + 16 * r + frag_row(lane, 2 * hr);
+        if (row < seqlen) {
+          p.lse[(static_cast<int64_t>(b) * p.H + h) * seqlen + row] = m[r][hr] * p.scale + logf(l[r][hr]);
+        }
+      }
     }
   }
 #else
@@ -606,42 +650,61 @@ __global__ void __launch_bounds__(FwdCfg<D>::THREADS) attention_fwd_kernel(FwdPa
 // -----------------------------------------------------------------------------
 // variant 1, backward
 //
-// A block owns BC keys of one (b, h), 16 per warp, and walks the query tiles of BR rows from the diagonal to
-// T. Everything is computed transposed, keys as rows, so that each result lands where the next product needs
-// it: S^T = K Q^T -> P^T = exp(scale * S^T - lse) -> dV += P^T dO (P^T re-read as A fragments);
-// dP^T = V dO^T -> dS^T = P^T * (dP^T - delta) -> dK += dS^T Q. dS^T also goes to shared memory, and after
-// a barrier the warps split dQ_tile = dS K (BR x D) into 16-row x D/COL_GROUPS pieces, added to the fp32
-// dq_accum with atomics (float2 atomics on sm_90). Q, dO, lse and delta of the next query tile are fetched
-// with cp.async during the current one. dK is scaled once at the end; dK and dV leave through shared memory
-// with 16-byte stores. D = 64: BC = 128 keys (8 warps), BR = 64; D = 128: BC = 64 (4 warps), BR = 32, so the
-// dK and dV accumulators (2 x 16 x D fp32 per warp) and the two 16 x BR score tiles fit in registers.
+// A block of WARPS warps owns BC keys of one (b, h), 16 per warp, and walks the query tiles of BR rows from the
+// diagonal to T. Everything is computed transposed, keys as rows, so that each result lands where the next
+// product needs it: S^T = K Q^T -> P^T = exp(scale * S^T - lse) -> dV += P^T dO (P^T re-read as A fragments);
+// dP^T = V dO^T -> dS^T = P^T * (dP^T - delta) -> dK += dS^T Q. A warp takes QC queries of the tile at a time,
+// so that its score tiles (16 x QC fp32, twice) fit in registers beside dK and dV (16 x D fp32, twice). dS^T
+// goes to shared memory, and dQ_tile = dS K (BR x D) is shared among the warps (DQM x DQN pieces, 32 x 32 where
+// the tile allows: each fragment feeds 4 MMAs) and added to the fp32 dq_accum with atomics (float2 atomics on
+// sm_90); dK is scaled once at the end, and dK and dV leave through shared memory with 16-byte stores.
+//
+// One barrier per query tile: dS^T has two buffers, and the dQ product of tile i - 1 runs after the barrier
+// that opens tile i, which also makes tile i's Q, dO, lse and delta (fetched with cp.async during tile i - 1)
+// visible and frees the stage of tile i - 1 for tile i + 1. At D = 64 each warp's K and V fragments (32
+// registers) are read from shared memory once and kept for the whole walk; V passes through the second Q/dO
+// stage on its way, so it takes no shared memory of its own. At D = 128 they would take 64 registers beside
+// 128 of dK and dV, so they are re-read once per query tile.
+//
+// Tiles: FlashAttention-2's, BR x BC = 128 x 128 at D = 64 (160 KB of shared memory: A100, H100) and 64 x 128
+// at D = 128 (173 KB: H100). GPUs with less shared memory per block (sm_86/sm_89 at 99 KB, and the A100 at
+// D = 128) run the same kernel on smaller tiles: 64 x 128 at D = 64, 32 x 64 at D = 128. Either way 8 warps
+// (4 on the smallest tile) and one block per SM: dK, dV and the score tiles need about 200 registers a thread,
+// which leaves no room for a second block of 256 threads.
 
-template <int D>
+template <int D, bool BIG>
 struct BwdCfg {
-  static constexpr int BC = D == 64 ? 128 : 64;
-  static constexpr int BR = D == 64 ? 64 : 32;
-  static constexpr int WARPS = BC / 16, THREADS = WARPS * 32, LD = D + 8, LDS = BR + 8;
-  static constexpr int ROW_GROUPS = BR / 16, COL_GROUPS = WARPS / ROW_GROUPS, DQC = D / COL_GROUPS;
-  // fp32 lse and delta (2 stages each), then 16-bit K, V, Q (2 stages), dO (2 stages), dS^T
-  static constexpr int SMEM = 4 * BR * 4 + (2 * BC * LD + 4 * BR * LD + BC * LDS) * 2;
-  static_assert(WARPS % ROW_GROUPS == 0 && DQC % 16 == 0, "dQ tiles must split evenly among the warps");
-  static_assert(SMEM <= 99 * 1024, "must fit the dynamic shared memory of every sm_8x/sm_90 GPU");
+  static constexpr int BC = D == 128 && !BIG ? 64 : 128;
+  static constexpr int BR = D == 64 ? (BIG ? 128 : 64) : (BIG ? 64 : 32);
+  static constexpr int WARPS = BC / 16, THREADS = WARPS * 32;
+  static constexpr int QC = 32;                 // queries per register tile of S^T and dP^T (64 would spill)
+  static constexpr bool KV_REGS = D == 64;      // K and V fragments kept in registers for the whole walk
+  static constexpr int LD = D + 8, LDS = BR + 8;
+  static constexpr int DQM = BR * D / WARPS >= 32 * 32 ? 32 : 16, DQN = BR * D / (WARPS * DQM);
+  static constexpr int ROW_GROUPS = BR / DQM;
+  // bytes: lse and delta (2 stages each, fp32); K; V (unless KV_REGS); Q and dO (2 stages); dS^T (2 buffers)
+  static constexpr int SMEM = 4 * BR * 4 + ((KV_REGS ? 1 : 2) * BC * LD + 4 * BR * LD + 2 * BC * LDS) * 2;
+  static_assert(BC % BR == 0 && BR % QC == 0 && QC % 16 == 0, "query tiles must align with the key tiles");
   static_assert(2 * BR <= THREADS, "one thread per lse and delta entry");
+  static_assert(2 * BR >= BC, "V (KV_REGS) and the dK/dV output staging fit in the Q/dO stages");
+  static_assert(DQN % 16 == 0 && ROW_GROUPS * (D / DQN) == WARPS, "dQ tiles must split evenly among the warps");
+  static_assert(SMEM <= (BIG ? 227 : 99) * 1024, "the small tiles must fit every sm_8x/sm_90 GPU, the big ones H100");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(BwdCfg<D>::THREADS) attention_bwd_kernel(BwdParams<T> p) {
+template <typename T, int D, bool BIG>
+__global__ void __launch_bounds__(BwdCfg<D, BIG>::THREADS) attention_bwd_kernel(BwdParams<T> p) {
 #if ARCANA_ATTN_SM80
-  using Cfg = BwdCfg<D>;
-  constexpr int BC = Cfg::BC, BR = Cfg::BR, LD = Cfg::LD, LDS = Cfg::LDS, THREADS = Cfg::THREADS;
+  using Cfg = BwdCfg<D, BIG>;
+  constexpr int BC = Cfg::BC, BR = Cfg::BR, QC = Cfg::QC, LD = Cfg::LD, LDS = Cfg::LDS, THREADS = Cfg::THREADS;
+  constexpr int DQM = Cfg::DQM, DQN = Cfg::DQN;
+  constexpr bool KV_REGS = Cfg::KV_REGS;
   ARCANA_DYNAMIC_SMEM(smem_raw);
-  float* sL = reinterpret_cast<float*>(smem_raw);  // [2][BR] lse of the query tile
-  float* sDl = sL + 2 * BR;                        // [2][BR] delta
-  T* sK = reinterpret_cast<T*>(sDl + 2 * BR);      // [BC][LD]
-  T* sV = sK + BC * LD;                            // [BC][LD]
-  T* sQ = sV + BC * LD;                            // [2][BR][LD]
-  T* sdO = sQ + 2 * BR * LD;                       // [2][BR][LD]
-  T* sdS = sdO + 2 * BR * LD;                      // [BC][LDS]: dS^T, keys as rows
+  float* sL = reinterpret_cast<float*>(smem_raw);         // [2][BR] lse of the query tile
+  float* sDl = sL + 2 * BR;                               // [2][BR] delta
+  T* sK = reinterpret_cast<T*>(sDl + 2 * BR);             // [BC][LD]
+  T* sV = sK + BC * LD;                                   // [BC][LD], only without KV_REGS
+  T* sStage = sV + (KV_REGS ? 0 : BC * LD);               // [2][Q, dO][BR][LD]
+  T* sdS = sStage + 4 * BR * LD;                          // [2][BC][LDS]: dS^T, keys as rows
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
@@ -659,10 +722,11 @@ __global__ void __launch_bounds__(BwdCfg<D>::THREADS) attention_bwd_kernel(BwdPa
   const float sl2 = p.scale * kLog2e;
   const int i_first = k0 / BR, n_q = (seqlen + BR - 1) / BR;
 
+  auto stage_q = [&](int st) { return sStage + st * 2 * BR * LD; };  // Q of stage st; its dO follows, BR * LD on
   auto load_q_tile = [&](int i, int st) {
     const int q0 = i * BR;
-    load_tile<T, BR, D, LD, THREADS>(sQ + st * BR * LD, gq, p.st, q0, seqlen, tid);
-    load_tile<T, BR, D, LD, THREADS>(sdO + st * BR * LD, gdo, od, q0, seqlen, tid);
+    load_tile<T, BR, D, LD, THREADS>(stage_q(st), gq, p.st, q0, seqlen, tid);
+    load_tile<T, BR, D, LD, THREADS>(stage_q(st) + BR * LD, gdo, od, q0, seqlen, tid);
     if (tid < 2 * BR) {
       const int r = tid % BR;
       const bool valid = q0 + r < seqlen;
@@ -672,84 +736,148 @@ __global__ void __launch_bounds__(BwdCfg<D>::THREADS) attention_bwd_kernel(BwdPa
   };
 
   load_tile<T, BC, D, LD, THREADS>(sK, gk, p.st, k0, seqlen, tid);
-  load_tile<T, BC, D, LD, THREADS>(sV, gv, p.st, k0, seqlen, tid);
+  load_tile<T, BC, D, LD, THREADS>(KV_REGS ? stage_q(1) : sV, gv, p.st, k0, seqlen, tid);
   load_q_tile(i_first, 0);
   cp_async_commit();
 
-  float dk[D / 8][4], dv[D / 8][4];  // this warp's 16 keys x D
+  uint32_t kf[KV_REGS ? D / 16 : 1][4], vf[KV_REGS ? D / 16 : 1][4];  // this warp's 16 keys as A fragments
+  if constexpr (KV_REGS) {
+    cp_async_wait_all();
+    __syncthreads();  // K and V visible (V in stage 1, which the first prefetch below overwrites)
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+    for (int kk = 0; kk < D / 16; ++kk) {
+      ldsm_a(kf[kk], sK, LD, warp * 16, kk * 16, lane);
+      ldsm_a(vf[kk], stage_q(1), LD, warp * 16, kk * 16, lane);
+    }
   }
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};  // this warp's 16 keys x D
+
+  // dQ of query tile i (BR x D) = dS (BR x BC, read from dS^T) K: this warp's DQM rows x DQN columns
+  auto dq_tile = [&](int i, const T* tdS) {
+    const int q0 = i * BR;
+    const int r0 = (warp % Cfg::ROW_GROUPS) * DQM, c0 = (warp / Cfg::ROW_GROUPS) * DQN;
+    if (q0 + r0 >= seqlen) return;  // warp-uniform: rows past T only
+    // keys of the block that can see a query of these rows and lie before T: 16-key chunks [0, kc_hi)
+    const int kc_hi = min(BC / 16, (min(q0 + r0 + DQM, seqlen) - k0 + 15) / 16);
+    float dq[DQM / 16][DQN / 8][4] = {};
+#pragma unroll
+    for (int kc = 0; kc < BC / 16; ++kc) {
+      if (kc < kc_hi) {
+        uint32_t sa[DQM / 16][4];
+#pragma unroll
+        for (int r = 0; r < DQM / 16; ++r) ldsm_a_trans(sa[r], tdS, LDS, r0 + 16 * r, kc * 16, lane);
+#pragma unroll
+        for (int np = 0; np < DQN / 16; ++np) {
+          uint32_t bk[2][2];
+          ldsm_b_kn(bk, sK, LD, kc * 16, c0 + np * 16, lane);
+#pragma unroll
+          for (int r = 0; r < DQM / 16; ++r) {
+            mma_16816<T>(dq[r][2 * np], sa[r], bk[0]);
+            mma_16816<T>(dq[r][2 * np + 1], sa[r], bk[1]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < DQM / 16; ++r) {
+#pragma unroll
+      for (int n = 0; n < DQN / 8; ++n) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int q = q0 + r0 + 16 * r + frag_row(lane, 2 * hr);
+          if (q < seqlen) {
+            float* dst = gdq + q * od + c0 + n * 8 + frag_col(lane, 0);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[r][n][2 * hr], dq[r][n][2 * hr + 1]));
+#else
+            atomicAdd(dst, dq[r][n][2 * hr]);
+            atomicAdd(dst + 1, dq[r][n][2 * hr + 1]);
+#endif
+          }
+        }
+      }
+    }
+  };
 
   for (int i = i_first; i < n_q; ++i) {
     cp_async_wait_all();
-    __syncthreads();  // tile i visible; all warps are done with tile i - 1 and its dS^T
+    // tile i visible; every warp is done with tile i - 1 (its stage is refilled next), with the dS^T buffer of
+    // tile i - 2 (written again below) and, on the first tile with KV_REGS, with V in stage 1
+    __syncthreads();
     const int st = (i - i_first) & 1;
-    if (i + 1 < n_q) load_q_tile(i + 1, st ^ 1);
-    cp_async_commit();
+    if (i + 1 < n_q) {
+      load_q_tile(i + 1, st ^ 1);
+      cp_async_commit();
+    }
+    if (i > i_first) dq_tile(i - 1, sdS + (st ^ 1) * BC * LDS);
 
     const int q0 = i * BR;
-    const T* tQ = sQ + st * BR * LD;
-    const T* tdO = sdO + st * BR * LD;
+    const T* tQ = stage_q(st);
+    const T* tdO = tQ + BR * LD;
     const float* tL = sL + st * BR;
     const float* tDl = sDl + st * BR;
-    // query columns of this tile that can see a key of this warp: 16-column chunks [c_lo, c_hi)
+    T* tdS = sdS + st * BC * LDS;
+    // 16-query chunks of this tile that can see a key of this warp: [c_lo, c_hi)
     const int c_lo = max(0, (wk0 - q0) / 16);
     const int c_hi = min(BR / 16, (seqlen - q0 + 15) / 16);
-    if (c_lo < c_hi && wk0 < seqlen) {  // warp-uniform
-      float sc[BR / 8][4], dp[BR / 8][4];  // S^T then P^T; dP^T then dS^T (16 keys x BR queries)
-#pragma unroll
-      for (int n = 0; n < BR / 8; ++n) {
-        sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-        dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
-      }
+    // Warp-uniform. A warp that sees none of the tile leaves its rows of dS^T unwritten: its keys lie at or past
+    // min(q0 + BR, T), and the dQ product reads no key chunk there.
+    if (c_lo >= c_hi || wk0 >= seqlen) continue;
+    const bool need_mask = q0 < wk0 + 15 || q0 + BR > seqlen;
+#pragma unroll 1
+    for (int cb = 0; cb < BR / 16; cb += QC / 16) {  // QC queries at a time, from chunk cb
+      float sc[QC / 8][4] = {}, dp[QC / 8][4] = {};  // S^T then P^T; dP^T then dS^T (16 keys x QC queries)
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t ka[4], va[4];
-        ldsm_a(ka, sK, LD, warp * 16, kk * 16, lane);
-        ldsm_a(va, sV, LD, warp * 16, kk * 16, lane);
+        if constexpr (KV_REGS) {
 #pragma unroll
-        for (int np = 0; np < BR / 16; ++np) {
-          if (np >= c_lo && np < c_hi) {
+          for (int x = 0; x < 4; ++x) ka[x] = kf[kk][x], va[x] = vf[kk][x];
+        } else {
+          ldsm_a(ka, sK, LD, warp * 16, kk * 16, lane);
+          ldsm_a(va, sV, LD, warp * 16, kk * 16, lane);
+        }
+#pragma unroll
+        for (int np = 0; np < QC / 16; ++np) {
+          if (cb + np >= c_lo && cb + np < c_hi) {
             uint32_t bq[2][2], bo[2][2];
-            ldsm_b_nk(bq, tQ, LD, kk * 16, np * 16, lane);
+            ldsm_b_nk(bq, tQ, LD, kk * 16, (cb + np) * 16, lane);
             mma_16816<T>(sc[2 * np], ka, bq[0]);
             mma_16816<T>(sc[2 * np + 1], ka, bq[1]);
-            ldsm_b_nk(bo, tdO, LD, kk * 16, np * 16, lane);
+            ldsm_b_nk(bo, tdO, LD, kk * 16, (cb + np) * 16, lane);
             mma_16816<T>(dp[2 * np], va, bo[0]);
             mma_16816<T>(dp[2 * np + 1], va, bo[1]);
           }
         }
       }
-      const bool need_mask = q0 < wk0 + 15 || q0 + BR > seqlen;
+      // P^T and dS^T; chunks skipped above hold 0 and are all masked (they lie before the warp's first key or
+      // past T), so every entry of these QC columns is written, 0 where masked
 #pragma unroll
-      for (int n = 0; n < BR / 8; ++n) {
+      for (int n = 0; n < QC / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int c = n * 8 + frag_col(lane, e);  // query within the tile
+          const int c = cb * 16 + n * 8 + frag_col(lane, e);  // query within the tile
           const int key = wk0 + frag_row(lane, e);
-          float pv = exp2f(fmaf(sc[n][e], sl2, -tL[c] * kLog2e));
+          float pv = fast_exp2(fmaf(sc[n][e], sl2, -tL[c] * kLog2e));
           if (need_mask && (key > q0 + c || q0 + c >= seqlen)) pv = 0.f;
           sc[n][e] = pv;
           dp[n][e] = pv * (dp[n][e] - tDl[c]);
         }
       }
-      // dV += P^T dO and dK += dS^T Q, k running over this tile's queries
+      // dV += P^T dO and dK += dS^T Q, k running over these queries
 #pragma unroll
-      for (int kc = 0; kc < BR / 16; ++kc) {
-        if (kc >= c_lo && kc < c_hi) {
+      for (int kc = 0; kc < QC / 16; ++kc) {
+        if (cb + kc >= c_lo && cb + kc < c_hi) {
           uint32_t pa[4], sa[4];
           c_to_a<T>(pa, sc[2 * kc], sc[2 * kc + 1]);
           c_to_a<T>(sa, dp[2 * kc], dp[2 * kc + 1]);
 #pragma unroll
           for (int np = 0; np < D / 16; ++np) {
             uint32_t bo[2][2], bq[2][2];
-            ldsm_b_kn(bo, tdO, LD, kc * 16, np * 16, lane);
+            ldsm_b_kn(bo, tdO, LD, (cb + kc) * 16, np * 16, lane);
             mma_16816<T>(dv[2 * np], pa, bo[0]);
             mma_16816<T>(dv[2 * np + 1], pa, bo[1]);
-            ldsm_b_kn(bq, tQ, LD, kc * 16, np * 16, lane);
+            ldsm_b_kn(bq, tQ, LD, (cb + kc) * 16, np * 16, lane);
             mma_16816<T>(dk[2 * np], sa, bq[0]);
             mma_16816<T>(dk[2 * np + 1], sa, bq[1]);
           }
@@ -757,67 +885,22 @@ __global__ void __launch_bounds__(BwdCfg<D>::THREADS) attention_bwd_kernel(BwdPa
       }
       // dS^T to shared memory (rounded to T, as it enters dQ = dS K on tensor cores)
 #pragma unroll
-      for (int n = 0; n < BR / 8; ++n) {
+      for (int n = 0; n < QC / 8; ++n) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + frag_row(lane, 2 * hr)) * LDS + n * 8 + frag_col(lane, 0)) =
-              Elem<T>::pack(dp[n][2 * hr], dp[n][2 * hr + 1]);
-        }
-      }
-    } else {
-      for (int idx = lane; idx < 16 * BR / 2; idx += 32) {  // this warp's rows of dS^T are zero
-        *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + idx / (BR / 2)) * LDS + (idx % (BR / 2)) * 2) = 0u;
-      }
-    }
-    __syncthreads();  // dS^T complete
-
-    // dQ_tile (BR x D) = dS (BR x BC) K (BC x D): this warp's 16 rows x DQC columns
-    {
-      const int rg = warp % Cfg::ROW_GROUPS, cg = warp / Cfg::ROW_GROUPS;
-      // keys of the block that can see a query of this tile and lie before T: 16-key chunks [0, kc_hi)
-      const int kc_hi = min(BC / 16, (min(q0 + BR, seqlen) - k0 + 15) / 16);
-      float dq[Cfg::DQC / 8][4];
-#pragma unroll
-      for (int n = 0; n < Cfg::DQC / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-#pragma unroll
-      for (int kc = 0; kc < BC / 16; ++kc) {
-        if (kc < kc_hi) {
-          uint32_t sa[4];
-          ldsm_a_trans(sa, sdS, LDS, rg * 16, kc * 16, lane);
-#pragma unroll
-          for (int np = 0; np < Cfg::DQC / 16; ++np) {
-            uint32_t bk[2][2];
-            ldsm_b_kn(bk, sK, LD, kc * 16, cg * Cfg::DQC + np * 16, lane);
-            mma_16816<T>(dq[2 * np], sa, bk[0]);
-            mma_16816<T>(dq[2 * np + 1], sa, bk[1]);
-          }
-        }
-      }
-      if (kc_hi > 0) {
-#pragma unroll
-        for (int n = 0; n < Cfg::DQC / 8; ++n) {
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int q = q0 + rg * 16 + frag_row(lane, 2 * hr);
-            if (q < seqlen) {
-              float* dst = gdq + q * od + cg * Cfg::DQC + n * 8 + frag_col(lane, 0);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[n][2 * hr], dq[n][2 * hr + 1]));
-#else
-              atomicAdd(dst, dq[n][2 * hr]);
-              atomicAdd(dst + 1, dq[n][2 * hr + 1]);
-#endif
-            }
-          }
+          const int off = (warp * 16 + frag_row(lane, 2 * hr)) * LDS + cb * 16 + n * 8 + frag_col(lane, 0);
+          *reinterpret_cast<uint32_t*>(tdS + off) = Elem<T>::pack(dp[n][2 * hr], dp[n][2 * hr + 1]);
         }
       }
     }
   }
+  __syncthreads();  // dS^T of the last tile complete
+  dq_tile(n_q - 1, sdS + ((n_q - 1 - i_first) & 1) * BC * LDS);
 
-  // epilogue: dK (scaled) and dV through this warp's rows of sK and sV, then 16-byte stores into dqkv
-  __syncthreads();  // every warp is done reading sK and sV
-  T* oK = sK + warp * 16 * LD;
-  T* oV = sV + warp * 16 * LD;
+  // epilogue: dK (scaled) and dV through this warp's rows of the Q/dO stages (read by no one since the last
+  // barrier, and no copy is in flight), then 16-byte stores into dqkv
+  T* oK = sStage + warp * 16 * LD;
+  T* oV = sStage + (BC + warp * 16) * LD;
 #pragma unroll
   for (int nd = 0; nd < D / 8; ++nd) {
 #pragma unroll
@@ -929,8 +1012,18 @@ void launch_fwd(const FwdParams<T>& p, int variant, cudaStream_t stream) {
   ARCANA_LAUNCH(kernel, grid, dim3(Cfg::THREADS), Cfg::SMEM, stream, p);
 }
 
+template <typename T, int D, bool BIG>
+void launch_bwd_tiles(const BwdParams<T>& p, cudaStream_t stream) {
+  using Cfg = BwdCfg<D, BIG>;
+  const auto kernel = attention_bwd_kernel<T, D, BIG>;
+  ARCANA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
+  const dim3 grid(p.B * p.H, (p.T + Cfg::BC - 1) / Cfg::BC);
+  ARCANA_LAUNCH(kernel, grid, dim3(Cfg::THREADS), Cfg::SMEM, stream, p);
+}
+
+// max_smem: the GPU's shared memory per block with opt-in (bytes), which picks the backward's tiles.
 template <typename T, int D>
-void launch_bwd(const BwdParams<T>& p, int variant, cudaStream_t stream) {
+void launch_bwd(const BwdParams<T>& p, int variant, int max_smem, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.T;
   const dim3 chunk_grid(static_cast<unsigned>((rows * (D / 8) + 255) / 256));  // one thread per 8 elements
   const auto delta_kernel = attention_bwd_delta_kernel<T, D>;
@@ -943,12 +1036,9 @@ void launch_bwd(const BwdParams<T>& p, int variant, cudaStream_t stream) {
     ARCANA_LAUNCH(dkv_kernel, grid, dim3(128), 0, stream, p);
     return;
   }
-  using Cfg = BwdCfg<D>;
   ARCANA_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream));
-  const auto kernel = attention_bwd_kernel<T, D>;
-  ARCANA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
-  const dim3 grid(p.B * p.H, (p.T + Cfg::BC - 1) / Cfg::BC);
-  ARCANA_LAUNCH(kernel, grid, dim3(Cfg::THREADS), Cfg::SMEM, stream, p);
+  if (max_smem >= BwdCfg<D, true>::SMEM) launch_bwd_tiles<T, D, true>(p, stream);
+  else launch_bwd_tiles<T, D, false>(p, stream);
   const auto convert_kernel = attention_bwd_dq_convert_kernel<T, D>;
   ARCANA_LAUNCH(convert_kernel, chunk_grid, dim3(256), 0, stream, p);
 }
@@ -1083,12 +1173,19 @@ at::Tensor attention_bwd(const at::Tensor& dout_in, const at::Tensor& qkv, const
   const c10::cuda::CUDAGuard guard(qkv.device());
   if (variant == 1) check_arch(op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  // The kernels read dout and out as rows of 16 bytes: a contiguous tensor whose storage offset breaks that
+  // alignment (a view from some other buffer) is copied, like a strided one, into a fresh aligned buffer.
+  auto aligned_rows = [](const at::Tensor& t) {
+    return t.is_contiguous() && aligned16(t.data_ptr()) ? t : t.clone(at::MemoryFormat::Contiguous);
+  };
+  const at::Tensor dout = aligned_rows(dout_in), out = aligned_rows(out_in), lse = lse_in.contiguous();
   at::Tensor dqkv = new_buffer({s.B, s.T, 3, s.H, s.D}, qkv.options(), stream);
   if (s.B * s.T * s.H == 0) return dqkv;
   const at::TensorOptions f32 = qkv.options().dtype(at::kFloat);
   at::Tensor delta = new_buffer({s.B, s.H, s.T}, f32, stream);
   at::Tensor dq_accum = variant == 1 ? new_buffer({s.B, s.T, s.H, s.D}, f32, stream) : at::Tensor();
+  int max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, qkv.get_device()));
   dispatch_attention(qkv.scalar_type(), s.D, [&](auto elem, auto dim) {
     using E = decltype(elem);
     constexpr int kD = decltype(dim)::value;
@@ -1101,7 +1198,7 @@ at::Tensor attention_bwd(const at::Tensor& dout_in, const at::Tensor& qkv, const
     p.delta = delta.data_ptr<float>();
     p.dq_accum = variant == 1 ? dq_accum.data_ptr<float>() : nullptr;
     p.dqkv = reinterpret_cast<E*>(dqkv.data_ptr());
-    launch_bwd<E, kD>(p, variant, stream);
+    launch_bwd<E, kD>(p, variant, max_smem, stream);
   });
   return dqkv;
 }

@@ -209,7 +209,7 @@ def emu(tmp_path_factory):
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.emu_attention_selftest.argtypes = [I, P, P]
     lib.emu_attention_fwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P]
-    lib.emu_attention_bwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P, P, P]
+    lib.emu_attention_bwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P, P, P, I]
     return lib
 
 
@@ -223,7 +223,11 @@ def emu_qkv_args(qkv):
     return [qkv.data_ptr(), nbytes] + list(qkv.stride()[:4])
 
 
-def emu_attention(lib, qkv, dout, variant):
+# Shared memory per block (bytes) that the backward's launcher is told the GPU has: it picks the tiles.
+H100_SMEM, A100_SMEM, SM86_SMEM = 227 * 1024, 163 * 1024, 99 * 1024
+
+
+def emu_attention(lib, qkv, dout, variant, max_smem=H100_SMEM):
     """Forward and backward through the emulated launchers; outputs start as NaN."""
     B, T, _, H, D = qkv.shape
     out = torch.full((B, T, H, D), float("nan"), dtype=qkv.dtype)
@@ -233,7 +237,7 @@ def emu_attention(lib, qkv, dout, variant):
                           lse.data_ptr())
     dout = dout.contiguous()
     lib.emu_attention_bwd(emu_dtype(qkv.dtype), variant, *emu_qkv_args(qkv), B, T, H, D, out.data_ptr(),
-                          dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr())
+                          dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr(), max_smem)
     return out, lse, dqkv
 
 
@@ -260,26 +264,32 @@ def test_emulated_fragment_selftest(emu, dtype):
         assert torch.equal(out, selftest_expected(x)), f"seed {seed}"
 
 
-# Variant 1 at awkward sizes (T = 1, below a tile, across tiles, past 2 tiles; both head sizes and dtypes;
-# B, H > 1) and variant 0 on tiny T (it takes a warp barrier per key here).
+# Variant 1 at awkward sizes: T = 1, below a tile, across tiles, far past them (T = 1025: 17 key tiles in the
+# forward's last query block, 9 query tiles behind the backward's first key tile, so every double-buffered stage
+# is refilled many times while the other is read); both head sizes and dtypes; B, H > 1; the packed, stacked and
+# padded layouts; the backward's tiles for an H100, an A100 and an sm_86 (each head size has a big and a small
+# tile, picked by the shared memory per block). Variant 0 on tiny T (it takes a warp barrier per key here).
 EMU_CASES = [
-    (1, 1, 1, 64, "bf16", 1, "packed"), (2, 64, 2, 64, "bf16", 1, "packed"), (1, 97, 1, 64, "fp16", 1, "packed"),
-    (1, 200, 1, 64, "bf16", 1, "packed"), (1, 70, 2, 64, "bf16", 1, "stacked"), (1, 1, 1, 128, "bf16", 1, "packed"),
-    (1, 33, 1, 128, "fp16", 1, "padded"), (1, 97, 1, 128, "bf16", 1, "packed"), (1, 7, 2, 64, "bf16", 0, "packed"),
-    (1, 9, 1, 128, "fp16", 0, "stacked"),
+    (1, 1, 1, 64, "bf16", 1, "packed", "H100"), (2, 7, 3, 64, "fp16", 1, "stacked", "sm86"),
+    (1, 63, 2, 128, "bf16", 1, "padded", "H100"), (3, 97, 2, 64, "bf16", 1, "packed", "A100"),
+    (1, 129, 1, 128, "fp16", 1, "stacked", "A100"), (1, 200, 1, 64, "bf16", 1, "padded", "sm86"),
+    (2, 200, 1, 128, "bf16", 1, "packed", "H100"), (1, 1, 1, 128, "fp16", 1, "packed", "sm86"),
+    (1, 1025, 1, 64, "bf16", 1, "packed", "H100"), (1, 520, 1, 128, "fp16", 1, "packed", "sm86"),
+    (1, 7, 2, 64, "bf16", 0, "packed", "H100"), (1, 9, 1, 128, "fp16", 0, "stacked", "H100"),
 ]
+SMEM = {"H100": H100_SMEM, "A100": A100_SMEM, "sm86": SM86_SMEM}
 
 
-@pytest.mark.parametrize("B,T,H,D,dtype,variant,layout", EMU_CASES,
-                         ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}-{c[4]}-v{c[5]}-{c[6]}" for c in EMU_CASES])
-def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layout):
+@pytest.mark.parametrize("B,T,H,D,dtype,variant,layout,gpu", EMU_CASES,
+                         ids=["B{}-T{}-H{}-D{}-{}-v{}-{}-{}".format(*c) for c in EMU_CASES])
+def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layout, gpu):
     seed = fresh_seed()
     qkv, dout = make_inputs(B, T, H, D, DTYPES[dtype], seed, layout=layout)
     assert qkv.is_contiguous() == (layout == "packed")
     t0 = time.perf_counter()
-    out, lse, dqkv = emu_attention(emu, qkv, dout, variant)
-    check_against_reference(f"emu B{B} T{T} H{H} D{D} {dtype} v{variant} {layout} s{seed}", qkv, dout, out, lse,
-                            dqkv, time.perf_counter() - t0)
+    out, lse, dqkv = emu_attention(emu, qkv, dout, variant, SMEM[gpu])
+    check_against_reference(f"emu B{B} T{T} H{H} D{D} {dtype} v{variant} {layout} {gpu} s{seed}", qkv, dout, out,
+                            lse, dqkv, time.perf_counter() - t0)
 
 
 def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
@@ -347,6 +357,39 @@ def test_strided_layouts(poison, layout, variant):
     assert not qkv.is_contiguous()
     out, lse, dqkv = cuda_attention(qkv, dout)
     check_against_reference(f"B2 T300 H3 D64 bf16 v{variant} {layout} s{seed}", qkv, dout, out, lse, dqkv)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [1, 0], indirect=True)
+def test_misaligned_dout_and_out(poison, variant):
+    """dout and out whose data is not 16-byte aligned (contiguous views one element into a buffer) give the
+    gradient of aligned copies: the op copies them rather than hand the kernels misaligned 16-byte loads."""
+    qkv, dout = make_inputs(2, 97, 3, 64, torch.bfloat16, fresh_seed(), device="cuda")
+    out, lse = torch.ops.arcana.attention_fwd(qkv)
+
+    def misaligned(t):
+        view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        view.copy_(t)
+        assert view.is_contiguous() and view.data_ptr() % 16
+        return view
+
+    expected = torch.ops.arcana.attention_bwd(dout, qkv, out, lse)
+    got = torch.ops.arcana.attention_bwd(misaligned(dout), qkv, misaligned(out), lse)
+    assert torch.equal(got[:, :, 1:], expected[:, :, 1:]), "dK, dV differ"
+    torch.testing.assert_close(got[:, :, 0], expected[:, :, 0])  # dQ: fp32 atomics, last-bit differences
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_bitwise_reproducible_except_dq(arcana, D):
+    """out, lse, dK and dV are the same bits on every run (each block owns its query rows or its keys); only dQ,
+    summed across blocks with fp32 atomics, may differ in the last bits."""
+    qkv, dout = make_inputs(2, 1000, 3, D, torch.bfloat16, fresh_seed(), device="cuda")
+    runs = [cuda_attention(qkv, dout) for _ in range(3)]
+    for out, lse, dqkv in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1]), "forward not reproducible"
+        assert torch.equal(dqkv[:, :, 1:], runs[0][2][:, :, 1:]), "dK, dV not reproducible"
+        torch.testing.assert_close(dqkv[:, :, 0], runs[0][2][:, :, 0])
 
 
 @pytest.mark.cuda
