@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(128) attention_fwd_plain_kernel(FwdParams<T> p
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);  // over (b, h, t)
   if (row >= static_cast<int64_t>(p.B) * p.H * p.T) return;  // whole warps leave together
-  const int t = static_cast<int>(row % p.T), h = static_cast<int>((row / p.T) % p.H), b = static_cast<int>(row / (static_cast<int64_t>(p.T) * p.H));
+  const int64_t bh = row / p.T;  // rows run over (b, h, t)
+  const int t = static_cast<int>(row - bh * p.T), h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
   const T* base = p.qkv + b * p.sb + h * p.sh + lane * E;
   float q[E], acc[E];
 #pragma unroll
@@ -358,7 +359,8 @@ __global__ void __launch_bounds__(128) attention_bwd_plain_dq_kernel(BwdParams<T
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (row >= static_cast<int64_t>(p.B) * p.H * p.T) return;
-  const int i = static_cast<int>(row % p.T), h = static_cast<int>((row / p.T) % p.H), b = static_cast<int>(row / (static_cast<int64_t>(p.T) * p.H));
+  const int64_t bh = row / p.T;  // rows run over (b, h, i)
+  const int i = static_cast<int>(row - bh * p.T), h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
   const T* base = p.qkv + b * p.sb + h * p.sh + lane * E;
   const int64_t orow = ((static_cast<int64_t>(b) * p.T + i) * p.H + h) * D + lane * E;
   const int64_t srow = (static_cast<int64_t>(b) * p.H + h) * p.T + i;
@@ -397,7 +399,8 @@ __global__ void __launch_bounds__(128) attention_bwd_plain_dkv_kernel(BwdParams<
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (row >= static_cast<int64_t>(p.B) * p.H * p.T) return;
-  const int j = static_cast<int>(row % p.T), h = static_cast<int>((row / p.T) % p.H), b = static_cast<int>(row / (static_cast<int64_t>(p.T) * p.H));
+  const int64_t bh = row / p.T;  // rows run over (b, h, j)
+  const int j = static_cast<int>(row - bh * p.T), h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
   const T* base = p.qkv + b * p.sb + h * p.sh + lane * E;
   float k[E], v[E], dk[E], dv[E];
 #pragma unroll
@@ -962,7 +965,7 @@ __global__ void __launch_bounds__(32) attention_selftest_kernel(const T* in, flo
   ARCANA_DYNAMIC_SMEM(smem_raw);
   T* tiles = reinterpret_cast<T*>(smem_raw);  // X, Y, Z: [3][16][LD]
   const int lane = threadIdx.x;
-  for (int idx = lane; idx < 3 * 256; idx += 32) tiles[idx / 256 * 16 * LD + (idx % 256) / 16 * LD + idx % 16] = in[idx];
+  for (int idx = lane; idx < 3 * 256; idx += 32) tiles[(idx / 16) * LD + idx % 16] = in[idx];  // 48 rows of 16
   __syncwarp();
   const T* X = tiles;
   const T* Y = tiles + 16 * LD;
