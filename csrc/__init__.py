@@ -22,11 +22,13 @@ def _row_stats(x):
 
 
 _fake = torch.library.register_fake
-_fake("arcana::layer_norm_fwd")(lambda x, weight, bias, eps: (torch.empty_like(x), *_row_stats(x)))
-_fake("arcana::add_layer_norm_fwd")(
-    lambda x, y, weight, bias, eps: (torch.empty_like(x), torch.empty_like(x), *_row_stats(x)))
-_fake("arcana::layer_norm_bwd")(lambda dout, x, weight, mean, rstd, dr=None: (
-    torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)))
+_fake("arcana::layer_norm_fwd")(lambda x, weight, bias, eps, out_dtype=None: (
+    torch.empty_like(x, dtype=out_dtype), *_row_stats(x)))
+_fake("arcana::add_layer_norm_fwd")(lambda x, y, weight, bias, eps, out_dtype=None: (
+    torch.empty_like(x), torch.empty_like(x, dtype=out_dtype), *_row_stats(x)))
+_fake("arcana::layer_norm_bwd")(lambda dout, x, weight, mean, rstd, dr=None, dy_dtype=None: (
+    torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight),
+    x.new_empty(0) if dy_dtype is None else torch.empty_like(x, dtype=dy_dtype)))
 _fake("arcana::gelu_fwd")(lambda x, bias=None: torch.empty_like(x))
 _fake("arcana::gelu_bwd")(lambda dout, x, bias=None: (
     torch.empty_like(x), torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=torch.float32)))
@@ -44,20 +46,23 @@ def _layer_norm_setup(ctx, inputs, output):
 
 
 def _layer_norm_backward(ctx, dout, dmean, drstd):
-    dx, dweight, dbias = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors)
-    return dx, dweight, dbias, None
+    dx, dweight, dbias, _ = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors)  # dout: out's dtype
+    return dx, dweight, dbias, None, None
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[2:])
     ctx.save_for_backward(output[0], inputs[2], *output[2:])  # the backward normalizes r = x + y
+    x, y = inputs[:2]
+    ctx.y_dtype = y.dtype if y.dtype != x.dtype else None  # y's gradient, when it needs its own dtype
 
 
 def _add_layer_norm_backward(ctx, dr, dout, dmean, drstd):
-    # r's gradient: dr from the blocks after it, plus the one through LayerNorm(r); x and y both get it
-    # (autograd casts y's copy to y's dtype)
-    dx, dweight, dbias = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors, dr.contiguous())
-    return dx, dx, dweight, dbias, None
+    # r's gradient: dr from the blocks after it, plus the one through LayerNorm(r); x and y both get it, y in its
+    # own dtype from the same kernel (else autograd would add a cast kernel)
+    dx, dweight, dbias, dy = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors, dr.contiguous(),
+                                                             ctx.y_dtype)
+    return dx, dx if ctx.y_dtype is None else dy, dweight, dbias, None, None
 
 
 def _gelu_setup(ctx, inputs, output):
@@ -173,20 +178,30 @@ def chunked_lm_head_loss(h, weight, targets, chunk_rows=8192, use_kernel=False):
 # the model's ops on the kernels
 
 
+def matmul_dtype(x):
+    """The dtype the Linear after a LayerNorm of x computes in: autocast's, else x's."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
 class CudaOps:
     """train_gpt.py's TorchOps interface on the kernels, for CUDA tensors; where a kernel does not apply it calls
     the PyTorch ops it is given. Under autocast the residual stream x is float32 and the branch outputs bf16: the
-    kernels take that pair as it is and give what the PyTorch path gives."""
+    kernels take that pair as it is and give what the PyTorch path gives, but for LayerNorm outputs already in
+    the autocast dtype that the Linear after them would cast them to."""
     name = "cuda"
 
     def __init__(self, torch_ops):
         self.torch_ops = torch_ops
 
     def layer_norm(self, x, ln):
-        return torch.ops.arcana.layer_norm_fwd(x.contiguous(), ln.weight, ln.bias, ln.eps)[0]
+        """LayerNorm's output in the dtype of the matmul it feeds (autocast's, else x's): the PyTorch path's float32
+        result rounded once, with no cast kernel after it, nor one for its gradient."""
+        return torch.ops.arcana.layer_norm_fwd(x.contiguous(), ln.weight, ln.bias, ln.eps, matmul_dtype(x))[0]
 
     def add_layer_norm(self, x, y, ln):
-        r, h, _, _ = torch.ops.arcana.add_layer_norm_fwd(x.contiguous(), y.contiguous(), ln.weight, ln.bias, ln.eps)
+        """r = x + y in x's dtype (the float32 residual stream), its LayerNorm as in layer_norm."""
+        r, h, _, _ = torch.ops.arcana.add_layer_norm_fwd(x.contiguous(), y.contiguous(), ln.weight, ln.bias, ln.eps,
+                                                         matmul_dtype(x))
         return r, h
 
     def linear_gelu(self, x, fc):

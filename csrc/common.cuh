@@ -66,7 +66,7 @@ int resident_blocks_per_sm(void (*kernel)(Params...), int threads, size_t smem) 
 }
 
 // The kernel's dynamic shared memory, as floats.
-#define ARCANA_SHARED_FLOATS(name) extern __shared__ float name[]
+#define ARCANA_SHARED_FLOATS(name) extern __shared__ __align__(16) float name[]
 
 // -----------------------------------------------------------------------------
 // host side: checks that say what is wrong and what to do

@@ -8,11 +8,13 @@
 // The plain kernels (variant 0) take one element per thread and the textbook tanhf formula; dbias comes from a
 // thread per column summing every row. The fast kernels (variant 1) move 128-bit vectors and use
 // 0.5 (1 + tanh(z)) = sigmoid(2 z) = 1 / (1 + exp(-2 z)), one exponential and no cancellation near
-// tanh = -1; for bf16/fp16 the exponential and division are the hardware approximations (__expf,
-// __fdividef: relative error ~1e-6, far below the 16-bit rounding), for fp32 the IEEE ones. Without bias the
-// tensor is one flat array (grid-stride, tail of numel % 8 handled one element per thread); with bias a block
-// is 32 column vectors by 8 rows, each thread keeps its bias vector (and in the backward its dbias partial) in
-// registers, and the backward's partials are combined in a fixed order as in layernorm.cu.
+// tanh = -1. The exponential is the hardware approximation __expf for bf16/fp16 (relative error ~1e-6 at these
+// arguments, far below the 16-bit rounding) and the IEEE expf for fp32; the division is always __fdividef (2 ulp
+// for a denominator below 2^126: here 1 + e <= 1 + e^80; the IEEE division's slow-path call spilled registers on
+// sm_80). Without bias the tensor is one flat array (grid-stride, tail of numel % 8 handled one element per
+// thread); with bias a block is 32 column vectors by 8 rows, each thread keeps its bias vector (and in the
+// backward its dbias partial) in registers, and the backward's partials are combined in a fixed order as in
+// layernorm.cu. Both grids are one resident wave, sized from the occupancy API.
 //
 // The fast kernels need 16-byte aligned data and, with bias, C * itemsize a multiple of 16 bytes; other inputs
 // run the plain kernels.
@@ -50,8 +52,7 @@ __device__ __forceinline__ float exp_minus_2z(float u) {
 
 template <bool PRECISE>
 __device__ __forceinline__ float gelu_fast(float u) {
-  const float e = exp_minus_2z<PRECISE>(u);
-  return PRECISE ? u / (1.f + e) : __fdividef(u, 1.f + e);
+  return __fdividef(u, 1.f + exp_minus_2z<PRECISE>(u));
 }
 
 // d/du [u s(u)] with s = sigmoid(2 z(u)): s + u * 2 z'(u) * s (1 - s), and 1 - s = e s computed without
@@ -59,7 +60,7 @@ __device__ __forceinline__ float gelu_fast(float u) {
 template <bool PRECISE>
 __device__ __forceinline__ float gelu_grad_fast(float u) {
   const float e = exp_minus_2z<PRECISE>(u);
-  const float s = PRECISE ? 1.f / (1.f + e) : __fdividef(1.f, 1.f + e);
+  const float s = __fdividef(1.f, 1.f + e);
   const float dz2 = 2.f * kSqrt2OverPi * (1.f + 3.f * kCubic * u * u);
   return s + u * dz2 * s * (e * s);
 }
@@ -227,32 +228,26 @@ void gelu_launch(const GeluRun& g, Scratch&& scratch) {
     }
     return;
   }
+  // One resident wave: the blocks that the occupancy API says fit (the kernels' register counts differ), each
+  // thread then looping over a few vectors.
   if (!has_bias) {
-    // Enough 256-thread blocks to fill every SM, each thread then looping over a few vectors.
-    const int64_t blocks = std::min<int64_t>(ceil_div(std::max<int64_t>(g.n / V, 1), 256),
-                                             (int64_t)dev.sms * std::max(dev.threads_per_sm / 256, 1));
-    if (bwd) {
-      launch(gelu_flat_kernel<T, true>, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, out, g.n);
-    } else {
-      launch(gelu_flat_kernel<T, false>, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, out, g.n);
-    }
+    const auto kernel = bwd ? gelu_flat_kernel<T, true> : gelu_flat_kernel<T, false>;
+    const int64_t resident = (int64_t)dev.sms * resident_blocks_per_sm(kernel, 256, 0);
+    const int64_t blocks = std::min<int64_t>(ceil_div(std::max<int64_t>(g.n / V, 1), 256), resident);
+    launch(kernel, dim3((unsigned)blocks), dim3(256), 0, g.stream, dout, x, out, g.n);
     return;
   }
   const int64_t N = g.n / g.c;
   const int C = (int)g.c;
   const int64_t tiles = ceil_div(C / V, 32);
-  const int64_t resident = (int64_t)dev.sms * std::max(dev.threads_per_sm / (32 * kBiasRows), 1);
+  const auto kernel = bwd ? gelu_bias_kernel<T, true> : gelu_bias_kernel<T, false>;
+  const int64_t resident = (int64_t)dev.sms * resident_blocks_per_sm(kernel, 32 * kBiasRows, 0);
   const int64_t row_groups = std::min<int64_t>(
       std::min<int64_t>(ceil_div(N, kBiasRows), std::max<int64_t>(resident / tiles, 1)), 65535);
   const dim3 grid((unsigned)tiles, (unsigned)row_groups);
-  const dim3 block(32, kBiasRows);
-  if (!bwd) {
-    launch(gelu_bias_kernel<T, false>, grid, block, 0, g.stream, dout, x, g.bias, out, (float*)nullptr, N, C);
-    return;
-  }
-  float* part = scratch(row_groups * C);
-  launch(gelu_bias_kernel<T, true>, grid, block, 0, g.stream, dout, x, g.bias, out, part, N, C);
-  launch_sum_partials(part, C, (int)row_groups, C, g.dbias, (float*)nullptr, g.stream);
+  float* part = bwd ? scratch(row_groups * C) : nullptr;  // the backward's dbias partials, one row per row group
+  launch(kernel, grid, dim3(32, kBiasRows), 0, g.stream, dout, x, g.bias, out, part, N, C);
+  if (bwd) launch_sum_partials(part, C, (int)row_groups, C, g.dbias, (float*)nullptr, g.stream);
 }
 
 #ifndef ARCANA_EMULATE

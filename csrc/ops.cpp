@@ -80,18 +80,21 @@ int kernel_variant() { return g_variant.load(std::memory_order_relaxed); }
 TORCH_LIBRARY(arcana, m) {
   const std::vector<std::string> before = arcana::arcana_op_names();
 
-  // LayerNorm over the last dimension (layernorm.cu). out has x's dtype; weight and bias are (C,) of any
-  // float dtype; mean and rstd are fp32 with x's shape minus the last dimension.
-  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps)"
+  // LayerNorm over the last dimension (layernorm.cu). out has out_dtype, by default x's (any kernel dtype when x
+  // is float32: under autocast, the matmul's, so no cast runs before the next Linear); weight and bias are (C,) of
+  // any float dtype; mean and rstd are fp32 with x's shape minus the last dimension.
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None)"
         " -> (Tensor out, Tensor mean, Tensor rstd)");
   // r = x + y (the residual stream plus a branch output), out = LayerNorm(r). y has x's dtype, or x is
-  // float32 and y any float dtype (bf16 attention/MLP outputs under autocast); r and out have x's dtype.
-  m.def("add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps)"
+  // float32 and y any float dtype (bf16 attention/MLP outputs under autocast); r has x's dtype, out as above.
+  m.def("add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None)"
         " -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)");
-  // The backward of both: x is the normalized input (r for the fused op), dr the incoming gradient of r,
-  // added into dx. dweight and dbias have weight's dtype.
-  m.def("layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? dr=None)"
-        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // The backward of both: x is the normalized input (r for the fused op), dout has out's dtype, dr (the incoming
+  // gradient of r, x's dtype) is added into dx. dweight and dbias have weight's dtype. With dy_dtype, dy is dx
+  // rounded to it, written in the same pass: the gradient of the fused op's y when y's dtype is not x's; else
+  // dy is an empty (0,) tensor.
+  m.def("layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? dr=None,"
+        " ScalarType? dy_dtype=None) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dy)");
 
   // GELU, tanh approximation, of x [+ bias] (gelu.cu); bias is (C,) with C = x.size(-1).
   m.def("gelu_fwd(Tensor x, Tensor? bias=None) -> Tensor");

@@ -21,27 +21,32 @@ training steps with --kernels cuda against --kernels torch. The worst error of e
 printed as a table at the end.
 """
 
+import ctypes
 import math
 import os
 import random
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from kernel_testing import (ROOT, WorstErrors, build_emulator, print_after_tests, require_kernels, short, train_losses,
                             write_shards)
 
 SCHEMAS = {
-    "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps)"
-                      " -> (Tensor out, Tensor mean, Tensor rstd)",
-    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps)"
-                          " -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
+    "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps,"
+                      " ScalarType? out_dtype=None) -> (Tensor out, Tensor mean, Tensor rstd)",
+    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps,"
+                          " ScalarType? out_dtype=None) -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
     "layer_norm_bwd": "arcana::layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd,"
-                      " Tensor? dr=None) -> (Tensor dx, Tensor dweight, Tensor dbias)",
+                      " Tensor? dr=None, ScalarType? dy_dtype=None)"
+                      " -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dy)",
     "gelu_fwd": "arcana::gelu_fwd(Tensor x, Tensor? bias=None) -> Tensor",
     "gelu_bwd": "arcana::gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None) -> (Tensor dx, Tensor dbias)",
     "_set_poison": "arcana::_set_poison(bool enabled) -> ()",
@@ -76,12 +81,19 @@ def test_fake_shapes_on_meta(arcana, dtype):
     assert (out.shape, out.dtype, out.is_contiguous()) == (x.shape, dtype, True)
     for stat in (mean, rstd):
         assert (stat.shape, stat.dtype) == ((B, T), torch.float32)
-    y = torch.empty(B, T, C, device="meta", dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+    low = torch.bfloat16 if dtype == torch.float32 else dtype  # the autocast model's 16-bit dtype
+    y = torch.empty(B, T, C, device="meta", dtype=low)
     r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, w, EPS)
     assert (r.shape, r.dtype, out.shape, out.dtype) == (x.shape, dtype, x.shape, dtype)
     assert (mean.shape, rstd.dtype) == ((B, T), torch.float32)
-    dx, dw, db = arcana.layer_norm_bwd(x, x, w, mean, rstd, x)
+    r, out, _, _ = arcana.add_layer_norm_fwd(x, y, w, w, EPS, low)
+    assert (r.dtype, out.shape, out.dtype, arcana.layer_norm_fwd(x, w, w, EPS, low)[0].dtype) == (dtype, x.shape, low,
+                                                                                                  low)
+    dx, dw, db, dy = arcana.layer_norm_bwd(x, x, w, mean, rstd, x)
     assert (dx.shape, dx.dtype, dw.shape, dw.dtype, db.shape) == (x.shape, dtype, (C,), torch.float32, (C,))
+    assert (dy.shape, dy.dtype) == ((0,), dtype)
+    dx, _, _, dy = arcana.layer_norm_bwd(out, x, w, mean, rstd, x, low)
+    assert (dx.dtype, dy.shape, dy.dtype, dy.is_contiguous()) == (dtype, x.shape, low, True)
     u = torch.empty(B, T, 4 * C, device="meta", dtype=dtype)
     fb = torch.empty(4 * C, device="meta")
     assert (arcana.gelu_fwd(u, fb).shape, arcana.gelu_fwd(u).dtype) == (u.shape, dtype)
@@ -97,30 +109,53 @@ def test_fake_shapes_in_fake_tensor_mode(arcana):
         x = torch.empty(3, 7, 24, dtype=torch.bfloat16)
         w = torch.empty(24)
         out, mean, rstd = arcana.layer_norm_fwd(x, w, w, EPS)
-        dx, dw, db = arcana.layer_norm_bwd(out, x, w, mean, rstd)
+        dx, dw, db, _ = arcana.layer_norm_bwd(out, x, w, mean, rstd)
         dg, dgb = arcana.gelu_bwd(x, x, w.to(torch.bfloat16))
     assert (out.shape, mean.shape, dx.dtype, dw.shape) == ((3, 7, 24), (3, 7), torch.bfloat16, (24,))
     assert (dg.shape, dgb.dtype) == ((3, 7, 24), torch.bfloat16)
 
 
+class OpLog(TorchDispatchMode):
+    """The aten and arcana ops dispatched while it is active: names, and (name, shape of the first argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.calls = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        self.calls.append((self.names[-1], tuple(args[0].shape) if args and torch.is_tensor(args[0]) else None))
+        return func(*args, **(kwargs or {}))
+
+
 def test_autograd_reaches_every_backward_op_on_meta(arcana):
     """Gradients of every input, with the model's dtypes under autocast: residual stream float32, branch output
-    and MLP activation bfloat16, parameters float32. Each gradient comes back in its input's dtype (autograd
-    casts y's, which the backward computes as x's, and a bias's in another dtype than its weight)."""
+    and MLP activation bfloat16, LayerNorm outputs bfloat16 (the next matmul's), parameters float32. Each
+    gradient comes back in its input's dtype, with no cast of a (B, T, C) tensor on the way: the backward takes
+    the LayerNorm outputs' gradients in bfloat16 and writes y's in bfloat16 itself. (A bias in another dtype than
+    its weight, never in the model, gets its (C,) gradient cast by autograd.)"""
     B, T, C = 2, 5, 16
+    bf16 = torch.bfloat16
     x = torch.empty(B, T, C, device="meta", requires_grad=True)
-    y = torch.empty(B, T, C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.empty(B, T, C, device="meta", dtype=bf16, requires_grad=True)
     w, b = (torch.empty(C, device="meta", requires_grad=True) for _ in range(2))
-    r, h, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, b, EPS)
-    assert not mean.requires_grad and not rstd.requires_grad
-    u = torch.empty(B, T, 4 * C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    u = torch.empty(B, T, 4 * C, device="meta", dtype=bf16, requires_grad=True)
     fb = torch.empty(4 * C, device="meta", requires_grad=True)
-    b16 = torch.empty(C, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    h2, _, _ = arcana.layer_norm_fwd(h, w, b16, EPS)
-    (r.sum() + h2.sum() + arcana.gelu_fwd(u, fb).float().sum()).backward()
-    assert (x.grad.shape, x.grad.dtype, y.grad.dtype) == (x.shape, torch.float32, torch.bfloat16)
-    assert (w.grad.shape, b.grad.dtype, u.grad.dtype, fb.grad.shape) == ((C,), torch.float32, torch.bfloat16, (4 * C,))
-    assert (b16.grad.shape, b16.grad.dtype) == ((C,), torch.bfloat16)
+    b16 = torch.empty(C, device="meta", dtype=bf16, requires_grad=True)
+    m = torch.empty(C, C, device="meta", dtype=bf16)  # a Linear's weight as autocast casts it
+    with OpLog() as log:
+        r, h, mean, rstd = arcana.add_layer_norm_fwd(x, y, w, b, EPS, bf16)
+        h2, _, _ = arcana.layer_norm_fwd(r, w, b16, EPS, bf16)
+        outputs = [r, h @ m, h2 @ m, arcana.gelu_fwd(u, fb)]
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    assert not mean.requires_grad and not rstd.requires_grad
+    assert (h.dtype, h2.dtype) == (bf16, bf16)
+    assert (x.grad.shape, x.grad.dtype, y.grad.dtype) == (x.shape, torch.float32, bf16)
+    assert (w.grad.shape, b.grad.dtype, u.grad.dtype, fb.grad.shape) == ((C,), torch.float32, bf16, (4 * C,))
+    assert (b16.grad.shape, b16.grad.dtype) == ((C,), bf16)
+    assert log.names.count("arcana.layer_norm_bwd") == 2 and "arcana.gelu_bwd" in log.names
+    casts = [call for call in log.calls if call[0] in ("aten._to_copy", "aten.to", "aten.copy_")]
+    assert casts == [("aten._to_copy", (C,))], f"casts around the kernels: {casts} in {log.names}"
 
 
 class NormGeluOps(train_gpt.TorchOps):
@@ -227,42 +262,61 @@ def test_setup_without_a_toolkit_skips_or_fails_when_required():
 
 EMU_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 EMU_TOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}  # max-norm, relative
+EMU_SHAPE = (2, 2048, 1)  # SMs, threads and resident blocks per SM: small, so that the persistent kernels loop
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """tests/norm_gelu_emu.cpp built with g++ into a shared library, loaded with ctypes; a small device shape
-    (2 SMs, one resident block each) so that the persistent kernels loop over several row groups."""
-    import ctypes
+    """tests/norm_gelu_emu.cpp built with g++ into a shared library, loaded with ctypes, on the EMU_SHAPE device."""
     lib = build_emulator(tmp_path_factory, "norm_gelu_emu.cpp")
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.emu_set_shape.argtypes = [I, I, I]
-    lib.emu_layer_norm_fwd.argtypes = [I, I, I, P, P, P, P, P, P, P, P, L, I, ctypes.c_float]
-    lib.emu_layer_norm_bwd.argtypes = [I, I, P, P, P, P, P, P, P, P, P, L, I]
+    lib.emu_launches.argtypes = [P, I]
+    lib.emu_layer_norm_fwd.argtypes = [I, I, I, I, P, P, P, P, P, P, P, P, L, I, ctypes.c_float]
+    lib.emu_layer_norm_bwd.argtypes = [I, I, I, I, P, P, P, P, P, P, P, P, P, P, L, I]
     lib.emu_gelu.argtypes = [I, I, P, P, P, P, P, L, L]
-    lib.emu_set_shape(2, 2048, 1)
+    lib.emu_set_shape(*EMU_SHAPE)
     return lib
+
+
+@contextmanager
+def emu_device(emu, sms, blocks_per_sm):
+    """The emulated device with sms SMs on which blocks_per_sm blocks of any kernel fit at once (the occupancy
+    API's answer), while the block runs."""
+    emu.emu_set_shape(sms, 2048, blocks_per_sm)
+    try:
+        yield
+    finally:
+        emu.emu_set_shape(*EMU_SHAPE)
+
+
+def emu_launches(emu):
+    """The launches of the last emulated op: [(grid (x, y), block (x, y), dynamic shared memory bytes)]."""
+    buf = (ctypes.c_int64 * 40)()
+    n = emu.emu_launches(buf, 8)
+    return [((buf[5 * i], buf[5 * i + 1]), (buf[5 * i + 2], buf[5 * i + 3]), buf[5 * i + 4]) for i in range(n)]
 
 
 class Guarded:
     """An output buffer that starts as NaN (an element left unwritten fails) inside 64 sentinel elements on
-    each side (a write out of bounds fails); the data stays 256-byte aligned."""
+    each side (a write out of bounds fails); the data is 256-byte aligned, or `offset` elements past that."""
     PAD = 64
 
-    def __init__(self, shape, dtype):
+    def __init__(self, shape, dtype, offset=0):
         n = math.prod(shape)
         self.buf = torch.full((n + 2 * self.PAD,), 7.0, dtype=dtype)
-        self.t = self.buf[self.PAD:self.PAD + n].view(shape)
+        self.start, self.end = self.PAD + offset, self.PAD + offset + n
+        self.t = self.buf[self.start:self.end].view(shape)
         self.t.fill_(float("nan"))
 
-    def ptr(self):
+    def data_ptr(self):
         return self.t.data_ptr()
 
     def value(self, what):
-        sentinels = torch.cat([self.buf[:self.PAD], self.buf[-self.PAD:]])
+        sentinels = torch.cat([self.buf[:self.start], self.buf[self.end:]])
         assert (sentinels == 7.0).all(), f"{what}: a kernel wrote outside the output"
         assert torch.isfinite(self.t).all(), f"{what}: elements left unwritten (still NaN)"
-        return self.t
+        return self.t.clone()
 
 
 def emu_close(what, ours, ref, dtype):
@@ -274,77 +328,234 @@ def ptr(t):
     return None if t is None else t.data_ptr()
 
 
-@pytest.mark.parametrize("case", [
-    (7, 1000, torch.float32, None), (7, 1000, torch.bfloat16, None), (7, 1000, torch.float16, None),
-    (9, 1600, torch.bfloat16, None), (33, 64, torch.float32, None), (5, 37, torch.bfloat16, None),
-    (7, 768, torch.float32, torch.bfloat16), (20, 256, torch.bfloat16, torch.bfloat16),
-], ids=lambda c: f"{c[0]}x{c[1]}-{short(c[2])}" + (f"+{short(c[3])}" if c[3] else ""))
-@pytest.mark.parametrize("variant", [0, 1])
-def test_emulated_layer_norm(emu, case, variant):
-    """layer_norm_fwd / add_layer_norm_fwd and layer_norm_bwd (with dr for the fused op), run by the real
-    launchers and kernels on the CPU, against float64; outputs NaN-poisoned and fenced."""
-    N, C, dtype, ydtype = case
-    torch.manual_seed(N * C + variant)
+def misaligned(t, name, which):
+    """t, or where name is `which` a copy of it one element past a 16-byte boundary (None stays None)."""
+    if t is None or name != which:
+        return t
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    buf[1:] = t.reshape(-1)
+    return buf[1:].view(t.shape)
+
+
+def emu_ln_forward(emu, variant, x, y, w, b, out_dtype, misalign=None):
+    """layer_norm_fwd (y None) or add_layer_norm_fwd through the real launcher: (r or None, out in out_dtype, mean,
+    rstd). misalign names the one pointer (x, y, r, out, weight, bias) to put one element off 16 bytes."""
+    N, C = x.shape
+    x, y, w, b = (misaligned(t, n, misalign) for t, n in ((x, "x"), (y, "y"), (w, "weight"), (b, "bias")))
+    out = Guarded((N, C), out_dtype, offset=int(misalign == "out"))
+    r = None if y is None else Guarded((N, C), x.dtype, offset=int(misalign == "r"))
+    mean, rstd = Guarded((N,), torch.float32), Guarded((N,), torch.float32)
+    assert emu.emu_layer_norm_fwd(EMU_DTYPES[x.dtype], -1 if y is None else EMU_DTYPES[y.dtype],
+                                  EMU_DTYPES[out_dtype], variant, ptr(x), ptr(y), ptr(r), ptr(out), ptr(w), ptr(b),
+                                  ptr(mean), ptr(rstd), N, C, EPS) == 0
+    return None if r is None else r.value("r"), out.value("out"), mean.value("mean"), rstd.value("rstd")
+
+
+def emu_ln_backward(emu, variant, dout, x, w, mean, rstd, dr, dy_dtype, misalign=None):
+    """layer_norm_bwd through the real launcher: (dx, dy or None, dweight, dbias). misalign as in emu_ln_forward,
+    of dout, x, dr, dx, dy or weight."""
+    N, C = x.shape
+    dout, x, w, dr = (misaligned(t, n, misalign) for t, n in ((dout, "dout"), (x, "x"), (w, "weight"), (dr, "dr")))
+    dx = Guarded((N, C), x.dtype, offset=int(misalign == "dx"))
+    dy = None if dy_dtype is None else Guarded((N, C), dy_dtype, offset=int(misalign == "dy"))
+    dw, db = Guarded((C,), torch.float32), Guarded((C,), torch.float32)
+    assert emu.emu_layer_norm_bwd(EMU_DTYPES[x.dtype], EMU_DTYPES[dout.dtype],
+                                  -1 if dy_dtype is None else EMU_DTYPES[dy_dtype], variant, ptr(dout), ptr(x),
+                                  ptr(w), ptr(mean), ptr(rstd), ptr(dr), ptr(dx), ptr(dy), ptr(dw), ptr(db), N,
+                                  C) == 0
+    return dx.value("dx"), None if dy is None else dy.value("dy"), dw.value("dweight"), db.value("dbias")
+
+
+def ln_inputs(N, C, dtype, ydtype, out_dtype, seed):
+    """x (mean 1, so a one-pass variance would cancel), y or None, weight, bias, and dout in out's dtype."""
+    torch.manual_seed(seed)
     x = (2 * torch.randn(N, C) + 1).to(dtype)
     y = None if ydtype is None else torch.randn(N, C).to(ydtype)
     w, b = 1 + 0.1 * torch.randn(C), 0.1 * torch.randn(C)
-    out, mean, rstd = Guarded((N, C), dtype), Guarded((N,), torch.float32), Guarded((N,), torch.float32)
-    r = None if y is None else Guarded((N, C), dtype)
-    rc = emu.emu_layer_norm_fwd(EMU_DTYPES[dtype], -1 if y is None else EMU_DTYPES[ydtype], variant, ptr(x), ptr(y),
-                                None if r is None else r.ptr(), out.ptr(), ptr(w), ptr(b), mean.ptr(), rstd.ptr(),
-                                N, C, EPS)
-    assert rc == 0
-    r_ref = x.double() if y is None else (x.double() + y.double()).to(dtype).double()  # r is stored, then normalized
-    if r is not None:
-        emu_close("r", r.value("r"), r_ref, dtype)
-    emu_close("out", out.value("out"), F.layer_norm(r_ref, (C,), w.double(), b.double(), EPS), dtype)
-    emu_close("mean", mean.value("mean"), r_ref.mean(-1), torch.float32)
-    emu_close("rstd", rstd.value("rstd"), torch.rsqrt(r_ref.var(-1, unbiased=False) + EPS), torch.float32)
+    return x, y, w, b, torch.randn(N, C).to(out_dtype)
 
-    src = x if r is None else r.t
-    dout = torch.randn(N, C).to(dtype)
-    dr = None if y is None else torch.randn(N, C).to(dtype)
-    dx, dw, db = Guarded((N, C), dtype), Guarded((C,), torch.float32), Guarded((C,), torch.float32)
-    rc = emu.emu_layer_norm_bwd(EMU_DTYPES[dtype], variant, ptr(dout), ptr(src), ptr(w), mean.ptr(), rstd.ptr(),
-                                ptr(dr), dx.ptr(), dw.ptr(), db.ptr(), N, C)
-    assert rc == 0
-    xs = src.double().requires_grad_()
-    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
-    F.layer_norm(xs, (C,), wd, bd, EPS).backward(dout.double())
-    emu_close("dx", dx.value("dx"), xs.grad + (0 if dr is None else dr.double()), dtype)
-    emu_close("dweight", dw.value("dweight"), wd.grad, torch.float32)
-    emu_close("dbias", db.value("dbias"), bd.grad, torch.float32)
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 @pytest.mark.parametrize("case", [
-    ((7, 1000), torch.float32, True), ((7, 1000), torch.float32, False), ((3, 3072), torch.bfloat16, True),
-    ((3, 3072), torch.bfloat16, False), ((7, 1001), torch.bfloat16, True), ((7, 1001), torch.bfloat16, False),
-    ((2, 5, 64), torch.float16, True),
+    (7, 1000, F32, None, F32), (7, 1000, BF16, None, BF16), (7, 1000, F16, None, F16), (9, 1600, BF16, None, BF16),
+    (33, 64, F32, None, F32),  # 16 rows to a block, 3 row groups for 2 blocks: the persistent loop turns
+    (5, 37, BF16, None, BF16),  # rows of 74 bytes: the plain kernels
+    (1, 768, F32, None, BF16),  # one row, out in the autocast dtype
+    (7, 100, F32, None, F16),  # 25 vectors: a partly idle warp
+    (7, 768, F32, BF16, BF16),  # the model under bf16 autocast
+    (7, 768, F32, BF16, F32),  # the same without out_dtype
+    (6, 1002, F32, F16, F16),  # C not a multiple of x's vector width: the plain kernels
+    (20, 256, BF16, BF16, BF16),
+    (3, 4096, F32, BF16, BF16),  # 1024 vectors, the widest fast row: 1024 threads
+    (2, 4100, F32, None, BF16),  # 1025 vectors: the plain kernels
+], ids=lambda c: f"{c[0]}x{c[1]}-{short(c[2])}" + (f"+{short(c[3])}" if c[3] else "") + f"-out_{short(c[4])}")
+@pytest.mark.parametrize("variant", [0, 1])
+def test_emulated_layer_norm(emu, case, variant):
+    """layer_norm_fwd / add_layer_norm_fwd and layer_norm_bwd (with dr, and y's gradient in y's dtype where it
+    is not x's, for the fused op), run by the real launchers and kernels on the CPU, against float64; outputs
+    NaN-poisoned and fenced. out and dout are in the case's out dtype. Where that differs from x's, or y's
+    gradient is asked for, the results are bitwise those of the run in x's dtype rounded once: the new dtypes
+    change only the loads and stores, never the fp32 arithmetic."""
+    N, C, dtype, ydtype, odtype = case
+    x, y, w, b, dout = ln_inputs(N, C, dtype, ydtype, odtype, seed=N * C + variant)
+    r, out, mean, rstd = emu_ln_forward(emu, variant, x, y, w, b, odtype)
+    r_ref = x.double() if y is None else (x.double() + y.double()).to(dtype).double()  # r is stored, then normalized
+    if r is not None:
+        emu_close("r", r, r_ref, dtype)
+    emu_close("out", out, F.layer_norm(r_ref, (C,), w.double(), b.double(), EPS), odtype)
+    emu_close("mean", mean, r_ref.mean(-1), F32)
+    emu_close("rstd", rstd, torch.rsqrt(r_ref.var(-1, unbiased=False) + EPS), F32)
+
+    src = x if r is None else r
+    dr = None if y is None else torch.randn(N, C).to(dtype)
+    dy_dtype = ydtype if ydtype not in (None, dtype) else None
+    dx, dy, dw, db = emu_ln_backward(emu, variant, dout, src, w, mean, rstd, dr, dy_dtype)
+    xs = src.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    F.layer_norm(xs, (C,), wd, bd, EPS).backward(dout.double())
+    dx_ref = xs.grad + (0 if dr is None else dr.double())
+    emu_close("dx", dx, dx_ref, dtype)
+    if dy_dtype is not None:
+        emu_close("dy", dy, dx_ref, dy_dtype)
+    emu_close("dweight", dw, wd.grad, F32)
+    emu_close("dbias", db, bd.grad, F32)
+
+    if odtype != dtype:
+        r_x, out_x, mean_x, rstd_x = emu_ln_forward(emu, variant, x, y, w, b, dtype)
+        assert torch.equal(out, out_x.to(odtype)), "out differs from the kernels' x-dtype out rounded to out's dtype"
+        assert torch.equal(mean, mean_x) and torch.equal(rstd, rstd_x) and (r is None or torch.equal(r, r_x))
+    if odtype != dtype or dy_dtype is not None:
+        dx_x, _, dw_x, db_x = emu_ln_backward(emu, variant, dout.to(dtype), src, w, mean, rstd, dr, None)
+        assert torch.equal(dx, dx_x) and torch.equal(dw, dw_x) and torch.equal(db, db_x), \
+            "the gradients from dout in out's dtype differ from those from the same values in x's dtype"
+        if dy_dtype is not None:
+            assert torch.equal(dy, dx.to(dy_dtype)), "dy is not dx rounded once to y's dtype"
+
+
+def test_emulated_misaligned_data_takes_the_plain_kernels(emu):
+    """Each pointer of each op in turn one element past a 16-byte boundary (LayerNorm with the model's dtypes under
+    autocast): variant 1's launchers must run the plain kernels (their 128-bit accesses would fault on a GPU), so
+    its results are bitwise those of variant 0. With aligned data they differ in the last bits (the fast kernels
+    sum in another order, GELU takes another formula): the comparison sees which kernels ran."""
+    N, C = 5, 200
+    x, y, w, b, dout = ln_inputs(N, C, F32, BF16, BF16, seed=0)
+    dr = torch.randn(N, C)
+    r, _, mean, rstd = emu_ln_forward(emu, 0, x, y, w, b, BF16)
+
+    def layer_norm_fwd(variant, misalign):
+        return emu_ln_forward(emu, variant, x, y, w, b, BF16, misalign)
+
+    def layer_norm_bwd(variant, misalign):
+        return emu_ln_backward(emu, variant, dout, r, w, mean, rstd, dr, BF16, misalign)
+
+    def gelu(with_bias, backward):  # "out" misaligns dx in the backward
+        def run(variant, misalign):
+            results = emu_gelu(emu, variant, (N, C), F32, with_bias, seed=1, backward=backward, misalign=misalign)
+            return [t for t in (results[1:] if backward else results[:1]) if t is not None]
+        run.__name__ = f"gelu_{'bwd' if backward else 'fwd'}{'+bias' if with_bias else ''}"
+        return run
+
+    cases = {layer_norm_fwd: ("x", "y", "r", "out", "weight", "bias"),
+             layer_norm_bwd: ("dout", "x", "dr", "dx", "dy", "weight"),
+             gelu(True, False): ("x", "out", "bias"), gelu(True, True): ("dout", "x", "out", "bias"),
+             gelu(False, False): ("x", "out"), gelu(False, True): ("dout", "x", "out")}
+    for run, names in cases.items():
+        assert not all(torch.equal(p, f) for p, f in zip(run(0, None), run(1, None))), \
+            f"{run.__name__}: aligned, the fast kernels gave the plain ones' results"
+        for name in names:
+            assert all(torch.equal(p, f) for p, f in zip(run(0, name), run(1, name))), \
+                f"{run.__name__} with {name} misaligned: the fast kernels ran"
+
+
+def test_emulated_launch_shapes(emu):
+    """The fast kernels' grids, read off the emulator's launches on a device of 3 SMs where 5 blocks of any
+    kernel fit at once: one resident wave (15 blocks) or fewer where there is less work, never an assumed
+    blocks-per-SM figure (the GELU grids once took 8 blocks per SM for granted); LayerNorm rows of up to 256
+    vectors two or more to a block; its shared memory weight and bias (and the backward's combine); results right."""
+    with emu_device(emu, 3, 5):
+        for dtype, threads, rows in ((F32, 192, 2), (BF16, 96, 5)):
+            for N in (100, 3):
+                blocks = min(-(-N // rows), 15)
+                x, y, w, b, dout = ln_inputs(N, 768, dtype, BF16, dtype, seed=N)
+                r, out, mean, rstd = emu_ln_forward(emu, 1, x, y, w, b, dtype)
+                assert emu_launches(emu) == [((blocks, 1), (threads, rows), 2 * 768 * 4)]
+                emu_close("out", out, F.layer_norm(r.double(), (768,), w.double(), b.double(), EPS), dtype)
+                emu_ln_backward(emu, 1, dout, r, w, mean, rstd, None, None)
+                assert emu_launches(emu) == [((blocks, 1), (threads, rows), 3 * 768 * 4), ((24, 2), (32, 32), 0)]
+        # GELU: 200 rows of 16 vectors (one column tile) with bias: 25 row groups of 8 rows, 15 blocks
+        for dout in (False, True):
+            emu_gelu(emu, 1, (200, 64), F32, True, seed=2, backward=dout)
+            assert emu_launches(emu)[0] == ((1, 15), (32, 8), 0)
+        # flat: 10,000 vectors are 40 blocks' worth of 256 threads, 15 blocks
+        emu_gelu(emu, 1, (40000,), F32, False, seed=3)
+        assert emu_launches(emu) == [((15, 1), (256, 1), 0)]
+
+
+def test_emulated_layer_norm_more_partials_than_a_warp(emu):
+    """On a device of 8 SMs x 5 blocks, 1285 rows of 64 (16 to a block) with the model's dtypes: 40 blocks, each
+    visiting 2 or 3 row groups, and 40 partial sums of dweight/dbias, more than sum_partials_kernel's 32 rows of
+    threads take in one turn."""
+    N, C = 1285, 64
+    x, y, w, b, dout = ln_inputs(N, C, F32, BF16, BF16, seed=4)
+    dr = torch.randn(N, C)
+    with emu_device(emu, 8, 5):
+        r, out, mean, rstd = emu_ln_forward(emu, 1, x, y, w, b, BF16)
+        dx, dy, dw, db = emu_ln_backward(emu, 1, dout, r, w, mean, rstd, dr, BF16)
+        assert emu_launches(emu)[0][0] == (40, 1)
+    emu_close("out", out, F.layer_norm(r.double(), (C,), w.double(), b.double(), EPS), BF16)
+    rs = r.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    F.layer_norm(rs, (C,), wd, bd, EPS).backward(dout.double())
+    emu_close("dx", dx, rs.grad + dr.double(), F32)
+    assert torch.equal(dy, dx.to(BF16))
+    emu_close("dweight", dw, wd.grad, F32)
+    emu_close("dbias", db, bd.grad, F32)
+
+
+def emu_gelu(emu, variant, shape, dtype, with_bias, seed, backward=True, misalign=None):
+    """gelu_fwd and, with backward, gelu_bwd through the real launchers: (out, dx or None, dbias or None), checked
+    against float64. misalign names the one pointer (x, out, dout, bias) to put one element off 16 bytes; out
+    stands for dx as well."""
+    torch.manual_seed(seed)
+    x = (3 * torch.randn(shape)).to(dtype)
+    C, n = shape[-1], math.prod(shape)
+    bias = 0.5 * torch.randn(C) if with_bias else None
+    dout = torch.randn(shape).to(dtype)
+    u = x.double() + (0 if bias is None else bias.double())
+    x, bias, dout = (misaligned(t, name, misalign) for t, name in ((x, "x"), (bias, "bias"), (dout, "dout")))
+    out = Guarded(shape, dtype, offset=int(misalign == "out"))
+    assert emu.emu_gelu(EMU_DTYPES[dtype], variant, None, ptr(x), ptr(bias), ptr(out), None, n, C) == 0
+    out = out.value("out")
+    emu_close("out", out, F.gelu(u, approximate="tanh"), dtype)
+    if not backward:
+        return out, None, None
+    dx = Guarded(shape, dtype, offset=int(misalign == "out"))
+    dbias = Guarded((C,), torch.float32) if with_bias else None
+    assert emu.emu_gelu(EMU_DTYPES[dtype], variant, ptr(dout), ptr(x), ptr(bias), ptr(dx), ptr(dbias), n, C) == 0
+    uu = u.clone().requires_grad_()
+    F.gelu(uu, approximate="tanh").backward(dout.double())
+    dx = dx.value("dx")
+    emu_close("dx", dx, uu.grad, dtype)
+    if dbias is None:
+        return out, dx, None
+    dbias = dbias.value("dbias")
+    emu_close("dbias", dbias, uu.grad.reshape(-1, C).sum(0), F32)
+    return out, dx, dbias
+
+
+@pytest.mark.parametrize("case", [
+    ((7, 1000), F32, True), ((7, 1000), F32, False), ((3, 3072), BF16, True), ((3, 3072), BF16, False),
+    ((7, 1001), BF16, True), ((7, 1001), BF16, False), ((2, 5, 64), F16, True), ((1, 3072), F32, True),
 ], ids=lambda c: "x".join(map(str, c[0])) + f"-{short(c[1])}" + ("+bias" if c[2] else ""))
 @pytest.mark.parametrize("variant", [0, 1])
 def test_emulated_gelu(emu, case, variant):
     """gelu_fwd and gelu_bwd (dx, dbias) through the real launchers and kernels on the CPU, against float64:
-    flat with a tail (1001 columns: 7007 elements), with bias on the 2-D tiles, and 1001-wide bias rows (the
-    plain fallback)."""
+    flat with a tail (1001 columns: 7007 elements), with bias on the 2-D tiles, 1001-wide bias rows (the plain
+    fallback), one row."""
     shape, dtype, with_bias = case
-    torch.manual_seed(math.prod(shape) + variant)
-    x = (3 * torch.randn(shape)).to(dtype)
-    C, n = shape[-1], math.prod(shape)
-    bias = 0.5 * torch.randn(C) if with_bias else None
-    out = Guarded(shape, dtype)
-    assert emu.emu_gelu(EMU_DTYPES[dtype], variant, None, ptr(x), ptr(bias), out.ptr(), None, n, C) == 0
-    u = x.double() + (0 if bias is None else bias.double())
-    emu_close("out", out.value("out"), F.gelu(u, approximate="tanh"), dtype)
-    dout = torch.randn(shape).to(dtype)
-    dx = Guarded(shape, dtype)
-    dbias = Guarded((C,), torch.float32) if with_bias else None
-    assert emu.emu_gelu(EMU_DTYPES[dtype], variant, ptr(dout), ptr(x), ptr(bias), dx.ptr(),
-                        None if dbias is None else dbias.ptr(), n, C) == 0
-    uu = u.clone().requires_grad_()
-    F.gelu(uu, approximate="tanh").backward(dout.double())
-    emu_close("dx", dx.value("dx"), uu.grad, dtype)
-    if with_bias:
-        emu_close("dbias", dbias.value("dbias"), uu.grad.reshape(-1, C).sum(0), torch.float32)
+    emu_gelu(emu, variant, shape, dtype, with_bias, seed=math.prod(shape) + variant)
 
 
 # -----------------------------------------------------------------------------
@@ -439,7 +650,7 @@ def test_layer_norm(arcana, poison, seed, N, C, dtype, variant):
     weight, bias = ln_params(C, "cuda")
     dout = torch.randn(N, C, device="cuda").to(dtype)
     out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS)
-    dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
+    dx, dw, db, dy = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
 
     rd = reference_dtype(dtype)
     _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd))
@@ -454,7 +665,7 @@ def test_layer_norm(arcana, poison, seed, N, C, dtype, variant):
     check(args[0], "dx", dx, dx_ref, None if low is None else low[2], *args[1:])
     check(args[0], "dweight", dw, dw_ref, None if low is None else low[4], *args[1:])
     check(args[0], "dbias", db, db_ref, None if low is None else low[5], *args[1:])
-    assert (out.dtype, dx.dtype, mean.dtype, dw.dtype) == (dtype, dtype, torch.float32, torch.float32)
+    assert (out.dtype, dx.dtype, mean.dtype, dw.dtype, dy.shape) == (dtype, dtype, torch.float32, torch.float32, (0,))
 
 
 ADD_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
@@ -475,7 +686,7 @@ def test_add_layer_norm(arcana, poison, seed, N, C, dtypes, variant):
     dout = torch.randn(N, C, device="cuda").to(xdt)
     dr = torch.randn(N, C, device="cuda").to(xdt)
     r, out, mean, rstd = arcana.add_layer_norm_fwd(x, y, weight, bias, EPS)
-    dx, dw, db = arcana.layer_norm_bwd(dout, r, weight, mean, rstd, dr)
+    dx, dw, db, _ = arcana.layer_norm_bwd(dout, r, weight, mean, rstd, dr)
 
     lowp = xdt != torch.float32
     rd = torch.float32 if lowp else torch.float64
@@ -493,6 +704,57 @@ def test_add_layer_norm(arcana, poison, seed, N, C, dtypes, variant):
     assert (r.dtype, out.dtype, dx.dtype) == (xdt, xdt, xdt)
 
 
+OUT_DTYPES = [(None, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]  # (y, out)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [0, 1], indirect=True)
+@pytest.mark.parametrize("dtypes", OUT_DTYPES, ids=lambda d: f"{'+' + short(d[0]) if d[0] else ''}-out_{short(d[1])}")
+@pytest.mark.parametrize("C", WIDTHS)
+@pytest.mark.parametrize("N", ROWS)
+def test_layer_norm_out_in_the_autocast_dtype(arcana, poison, seed, N, C, dtypes, variant):
+    """x float32 (the residual stream) and out_dtype bf16/fp16, as CudaOps calls them under autocast, without and
+    with the fused add of a y in that dtype. out against PyTorch's path, F.layer_norm in float32 then the cast the
+    next Linear makes (2x its error against float64), and bitwise our own float32 out rounded once. The backward
+    takes dout in out's dtype and gives y's gradient in y's dtype: dx, dweight and dbias bitwise those from the
+    same dout in float32, dy bitwise that dx rounded once (PyTorch's autograd casts r's gradient for y)."""
+    ydt, odt = dtypes
+    x = 2 * torch.randn(N, C, device="cuda") + 1
+    y = None if ydt is None else torch.randn(N, C, device="cuda").to(ydt)
+    dr = None if ydt is None else torch.randn(N, C, device="cuda")
+    weight, bias = ln_params(C, "cuda")
+    dout = torch.randn(N, C, device="cuda").to(odt)
+
+    def forward(out_dtype):
+        if y is None:
+            return (None, *arcana.layer_norm_fwd(x, weight, bias, EPS, out_dtype))
+        return arcana.add_layer_norm_fwd(x, y, weight, bias, EPS, out_dtype)
+
+    r, out, mean, rstd = forward(odt)
+    r32, out32, mean32, rstd32 = forward(None)
+    src = x if r is None else r
+    dx, dw, db, dy = arcana.layer_norm_bwd(dout, src, weight, mean, rstd, dr, ydt)
+    dx32, dw32, db32, _ = arcana.layer_norm_bwd(dout.float(), src, weight, mean, rstd, dr)
+    assert (out.dtype, dx.dtype, dy.dtype if ydt else dy.numel()) == (odt, torch.float32, ydt if ydt else 0)
+    assert torch.equal(out, out32.to(odt)) and torch.equal(mean, mean32) and torch.equal(rstd, rstd32)
+    assert r is None or torch.equal(r, r32)
+    assert torch.equal(dx, dx32) and torch.equal(dw, dw32) and torch.equal(db, db32)
+    assert ydt is None or torch.equal(dy, dx32.to(ydt))
+
+    def ref(dtype):  # (r, out, dx, dy, dweight, dbias) of PyTorch's LayerNorm in dtype on the same inputs
+        return ln_reference(x.to(dtype), weight.to(dtype), bias.to(dtype), dout.to(dtype),
+                            y=None if y is None else y.to(dtype), dr=None if dr is None else dr.to(dtype))
+
+    ref64, torch_path = ref(torch.float64), ref(torch.float32)
+    name = f"{'add_' if ydt else ''}layer_norm[out {short(odt)}]"
+    check(name, "out", out, ref64[1], torch_path[1].to(odt), variant, seed, (N, C))
+    check(name, "dx", dx, ref64[2], None, variant, seed, (N, C))
+    if ydt is not None:
+        check(name, "dy", dy, ref64[2], torch_path[2].to(ydt), variant, seed, (N, C))
+    check(name, "dweight", dw, ref64[4], None, variant, seed, (N, C))
+    check(name, "dbias", db, ref64[5], None, variant, seed, (N, C))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [0, 1], indirect=True)
 @pytest.mark.parametrize("shape", [(5, 37), (3, 2, 100), (4, 2056)], ids=str)
@@ -505,7 +767,7 @@ def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, varian
         weight, bias = ln_params(C, "cuda")
         dout = torch.randn(shape, device="cuda").to(dtype)
         out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS)
-        dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
+        dx, dw, db, _ = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
         rd = reference_dtype(dtype)
         _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.to(rd), weight.to(rd), bias.to(rd), dout.to(rd))
         low = None if dtype == torch.float32 else ln_reference(x.float(), weight, bias, dout.float(),
@@ -524,7 +786,7 @@ def test_layer_norm_weights_in_low_precision(arcana, poison, seed):
         weight, bias = ln_params(768, "cuda", dtype)
         dout = torch.randn(4097, 768, device="cuda").to(dtype)
         out, mean, rstd = arcana.layer_norm_fwd(x, weight, bias, EPS)
-        dx, dw, db = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
+        dx, dw, db, _ = arcana.layer_norm_bwd(dout, x, weight, mean, rstd)
         _, out_ref, dx_ref, _, dw_ref, db_ref = ln_reference(x.float(), weight.float(), bias.float(), dout.float())
         low = ln_reference(x, weight, bias, dout)  # PyTorch's LayerNorm all in 16 bits
         assert (dw.dtype, db.dtype) == (dtype, dtype)
@@ -624,9 +886,12 @@ def test_opcheck(arcana, variant):
         y = torch.randn(N, C, device="cuda").to(ydt).requires_grad_()
         torch.library.opcheck(arcana.layer_norm_fwd.default, (x, w, b, EPS))
         torch.library.opcheck(arcana.add_layer_norm_fwd.default, (x, y, w, b, EPS))
+        torch.library.opcheck(arcana.layer_norm_fwd.default, (x, w, b, EPS, ydt))
+        torch.library.opcheck(arcana.add_layer_norm_fwd.default, (x, y, w, b, EPS, ydt))
         _, mean, rstd = arcana.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
         d = torch.randn(N, C, device="cuda").to(dtype)
         torch.library.opcheck(arcana.layer_norm_bwd.default, (d, x.detach(), w.detach(), mean, rstd, d))
+        torch.library.opcheck(arcana.layer_norm_bwd.default, (d.to(ydt), x.detach(), w.detach(), mean, rstd, d, ydt))
         fb = torch.randn(C, device="cuda", requires_grad=True)
         torch.library.opcheck(arcana.gelu_fwd.default, (x, fb))
         torch.library.opcheck(arcana.gelu_fwd.default, (x, None))
@@ -643,12 +908,20 @@ def test_bad_inputs_get_clear_errors(arcana):
         (lambda: arcana.layer_norm_fwd(x.t(), w, b, EPS), r"x must be contiguous"),
         (lambda: arcana.layer_norm_fwd(x, w[:32], b, EPS), r"weight must have shape \(64,\)"),
         (lambda: arcana.layer_norm_fwd(x, w, b.cpu(), EPS), r"bias must be a CUDA tensor, got cpu"),
-        (lambda: arcana.add_layer_norm_fwd(x.bfloat16(), x, w, b, EPS), r"y must have x's dtype, or x must be"),
+        (lambda: arcana.add_layer_norm_fwd(x.bfloat16(), x, w, b, EPS),
+         r"y of dtype Float does not go with x of dtype BFloat16; it must be x's dtype, or x must be float32"),
+        (lambda: arcana.layer_norm_fwd(x.half(), w, b, EPS, torch.bfloat16),
+         r"out_dtype BFloat16 does not go with x of dtype Half"),
+        (lambda: arcana.layer_norm_fwd(x, w, b, EPS, torch.float64), r"out_dtype Double is not float32, bfloat16"),
         (lambda: arcana.add_layer_norm_fwd(x, x[:4], w, b, EPS), r"y has shape \[4, 64\] but x has shape"),
         (lambda: arcana.layer_norm_bwd(x, x, w, x[:, 0].contiguous(), x[:4, 0].contiguous()),
          r"rstd must hold one value per row of x \(8\)"),
-        (lambda: arcana.layer_norm_bwd(x.half(), x, w, x[:, 0].contiguous(), x[:, 0].contiguous()),
-         r"dout has dtype Half but x has dtype Float"),
+        (lambda: arcana.layer_norm_bwd(x, x.half(), w, x[:, 0].contiguous(), x[:, 0].contiguous()),
+         r"dout of dtype Float does not go with x of dtype Half"),
+        (lambda: arcana.layer_norm_bwd(x, x, w, x[:, 0].contiguous(), x[:, 0].contiguous(), x.half()),
+         r"dr has dtype Half, expected Float \(the gradient of r has r's dtype, which is x's\)"),
+        (lambda: arcana.layer_norm_bwd(x.half(), x.half(), w, x[:, 0].contiguous(), x[:, 0].contiguous(), None,
+                                       torch.float32), r"dy_dtype Float does not go with x of dtype Half"),
         (lambda: arcana.gelu_fwd(x, w[:10]), r"bias must have shape \(64,\)"),
         (lambda: arcana.gelu_bwd(x.half(), x), r"dout .* must have x's shape and dtype"),
     ]
@@ -659,13 +932,17 @@ def test_bad_inputs_get_clear_errors(arcana):
 
 @pytest.mark.cuda
 def test_backward_reductions_are_deterministic(arcana):
-    """dweight, dbias (LayerNorm) and dbias (GELU) come from fixed-order sums: bitwise equal run to run."""
-    x = torch.randn(65536, 768, device="cuda", dtype=torch.bfloat16)
+    """dweight, dbias (LayerNorm, in bf16 and in the model's autocast dtypes) and dbias (GELU) come from
+    fixed-order sums: bitwise equal run to run."""
     w, b = ln_params(768, "cuda")
-    _, mean, rstd = arcana.layer_norm_fwd(x, w, b, EPS)
-    first = arcana.layer_norm_bwd(x, x, w, mean, rstd)
-    second = arcana.layer_norm_bwd(x, x, w, mean, rstd)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for x, dout, dr, dy_dtype in (
+            (torch.randn(65536, 768, device="cuda", dtype=torch.bfloat16),) * 2 + (None, None),
+            (torch.randn(65536, 768, device="cuda"), torch.randn(65536, 768, device="cuda", dtype=torch.bfloat16),
+             torch.randn(65536, 768, device="cuda"), torch.bfloat16)):
+        _, mean, rstd = arcana.layer_norm_fwd(x, w, b, EPS)
+        first = arcana.layer_norm_bwd(dout, x, w, mean, rstd, dr, dy_dtype)
+        second = arcana.layer_norm_bwd(dout, x, w, mean, rstd, dr, dy_dtype)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
     u = torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16)
     fb = torch.randn(3072, device="cuda")
     assert torch.equal(arcana.gelu_bwd(u, u, fb)[1], arcana.gelu_bwd(u, u, fb)[1])
@@ -675,9 +952,13 @@ def test_backward_reductions_are_deterministic(arcana):
 # on a GPU: the model
 
 @pytest.mark.cuda
-def test_cuda_ops_match_torch_ops_under_autocast(arcana, seed):
-    """CudaOps gives what TorchOps gives, dtypes included, with the model's dtypes under bf16 autocast: the
-    float32 residual stream, bf16 branch outputs, float32 LayerNorm outputs, bf16 MLP activations."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
+def test_cuda_ops_match_torch_ops_under_autocast(arcana, seed, dtype):
+    """CudaOps against TorchOps with the model's dtypes under autocast: the float32 residual stream, 16-bit branch
+    outputs and MLP activations. LayerNorm outputs come in the autocast dtype, TorchOps's float32 ones as the
+    Linear after them rounds them; r stays float32. Through those Linears and back: x's gradient in float32, y's
+    in y's dtype, the LayerNorm weights' in float32, all as TorchOps's, and no cast kernel (aten::_to_copy)
+    anywhere, where TorchOps runs one each way at each LayerNorm."""
     C = 768
     ln = torch.nn.LayerNorm(C).cuda()
     fc = torch.nn.Linear(C, 4 * C).cuda()
@@ -685,16 +966,36 @@ def test_cuda_ops_match_torch_ops_under_autocast(arcana, seed):
         ln.weight.normal_(1, 0.1)
         ln.bias.normal_(0, 0.1)
         fc.bias.normal_(0, 0.1)
-    x = torch.randn(4, 64, C, device="cuda")
-    y = torch.randn(4, 64, C, device="cuda", dtype=torch.bfloat16)
-    cuda, ref = NormGeluOps(), train_gpt.TorchOps()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        for a, b in ((cuda.layer_norm(x, ln), ref.layer_norm(x, ln)),
-                     *zip(cuda.add_layer_norm(x, y, ln), ref.add_layer_norm(x, y, ln)),
-                     (cuda.linear_gelu(x, fc), ref.linear_gelu(x, fc))):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            tol = 1e-4 if a.dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{m} (seed {seed})")
+    x = torch.randn(4, 64, C, device="cuda", requires_grad=True)
+    y = torch.randn(4, 64, C, device="cuda", dtype=dtype, requires_grad=True)
+    m = (torch.randn(C, C, device="cuda") / C ** 0.5).to(dtype)  # the next Linear's weight, as autocast has it
+    douts = [torch.randn(4, 64, C, device="cuda", dtype=t) for t in (dtype, torch.float32, dtype)]
+
+    def layer_norms(ops):
+        """h1 = LN(x), (r, h2) = (x + y, LN(x + y)) and the gradients through h1 @ m, r and h2 @ m, profiled."""
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cuda", dtype=dtype):
+                h1 = ops.layer_norm(x, ln)
+                r, h2 = ops.add_layer_norm(x, y, ln)
+                outputs = [F.linear(h1, m), r, F.linear(h2, m)]
+            grads = torch.autograd.grad(outputs, [x, y, ln.weight, ln.bias], douts)
+        casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        return [h1, r, h2, *grads], casts
+
+    (h1, r, h2, dx, dy, dw, db), casts = layer_norms(NormGeluOps())
+    (h1_ref, r_ref, h2_ref, dx_ref, dy_ref, dw_ref, db_ref), casts_ref = layer_norms(train_gpt.TorchOps())
+    assert casts == 0 and casts_ref >= 4, f"casts: {casts} with the kernels, {casts_ref} with PyTorch's ops"
+    assert (h1.dtype, r.dtype, h2.dtype, dx.dtype, dy.dtype, dw.dtype) == (dtype, torch.float32, dtype,
+                                                                           torch.float32, dtype, torch.float32)
+    msg = lambda m: f"{m} (seed {seed})"  # noqa: E731
+    for ours, ref in ((h1, h1_ref), (h2, h2_ref), (dy, dy_ref)):  # the same fp32 values to within a 16-bit ulp
+        torch.testing.assert_close(ours, ref.to(dtype), atol=2e-2, rtol=2e-2, msg=msg)
+    for ours, ref in ((r, r_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4, msg=msg)
+    with torch.autocast("cuda", dtype=dtype):
+        g, g_ref = NormGeluOps().linear_gelu(x, fc), train_gpt.TorchOps().linear_gelu(x, fc)
+    assert (g.dtype, g.shape) == (g_ref.dtype, g_ref.shape)
+    torch.testing.assert_close(g, g_ref, atol=2e-2, rtol=2e-2, msg=msg)
 
 
 def grads_close(model_a, model_b, rtol):
