@@ -139,6 +139,7 @@ def _count(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of tokens")
     return int(value)
 
+
 # -----------------------------------------------------------------------------
 # configuration
 
@@ -356,12 +357,14 @@ def encode_task(texts):
     return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)).astype(np.uint16), lengths
 
 
-def _work(pipe):
+def _work(pipe, main_ends):
     """A worker process: encode_task on each task from the main process, until the main process closes the pipe."""
-    # Ctrl-C reaches every process of the group; the main process alone acts on it, and closes the pipes. SIGTERM
-    # ends a worker quietly, not as Ctrl-C the way it ends the main process.
+    # Ctrl-C and a scheduler's SIGTERM reach every process of the group: the main process alone acts on them, and
+    # closes the pipes, so that the run ends as interrupted rather than as a worker that died
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for end in main_ends:  # forked copies: with them closed, the pipe closes when the main process dies
+        end.close()
     with contextlib.suppress(EOFError, OSError):
         while True:
             pipe.send(encode_task(pipe.recv()))
@@ -374,7 +377,7 @@ def tokenized(tasks, num_proc, timing):
     ctx, pipes, workers = multiprocessing.get_context("fork"), [], []  # forked: they inherit the loaded tokenizer
     for _ in range(num_proc):
         pipe, theirs = ctx.Pipe()
-        workers.append(ctx.Process(target=_work, args=(theirs,), daemon=True))
+        workers.append(ctx.Process(target=_work, args=(theirs, [*pipes, pipe]), daemon=True))
         workers[-1].start()
         theirs.close()  # the worker's end is the worker's alone: it closes when the worker dies
         pipes.append(pipe)

