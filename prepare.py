@@ -151,16 +151,16 @@ class Config:
     streaming: bool = False  # tokenize as the dataset downloads, without a full local copy (saves tens of GB)
     input: Optional[list] = None  # local .txt/.jsonl/.json/.parquet files, globs or folders, read in the order given
     text_field: str = "text"  # the column holding the text, in .jsonl/.json/.parquet files and hub datasets
-    txt_document: str = "file"  # what one document of a .txt file is: the whole file, or each paragraph
+    txt_document: str = "file"  # a document of a .txt file: the whole file, or each blank-line-separated paragraph
     # what is written
     out_dir: str = "edu_fineweb10B"  # folder for the shards and manifest.json
     prefix: str = "edufineweb"  # shard names: {prefix}_val_000000.npy, {prefix}_train_000001.npy, ...
     shard_size: Optional[int] = None  # tokens per shard: 100M, or a tenth of a --max_tokens below 1B
-    max_tokens: Optional[int] = None  # stop after this many tokens (the last shard may be short); None: all the data
+    max_tokens: Optional[int] = None  # stop after this many tokens (the last shard may be short); default: all
     # how
     num_proc: int = dataclasses.field(default_factory=_default_num_proc)  # tokenizer processes: all cores but one
     overwrite: bool = False  # delete the shards and manifest.json in --out_dir and start over
-    cache_dir: Optional[str] = None  # where datasets keeps downloads; None: ~/.cache/huggingface/datasets
+    cache_dir: Optional[str] = None  # where datasets keeps downloads; default: ~/.cache/huggingface/datasets
 
 
 def parse_args(argv=None):
@@ -238,14 +238,16 @@ def malformed_json(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             try:
-                json.loads(line) if line.strip() else None
+                if line.strip():  # blank lines may come between JSON lines
+                    json.loads(line)
             except json.JSONDecodeError as e:
                 if n > 1:
                     return f"{path} line {n}: {e.msg}"
-                try:
-                    return json.loads(line + f.read()) and None
+                try:  # one document over many lines?
+                    json.loads(line + f.read())
                 except json.JSONDecodeError as e:
                     return f"{path} line {e.lineno}: {e.msg}"
+                return None
     return None
 
 
