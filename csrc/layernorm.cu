@@ -141,8 +141,9 @@ struct RowLayout {
   int rows;  // per block
 };
 
-// Blocks of about 512 threads: rows short enough (up to 256 vectors) share a block, two or more to a block,
-// which divides the blocks' fixed costs (barriers, the tail of a row group) among them.
+// Blocks of about 512 threads: short rows (up to 256 vectors) go two or more to a block, so that blocks of
+// short rows reach the SM's thread limit before its block limit (16 or 32 blocks: 32-thread blocks would fill at
+// most a quarter or half of an SM), and a block's shared copy of weight and bias serves more rows.
 inline RowLayout row_layout(int nvec) {
   constexpr int kBlockThreads = 512;
   const int threads = (int)ceil_div(nvec, 32) * 32;
