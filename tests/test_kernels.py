@@ -3,20 +3,24 @@ csrc/ops.cpp) and their Python half in csrc/__init__.py (fake implementations, a
 
 Without a GPU (CI): the module imports (a failure when ARCANA_REQUIRE_KERNELS=1, else a skip), every op has its
 schema, the fake implementations give the right shapes, dtypes and strides on meta and fake tensors, autograd
-reaches every backward op, torch.compile(fullgraph=True) traces through the ops, CPU tensors get the clear error,
+reaches every backward op (with the autocast dtypes, and no cast of an activation on the way),
+torch.compile(fullgraph=True) traces through the ops, CPU tensors get the clear error,
 the test-only kernel switch (_set_variant) refuses unknown values, and --kernels cuda is refused on CPU. The
 kernels and their launchers also run under a CPU emulation of the CUDA features they use
-(tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on small awkward shapes, with
-fenced NaN-filled outputs, against float64: this checks their index arithmetic, layouts, synchronization and
-reductions before any GPU run.
+(tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on small awkward shapes and every
+dtype pairing, with fenced NaN-filled outputs, against float64 and bitwise against the float32-output runs;
+with each pointer misaligned in turn (the launchers must take the plain kernels); and with their launch shapes
+read back on an emulated device of several SMs: this checks their index arithmetic, layouts, grids,
+synchronization and reductions before any GPU run.
 
 On a GPU (marker cuda): every op and its backward, plain and fast kernels (torch.ops.arcana._set_variant(0) and
 (1), set by the `variant` fixture), against PyTorch on fresh random inputs at C = 768, 1000, 1024, 1600 (GELU
 also 3072) and 1, 7, 4097, 65536 rows, with every output buffer poisoned with NaN first
 (torch.ops.arcana._set_poison) so an unwritten element fails. Tolerances: fp32 inputs, max-norm relative error
 under 1e-5 against the op in float64; bf16/fp16 inputs, at most twice PyTorch's own bf16/fp16 error against the
-op in fp32 on the same inputs (or under the fp32 tolerance, where PyTorch computes in fp32 too). Then opcheck,
-input checks, determinism, CudaOps against TorchOps under autocast, a torch.compile(fullgraph=True) GPT, and 50
+op in fp32 on the same inputs (or under the fp32 tolerance, where PyTorch computes in fp32 too); LayerNorm out
+in bf16/fp16 of float32 x against F.layer_norm in fp32 then cast. Then opcheck, input checks, determinism,
+CudaOps against TorchOps under autocast (no cast kernels either way), a torch.compile(fullgraph=True) GPT, and 50
 training steps with --kernels cuda against --kernels torch. The worst error of each op, output and dtype is
 printed as a table at the end.
 """
