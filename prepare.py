@@ -51,7 +51,7 @@ import numpy as np
 # hellaswag.py import this file for the shared pieces below, and should not pay for the data stack.
 
 # -----------------------------------------------------------------------------
-# shared by every ArcanaGPT tool: the error a user can fix, GPT-2's tokenizer, config flags, durations
+# shared by every ArcanaGPT tool: the error a user can fix, GPT-2's tokenizer, config flags, atomic writes
 
 EOT_TOKEN = 50256  # <|endoftext|>: begins every document
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tokens (train_gpt.py pads its embedding past this for speed)
@@ -110,6 +110,29 @@ def config_parser(cls, description, **flags):
             kwargs["type"] = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Union else f.type
         parser.add_argument(f"--{f.name}", **{**kwargs, **flags.get(f.name, {})})
     return parser
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file beside path, fsync it and rename it to path: path is either complete or
+    untouched. A failure (a full disk) is a UserError, and leaves no temporary file."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        os.fsync(folder := os.open(os.path.dirname(path) or ".", os.O_RDONLY))  # the rename is durable now
+        os.close(folder)
+    except OSError as e:
+        fix = "free some space" if e.errno in DISK_FULL else "fix that"
+        raise UserError(f"cannot write {path}: {e.strerror or e}; {fix} and run the same command again (what was "
+                        f"finished is kept)") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # what a failed write left
+            os.remove(path + ".tmp")
 
 
 def format_duration(seconds):
@@ -462,27 +485,6 @@ def shards_from(cfg, sources, start, bar, timing):
 # the output folder: shards and the manifest written atomically, resumed, kept to one run at a time
 
 MANIFEST, LOCK = "manifest.json", ".prepare.lock"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temporary file beside path, fsync it and rename it to path: path is either complete or
-    untouched. A failure (a full disk) is a UserError, and leaves no temporary file."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        os.fsync(folder := os.open(os.path.dirname(path) or ".", os.O_RDONLY))  # the rename is durable now
-        os.close(folder)
-    except OSError as e:
-        fix = "free some space" if e.errno in DISK_FULL else "fix that"
-        raise UserError(f"cannot write {path}: {e.strerror or e}; {fix} and run the same command again to resume "
-                        f"(the finished shards are kept)") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):  # what a failed write left
-            os.remove(path + ".tmp")
 
 
 def sha256_of(path):
