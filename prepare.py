@@ -535,23 +535,31 @@ def difference(old, new):
                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
+def read_manifest(folder):
+    """folder's manifest.json as prepare.py writes it, or None where there is none."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not (isinstance(manifest, dict) and {"settings", "shards", "complete"} <= manifest.keys()):
+            raise ValueError("keys missing")
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise UserError(f"{path}{f':{e.lineno}' if hasattr(e, 'lineno') else ''} is not a manifest prepare.py can read "
+                        f"({e}); run prepare.py with --overwrite to start over") from None
+    return manifest
+
+
 def check_out_dir(cfg, settings):
     """The manifest to go on with, cut back before its first missing or damaged shard, and the files to delete
     before writing: what --overwrite replaces, or the shards past the manifest. Changes nothing."""
-    names, path = sorted(os.listdir(cfg.out_dir)), os.path.join(cfg.out_dir, MANIFEST)
+    names = sorted(os.listdir(cfg.out_dir))
     manifest = dict(format="arcanagpt-token-shards/1", settings=settings, shards=[], complete=False)
     shard_like = [n for n in names if n.endswith(".npy") and ("train" in n or "val" in n)]  # what train_gpt.py reads
     if cfg.overwrite:
         return manifest, [n for n in names if n in shard_like or n == MANIFEST]
-    try:
-        with open(path) as f:
-            old = json.load(f)
-        if not (isinstance(old, dict) and {"settings", "shards", "complete"} <= old.keys()):
-            raise ValueError("keys missing")
-    except FileNotFoundError:
-        old = None
-    except ValueError as e:
-        raise UserError(f"{path} is not a manifest prepare.py can read ({e}); pass --overwrite to start over") from None
+    old = read_manifest(cfg.out_dir)
     ours = re.compile(rf"{re.escape(cfg.prefix)}_(val_000000|train_\d{{6}})\.npy")
     foreign = [n for n in shard_like if not (old and ours.fullmatch(n))]
     if foreign:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prepare import (EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, config_parser, format_duration, gpt2_encoding,
-                     gpt2_files)
+                     gpt2_files, read_manifest)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -358,21 +358,6 @@ def select_ops(kernels, device_type):
 
 # -----------------------------------------------------------------------------
 # data
-
-
-def check_data_dir(data_dir):
-    """A note for the run's summary when prepare.py has not finished --data_dir (its manifest says so)."""
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        return ""  # shards from another tool (build-nanogpt's fineweb.py writes none)
-    try:
-        with open(path) as f:
-            complete = json.load(f)["complete"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}{f':{e.lineno}' if hasattr(e, 'lineno') else ''} is not a manifest prepare.py "
-                        f"wrote ({e}); run prepare.py again or remove it") from None
-    return "" if complete else (f"; UNFINISHED: {path} says prepare.py has not completed, so the run trains on the "
-                                f"shards written so far (run prepare.py again to finish them)")
 
 
 def find_shards(data_dir, split):
@@ -855,7 +840,7 @@ def train(cfg):
     if rt.device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
     later = check_log_dir(cfg, resume_path, ckpt)
-    data = check_data_dir(cfg.data_dir)
+    manifest = read_manifest(cfg.data_dir)  # None for shards another tool wrote
     train_loader = ShardLoader(find_shards(cfg.data_dir, "train"), B, T, rt.rank, rt.world_size, cfg.shuffle,
                                cfg.seed)
     val_loader = ShardLoader(find_shards(cfg.data_dir, "val"), B, T, rt.rank, rt.world_size)
@@ -900,15 +885,18 @@ def train(cfg):
         atomic_write(os.path.join(cfg.log_dir, "run.json"), lambda f: f.write(json.dumps(run, indent=2).encode()))
         total = cfg.max_steps * cfg.total_batch_size
         print(f"model: {cfg.init_from or cfg.model or 'd12'}, {raw_model.num_params():,} parameters ({mc.n_layer} "
-              f"layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})\n"
-              f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x {rt.world_size} "
-              f"process(es) x {grad_accum} accumulation steps; {total:,} tokens in all\n"
-              f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), {str(dtype)[6:]}, kernels "
-              f"{ops.name}, compile {'on' if compile_model else 'off'}\n"
-              f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity:,} tokens per "
-              f"pass; val {val_loader.capacity:,} tokens{data}\n"
-              f"out: {log.path} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
+              f"layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})")
+        print(f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x {rt.world_size} process(es) "
+              f"x {grad_accum} accumulation steps; {total:,} tokens in all")
+        print(f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), {str(dtype)[6:]}, kernels "
+              f"{ops.name}, compile {'on' if compile_model else 'off'}")
+        print(f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity:,} tokens per "
+              f"pass; val {val_loader.capacity:,} tokens")
+        print(f"out: {log.path} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
               f"steps and after the last" + (f"; resuming {resume_path} after step {start_step}" if ckpt else ""))
+        if manifest and not manifest["complete"]:
+            print(f"warning: {cfg.data_dir}/manifest.json says prepare.py has not finished: the run trains on the "
+                  f"shards written so far (the same prepare.py command finishes them)", file=sys.stderr)
         if total > train_loader.capacity:
             print(f"warning: the run reads {total:,} tokens and the train shards hold {train_loader.capacity:,}: it "
                   f"wraps around the data {total / train_loader.capacity:.1f} times", file=sys.stderr)

@@ -691,8 +691,8 @@ def test_data_problems_are_named_at_start(tmp_path, capsys):
     with open(os.path.join(small, "manifest.json"), "w") as f:
         json.dump({"settings": {}, "shards": [], "complete": False}, f)
     assert train_gpt.main(args + ["--max_steps", "12"]) == 0
-    out, err = capsys.readouterr()
-    assert "UNFINISHED: " in out and "prepare.py has not completed" in out
+    err = capsys.readouterr().err
+    assert "manifest.json says prepare.py has not finished: the run trains on the shards written so far" in err
     assert "it wraps around the data 1.3 times" in err
     os.remove(os.path.join(small, "tok_train_000002.npy"))  # the checkpoint at step 5 reads the second shard
     resume = ["--max_steps", "14", "--resume", os.path.join(log_dir, "model_00005.pt"), "--branch"]
@@ -702,7 +702,7 @@ def test_data_problems_are_named_at_start(tmp_path, capsys):
     with open(os.path.join(small, "manifest.json"), "w") as f:
         f.write('{"complete": true,\n "shards": [}\n')
     assert train_gpt.main(args + ["--max_steps", "14", "--resume", "auto"]) == 2
-    assert "manifest.json:2 is not a manifest prepare.py wrote" in capsys.readouterr().err
+    assert "manifest.json:2 is not a manifest prepare.py can read" in capsys.readouterr().err
 
 
 def test_a_failed_checkpoint_write_is_one_line(data_dir, tmp_path):
