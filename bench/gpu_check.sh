@@ -3,7 +3,8 @@
 # the GPU tests, then record every benchmark suite. Each step has a time limit and the run goes on after a failure;
 # the summary at the end says which steps failed. Everything printed also goes to OUTDIR/log.txt, and the records
 # to OUTDIR/RESULTS.md (a copy of bench/RESULTS.md). About 10 minutes at most on an H100; no network needed
-# (HellaSwag falls back to synthetic val-shaped data, tokenize generates its text).
+# (HellaSwag falls back to synthetic val-shaped data, tokenize generates its text); the packages of
+# requirements.txt must be installed.
 #
 #     bench/gpu_check.sh OUTDIR
 set -u
@@ -48,7 +49,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS and no
 PROCS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))  # tokenize: the pipeline with all cores but one, against one process
 step build 150 python setup.py build_ext --inplace --force
 step selftest 45 python -m pytest -q tests/test_attention.py -k selftest -m cuda
-step tests 120 python -m pytest -m cuda -x -q
+step tests 120 python -m pytest -m cuda -x -q tests/test_kernels.py tests/test_attention.py tests/test_cross_entropy.py
 step kernels 50 python bench.py kernels --record
 step cross_entropy 25 python bench.py cross_entropy --record
 step attention 45 python bench.py attention --T 1024 --record
