@@ -10,18 +10,19 @@
 //
 // Two kernels per op. The plain ones (variant 0) give a row to one warp and walk it with scalar loads, three
 // passes over global memory; dweight/dbias come from a thread per column summing every row. The fast ones
-// (variant 1) give a row to blockDim.x threads (a multiple of 32) that hold it in registers as fp32, read
-// with one 128-bit load of x per thread per VPT vector, reduced first over each warp with shuffles and then over
-// the row's warps through shared memory. A block works on blockDim.y rows at a time and the grid is one resident
-// wave (persistent), so each thread owns the same columns in every row it visits: it reads its weight and bias
-// once, before its first row, and every load of a row (x, y; dout, x, dr in the backward) is issued before the
-// row's reductions, whose latency then covers theirs. The backward sums its share of dweight and dbias in
-// registers; the blockDim.y row groups then add theirs in a fixed order in shared memory, each block writes one
-// partial row, and sum_partials_kernel adds the partials in a fixed order (deterministic, no atomics).
+// (variant 1) give a row to blockDim.x threads (a multiple of 32) that hold it in registers as fp32, read with
+// one 128-bit load of x per thread, reduced first over each warp with shuffles and then over the row's warps
+// through shared memory. A block works on blockDim.y rows at a time and the grid is one resident wave
+// (persistent), so each thread owns the same columns in every row it visits: the block copies weight and bias
+// to shared memory once, before its first row, and every load of a row (x, y; dout, x, dr in the backward) is
+// issued before the row's reductions, whose latency then covers theirs. The backward sums its share of dweight
+// and dbias in registers; the blockDim.y row groups then add theirs in a fixed order in shared memory, each
+// block writes one partial row, and sum_partials_kernel adds the partials in a fixed order (deterministic, no
+// atomics).
 //
-// The fast kernels need C a multiple of x's vector width (16 bytes), 16-byte aligned data and at most 2048
-// vectors per row in the forward (C <= 16384 for bf16/fp16 x, 8192 for fp32), 1024 in the backward; any other
-// input runs the plain kernels.
+// The fast kernels need C a multiple of x's vector width (16 bytes), 16-byte aligned data and at most 1024
+// vectors per row (C <= 8192 for bf16/fp16 x, 4096 for fp32), and the forward C <= 6144 (kMaxDynamicSmem); any
+// other input runs the plain kernels.
 
 #include "common.cuh"
 
@@ -36,6 +37,10 @@ namespace {
 // Fast kernels: 128-bit vectors of x per row, one per thread (1024 threads; two per thread would spill under the
 // 64 registers that 1024-thread blocks leave).
 constexpr int kMaxRowVectors = 1024;
+// Dynamic shared memory a launch gets without opting in (cudaFuncSetAttribute). The forward's weight and bias take
+// 2 C floats, so it takes the fast path up to C = 6144; the backward's C floats (3 C with several rows to a
+// block, which needs C / V <= 256) stay under it for every row the fast path takes.
+constexpr size_t kMaxDynamicSmem = 48 * 1024;
 
 // The dtype rule above: a row tensor of dtype T may go with x of dtype TX.
 template <typename TX, typename T>
@@ -351,9 +356,10 @@ void ln_forward_launch(const LnFwd& f) {
     TX* r = static_cast<TX*>(f.r);
     TO* out = static_cast<TO*>(f.out);
     const bool add = f.y != nullptr;
-    const bool fast = f.variant == 1 && f.c % V == 0 && f.c / V <= kMaxRowVectors && aligned16(f.x) &&
-                      aligned16(f.out) && (!add || (aligned16(f.y) && aligned16(f.r))) && aligned16(f.w) &&
-                      aligned16(f.b);
+    const size_t smem = 2 * (size_t)f.c * sizeof(float);
+    const bool fast = f.variant == 1 && f.c % V == 0 && f.c / V <= kMaxRowVectors && smem <= kMaxDynamicSmem &&
+                      aligned16(f.x) && aligned16(f.out) && (!add || (aligned16(f.y) && aligned16(f.r))) &&
+                      aligned16(f.w) && aligned16(f.b);
     if (!fast) {
       const dim3 grid((unsigned)ceil_div(f.n, 8));
       if (add) {
@@ -366,7 +372,6 @@ void ln_forward_launch(const LnFwd& f) {
       return;
     }
     const RowLayout l = row_layout(f.c / V);
-    const size_t smem = 2 * (size_t)f.c * sizeof(float);
     auto run = [&](auto kernel) {
       const int64_t blocks = one_wave(kernel, l.threads * l.rows, smem, ceil_div(f.n, l.rows));
       launch(kernel, dim3((unsigned)blocks), dim3(l.threads, l.rows), smem, f.stream, x, y, r, out, f.w, f.b, f.mean,

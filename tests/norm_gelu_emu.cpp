@@ -31,6 +31,7 @@ namespace arcana {
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
   emu::g_launches.push_back(emu::Launch{grid, block, smem});
+  if (smem > 48 * 1024) emu::fail("more than 48 KB of dynamic shared memory: the launch fails without an opt-in");
   emu::run_grid(grid, block, smem, [&] { kernel(args...); });
 }
 }  // namespace arcana

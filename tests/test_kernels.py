@@ -394,6 +394,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
     (20, 256, BF16, BF16, BF16),
     (3, 4096, F32, BF16, BF16),  # 1024 vectors, the widest fast row: 1024 threads
     (2, 4100, F32, None, BF16),  # 1025 vectors: the plain kernels
+    (2, 8192, BF16, None, BF16),  # 64 KB of weight and bias: the plain forward, the fast backward (32 KB)
 ], ids=lambda c: f"{c[0]}x{c[1]}-{short(c[2])}" + (f"+{short(c[3])}" if c[3] else "") + f"-out_{short(c[4])}")
 @pytest.mark.parametrize("variant", [0, 1])
 def test_emulated_layer_norm(emu, case, variant):
@@ -761,10 +762,11 @@ def test_layer_norm_out_in_the_autocast_dtype(arcana, poison, seed, N, C, dtypes
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [0, 1], indirect=True)
-@pytest.mark.parametrize("shape", [(5, 37), (3, 2, 100), (4, 2056)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 37), (3, 2, 100), (4, 2056), (3, 8192)], ids=str)
 def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, variant):
-    """Rows whose bytes are not a multiple of 16 (C = 37, C = 100 in bf16) and 3-D inputs run correctly with
-    either variant (variant 1 falls back to the plain kernels where its 128-bit loads cannot be used)."""
+    """Rows whose bytes are not a multiple of 16 (C = 37, C = 100 in bf16), 3-D inputs, and rows too wide for the
+    fast forward (C = 8192: its weight and bias would take 64 KB of shared memory) or for any fast kernel (C = 8192
+    in fp32) run correctly with either variant (variant 1 falls back to the plain kernels)."""
     for dtype in DTYPES:
         x = torch.randn(shape, device="cuda").to(dtype)
         C = shape[-1]
