@@ -258,22 +258,25 @@ int main() {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   struct Shape {
-    int T, D, max_smem;
+    int B, T, H, D, max_smem;
   };
-  // Long enough that each double-buffered stage is refilled several times while the other one is read: the
-  // forward's K/V tiles of 64 (D = 64) and 32 (D = 128) keys; the backward's Q/dO tiles of 128 and 64 queries
-  // (the big tiles, H100) and of 64 and 32 (the small ones, sm_86); ragged ends everywhere.
+  // Long enough that each double-buffered stage is refilled many times while the other one is read (T = 1025:
+  // the forward's last query block walks 17 K/V tiles, the backward's first key tile 9 Q/dO tiles; likewise the
+  // other shapes on their tiles), the big and the small tiles of the backward, B and H > 1 so that many blocks
+  // add into the same dQ rows; ragged ends everywhere.
   constexpr int kH100 = 227 * 1024, kSm86 = 99 * 1024;
-  for (const Shape s : {Shape{400, 64, kH100}, Shape{300, 64, kSm86}, Shape{300, 128, kH100}, Shape{150, 128, kSm86}}) {
-    const size_t n = static_cast<size_t>(s.T) * 3 * s.D, rows = s.T;
+  for (const Shape s : {Shape{1, 1025, 1, 64, kH100}, Shape{2, 520, 3, 64, kSm86}, Shape{1, 520, 1, 128, kH100},
+                        Shape{1, 260, 2, 128, kSm86}}) {
+    const size_t n = static_cast<size_t>(s.B) * s.T * 3 * s.H * s.D, rows = static_cast<size_t>(s.B) * s.T * s.H;
     std::vector<__nv_bfloat16> qkv(n), out(rows * s.D), dout(rows * s.D), dqkv(n);
     for (auto& x : qkv) x = __float2bfloat16(normal(rng));
     for (auto& x : dout) x = __float2bfloat16(normal(rng));
     std::vector<float> lse(rows);
-    const int64_t st = 3 * s.D;
-    emu_attention_fwd(0, 1, qkv.data(), n * 2, s.T * st, st, s.D, s.D, 1, s.T, 1, s.D, out.data(), lse.data());
-    emu_attention_bwd(0, 1, qkv.data(), n * 2, s.T * st, st, s.D, s.D, 1, s.T, 1, s.D, out.data(), dout.data(),
-                      lse.data(), dqkv.data(), s.max_smem);
+    const int64_t st = 3 * s.H * s.D;
+    emu_attention_fwd(0, 1, qkv.data(), n * 2, s.T * st, st, s.H * s.D, s.D, s.B, s.T, s.H, s.D, out.data(),
+                      lse.data());
+    emu_attention_bwd(0, 1, qkv.data(), n * 2, s.T * st, st, s.H * s.D, s.D, s.B, s.T, s.H, s.D, out.data(),
+                      dout.data(), lse.data(), dqkv.data(), s.max_smem);
   }
   std::printf("done\n");
   return 0;
