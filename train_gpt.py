@@ -28,7 +28,8 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from collections import namedtuple
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -453,15 +454,9 @@ class ShardLoader:
 # runtime: device, processes, precision
 
 
-@dataclass
-class Runtime:
-    rank: int  # this process among all processes
-    local_rank: int  # this process on its node (its GPU index)
-    world_size: int  # processes in the run
-    device: str  # e.g. cuda:3, cpu, mps
-    device_type: str  # cuda, cpu or mps
-    master: bool  # rank 0: the one process that logs and writes checkpoints
-    ddp: bool  # launched by torchrun
+# rank: this process among all; local_rank: on its node (its GPU); world_size: processes in all; device: e.g. cuda:3;
+# device_type: cuda, cpu or mps; master: rank 0, the one that logs and checkpoints; ddp: launched by torchrun
+Runtime = namedtuple("Runtime", "rank local_rank world_size device device_type master ddp")
 
 
 def resolve_device(name, local_rank):
@@ -694,23 +689,24 @@ def forward_backward(model, ddp_model, loader, grad_accum, device, amp, scaler=N
     return loss_accum
 
 
-class StopRequest:
-    """SIGINT/SIGTERM ask the run to finish its step, checkpoint and exit 0; a second signal aborts."""
+@contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM ask the run to finish its step, checkpoint and exit 0; a second signal aborts. Yields the list
+    of signals received."""
+    requested = []
 
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
+    def handle(signum, frame):
+        requested.append(signum)
         signal.signal(signum, signal.SIG_DFL)
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (send it again to "
               f"abort at once)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def sample_from_checkpoint(cfg):
@@ -952,13 +948,13 @@ def train(cfg):
     peak = peak_flops(rt, dtype)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
     step_times, last_checkpoint = [], resume_path
-    with StopRequest() as stop:
+    with stop_requests() as stop:
         for step in range(start_step, cfg.max_steps):
             synchronize(rt.device_type)
             t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
             loss_accum = forward_backward(model, ddp_model, train_loader, grad_accum, rt.device, amp, scaler)
-            stats = torch.stack([loss_accum, torch.tensor(float(stop.requested), device=rt.device)])
+            stats = torch.stack([loss_accum, torch.tensor(float(len(stop) > 0), device=rt.device)])
             if rt.ddp:
                 dist.all_reduce(stats)  # the mean loss, and whether any process was asked to stop: all stop together
             loss_value, stopping = stats[0].item() / rt.world_size, stats[1].item() > 0
