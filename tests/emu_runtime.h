@@ -599,9 +599,11 @@ inline float move_ulps(float exact, uint32_t max_ulps, uint32_t key) {
   return r;
 }
 
-// __expf: at most 2 + floor(|1.173 x|) ulps from e^x (CUDA Programming Guide, intrinsic functions).
+// __expf: at most 2 + floor(|1.173 x|) ulps from e^x (CUDA Programming Guide, intrinsic functions); exact at 0,
+// as it is ex2.approx of x log2(e) (below).
 inline float expf_approx(float x) {
   const float exact = static_cast<float>(std::exp(static_cast<double>(x)));
+  if (x == 0.f) return exact;
   return move_ulps(exact, 2 + static_cast<uint32_t>(std::floor(std::fabs(1.173 * x))), bits_of(x) ^ 0x1000193u);
 }
 
@@ -619,12 +621,13 @@ inline float rsqrtf_approx(float x) {
 }
 
 // ex2.approx.ftz.f32: relative error at most 2^-22 (PTX ISA); subnormal inputs count as 0, results below 2^-126
-// are flushed to +0.
+// are flushed to +0. Exact at integers: the hardware places the integer part in the exponent and approximates
+// only 2 to the fraction (the kernels' exp2 of a difference of equal maxima is 1, not 1 + error).
 inline float ex2_approx_ftz(float x) {
   if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
   const double exact = std::exp2(static_cast<double>(x));
   if (exact < 0x1p-126) return 0.f;
-  if (!std::isfinite(exact)) return static_cast<float>(exact);
+  if (!std::isfinite(exact) || x == std::nearbyint(x)) return static_cast<float>(exact);
   const double u = static_cast<double>(mix(g_seed, bits_of(x) ^ 0x68E31DA4u)) / 4294967295.0 * 2 - 1;
   const float r = static_cast<float>(exact * (1 + u * 0x1p-22));
   return r < 0x1p-126f ? 0.f : r;

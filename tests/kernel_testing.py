@@ -55,12 +55,13 @@ def cuda_include_dir():
 
 def emulator_command(source, output, *flags):
     """The g++ command that builds tests/<source> into output with flags; a skip without g++ or the CUDA
-    headers."""
+    headers. Every build checks the alignment of each typed access (UBSan), so a 16-byte load or store of
+    misaligned data fails as it would on a GPU."""
     cxx, inc = shutil.which("g++"), cuda_include_dir()
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
-    return [cxx, "-std=c++20", "-O1", *flags, "-pthread", f"-I{inc}", "-w", os.path.join(TESTS, source), "-o",
-            output]
+    return [cxx, "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment", *flags, "-pthread",
+            f"-I{inc}", "-w", os.path.join(TESTS, source), "-o", output]
 
 
 def build_emulator(tmp_path_factory, source):
