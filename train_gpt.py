@@ -5,10 +5,10 @@ One process (CPU, Apple MPS, or one GPU):
     python train_gpt.py
     python train_gpt.py --model tiny --device cpu --batch_size 8 --block_size 128 --total_batch_size 8192
 Eight GPUs on one node:
-    torchrun --standalone --nproc_per_node=8 train_gpt.py --compile
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
 Two nodes of eight GPUs (run on every node, same --rdzv_endpoint; --log_dir on storage both nodes share):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=gpt2 --rdzv_backend=c10d \\
-        --rdzv_endpoint=HOST:29500 train_gpt.py --compile --log_dir /shared/log
+        --rdzv_endpoint=HOST:29500 train_gpt.py --log_dir /shared/log
 Continue the newest checkpoint in --log_dir, or sample from one:
     python train_gpt.py --resume auto
     python train_gpt.py --resume log/model_19073.pt --sample "Hello, I'm a language model,"
@@ -382,14 +382,16 @@ def open_shard(path):
     return tokens
 
 
-def check_token_ids(path, tokens, chunk=1 << 26):
-    """Refuse a shard holding an id GPT-2's tokenizer cannot produce, naming where: once at start, not hours in."""
+def checked_length(path, chunk=1 << 26):
+    """A shard's length, once every id in it is one GPT-2's tokenizer makes (checked at start, not hours in)."""
+    tokens = open_shard(path)
     for start in range(0, len(tokens), chunk):
         part = tokens[start:start + chunk]
         bad = np.flatnonzero((part < 0) | (part >= GPT2_VOCAB_SIZE))
         if bad.size:
             raise UserError(f"shard {path} holds token id {part[bad[0]]} at offset {start + bad[0]}, outside GPT-2's "
                             f"0..{GPT2_VOCAB_SIZE - 1}; it was not written by prepare.py's tokenizer: regenerate it")
+    return len(tokens)
 
 
 class ShardLoader:
@@ -402,11 +404,7 @@ class ShardLoader:
         self.shards, self.B, self.T, self.rank = shards, B, T, rank
         self.shuffle, self.seed = shuffle, seed
         self.span = B * T * world_size
-        lengths = []
-        for path in shards:  # every shard opened and checked up front
-            tokens = open_shard(path)
-            check_token_ids(path, tokens)
-            lengths.append(len(tokens))
+        lengths = [checked_length(path) for path in shards]  # every shard opened and checked up front
         if max(lengths) < self.span + 1:
             raise UserError(f"every shard in {os.path.dirname(shards[0]) or '.'} is shorter than one batch of "
                             f"batch_size * block_size * processes + 1 = {self.span + 1} tokens; lower --batch_size "
@@ -465,16 +463,14 @@ def resolve_device(name, local_rank):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     name = f"cuda:{local_rank}" if name == "cuda" else name
-    if re.fullmatch(r"cuda:\d+", name):
-        if int(name[5:]) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
-                            f"--device cpu (or auto)")
-        return name, "cuda"
+    if not re.fullmatch(r"cpu|mps|cuda:\d+", name):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                        f"--device cpu (or auto)")
     if name == "mps" and not mps:
         raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
-    if name not in ("cpu", "mps"):
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return name, name
+    return name, name.split(":")[0]
 
 
 def setup_runtime(device_name):
@@ -549,9 +545,8 @@ def flops_per_token(model, T):
 def batch_to_device(x, y, device):
     """A loader batch on the run's device. A CPU batch bound for a GPU is pinned first: a copy from pinned memory
     is queued behind the GPU's work, where one from pageable memory may wait for it."""
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    pin = device.startswith("cuda")
+    return [(t.pin_memory() if pin else t).to(device, non_blocking=pin) for t in (x, y)]
 
 
 @torch.no_grad()
@@ -606,25 +601,22 @@ def load_checkpoint(path):
     return ckpt
 
 
-def resolve_resume(cfg):
-    """(path, checkpoint) to resume from, or (None, None) for a fresh run."""
-    if cfg.resume != "auto":
-        return (cfg.resume, load_checkpoint(cfg.resume)) if cfg.resume else (None, None)
-    for _, path in list_checkpoints(cfg.log_dir):
+def resolve_resume(cfg, needed_by=None):
+    """(path, checkpoint) to resume from, or (None, None) for a fresh run, which needed_by (a flag that reads a
+    checkpoint: --sample, --export) refuses."""
+    if cfg.resume not in ("", "auto"):
+        return cfg.resume, load_checkpoint(cfg.resume)
+    for _, path in list_checkpoints(cfg.log_dir) if cfg.resume else []:
         try:
             return path, load_checkpoint(path)
         except UserError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
-    print(f"--resume auto: no valid checkpoint in {cfg.log_dir}; starting from scratch")
+    if needed_by:
+        raise UserError(f"{needed_by} needs a checkpoint: pass --resume PATH, or --resume auto with a --log_dir "
+                        f"holding one")
+    if cfg.resume:
+        print(f"--resume auto: no valid checkpoint in {cfg.log_dir}; starting from scratch")
     return None, None
-
-
-def checkpoint_for(cfg, flag):
-    """The checkpoint --sample and --export read: --resume PATH, or auto."""
-    path, ckpt = resolve_resume(cfg)
-    if path is None:
-        raise UserError(f"{flag} needs a checkpoint: pass --resume PATH, or --resume auto with a --log_dir holding one")
-    return path, ckpt
 
 
 def model_from_checkpoint(path, device="cpu", ops=None):
@@ -646,20 +638,6 @@ def git_commit():
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-class RunLog:
-    """log_dir/log.txt in build-nanogpt's `{step} {stream} {value}` format, and the same line for people on
-    stdout; the master process only."""
-
-    def __init__(self, log_dir, max_steps, master):
-        self.path, self.max_steps, self.master = os.path.join(log_dir, "log.txt"), max_steps, master
-
-    def write(self, step, stream, value, extra=""):
-        if self.master:
-            with open(self.path, "a") as f:
-                f.write(f"{step} {stream} {value}\n")
-            print(f"step:{step}/{self.max_steps} {stream}:{value}{extra}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -711,12 +689,9 @@ def stop_requests():
 
 def sample_from_checkpoint(cfg):
     """`--sample PROMPT --resume PATH|auto`: print completions and return."""
-    path, ckpt = checkpoint_for(cfg, "--sample")
-    if (cfg.block_size or 0) > ckpt["model_config"]["block_size"]:
-        raise UserError(f"--block_size {cfg.block_size} is larger than checkpoint {path}'s context "
-                        f"{ckpt['model_config']['block_size']}; leave it out to sample")
+    path, ckpt = resolve_resume(cfg, "--sample")
     rt = setup_runtime(cfg.device)
-    model = GPT(GPTConfig(**ckpt["model_config"]), select_ops(cfg.kernels, rt.device_type))
+    model = GPT(model_config(cfg, ckpt["model_config"], path), select_ops(cfg.kernels, rt.device_type))
     model.load_state_dict(ckpt["model"])
     print(f"{path}: step {ckpt['step']}, val loss {ckpt.get('val_loss')}")
     print_samples(model.to(rt.device), cfg.sample, cfg.num_samples, cfg.sample_length, rt,
@@ -728,7 +703,7 @@ def export_hf(cfg):
     model.safetensors, GPT-2's tokenizer files), which transformers, lm-evaluation-harness and
     GPT.from_pretrained read. The padding rows of the vocabulary are dropped."""
     from safetensors.torch import save
-    path, ckpt = checkpoint_for(cfg, "--export")
+    path, ckpt = resolve_resume(cfg, "--export")
     c = GPTConfig(**ckpt["model_config"])
     sd = {k: (v[:GPT2_VOCAB_SIZE] if k == "transformer.wte.weight" else v.t() if k.endswith(HF_CONV1D) else v)
           .contiguous() for k, v in ckpt["model"].items() if k != "lm_head.weight"}  # lm_head is wte, tied
@@ -844,17 +819,14 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     raw_model = (pretrained or GPT(mc, ops)).to(rt.device)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=dtype == torch.float16)  # a no-op unless float16
     start_step = 0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.load_state_dict(ckpt["train_loader"])
-        if scaler is not None and ckpt["scaler"]:
+        if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if rt.device_type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], rt.device)
         start_step = ckpt["step"]
         if ckpt["world_size"] != rt.world_size:
             print(f"warning: {resume_path} was written by {ckpt['world_size']} processes, this run has "
@@ -868,7 +840,15 @@ def train(cfg):
     if compile_model:
         model = torch.compile(model)  # compiling the DDP wrapper lets it overlap gradient sync with backward
 
-    log = RunLog(cfg.log_dir, cfg.max_steps, rt.master)
+    log_txt = os.path.join(cfg.log_dir, "log.txt")
+
+    def log(step, stream, value, extra=""):
+        """A line of log.txt in build-nanogpt's `{step} {stream} {value}` format, and for people on stdout."""
+        if rt.master:
+            with open(log_txt, "a") as f:
+                f.write(f"{step} {stream} {value}\n")
+            print(f"step:{step}/{cfg.max_steps} {stream}:{value}{extra}", flush=True)
+
     if rt.master:
         set_up_log_dir(cfg, resume_path, ckpt, later)
         run = {"config": asdict(cfg), "model_config": asdict(mc), "resumed_from": resume_path, "start_step": start_step,
@@ -888,7 +868,7 @@ def train(cfg):
               f"{ops.name}, compile {'on' if compile_model else 'off'}")
         print(f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity:,} tokens per "
               f"pass; val {val_loader.capacity:,} tokens")
-        print(f"out: {log.path} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
+        print(f"out: {log_txt} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
               f"steps and after the last" + (f"; resuming {resume_path} after step {start_step}" if ckpt else ""))
         if manifest and not manifest["complete"]:
             print(f"warning: {cfg.data_dir}/manifest.json says prepare.py has not finished: the run trains on the "
@@ -930,14 +910,14 @@ def train(cfg):
         val_loss = None
         if due(step, cfg.val_every):
             val_loss = evaluate_val(model, val_loader, cfg.val_steps * grad_accum, rt, amp)
-            log.write(step, "val", f"{val_loss:.4f}")
+            log(step, "val", f"{val_loss:.4f}")
         if hellaswag_path and due(step, cfg.hellaswag_every):
             model.eval()
             with amp:
                 s = hellaswag.score(model, hellaswag_path, T, rt.device, rt.rank, rt.world_size)
             model.train()
-            log.write(step, "hella", f"{s.correct_norm / s.total:.4f}", f" acc:{s.correct / s.total:.4f} "
-                      f"({s.total} examples)")
+            log(step, "hella", f"{s.correct_norm / s.total:.4f}", f" acc:{s.correct / s.total:.4f} "
+                f"({s.total} examples)")
         if rt.master and sample_every > 0 and step > 0 and due(step, sample_every):
             print_samples(raw_model, "Hello, I'm a language model,", cfg.num_samples, cfg.sample_length, rt, amp,
                           cfg.seed + step)
@@ -958,10 +938,9 @@ def train(cfg):
             if rt.ddp:
                 dist.all_reduce(stats)  # the mean loss, and whether any process was asked to stop: all stop together
             loss_value, stopping = stats[0].item() / rt.world_size, stats[1].item() > 0
-            if scaler:
-                scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf")).item()
-            if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm)):
+            if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm)):
                 if rt.master:
                     print(f"error: step {step}: loss {loss_value}, gradient norm {norm}: training diverged. Stopping "
                           f"without a checkpoint; the last good one is {last_checkpoint or '(none)'}: resume from it "
@@ -970,18 +949,15 @@ def train(cfg):
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            scaler.step(optimizer)  # skipped by a float16 scaler when a gradient is not finite
+            scaler.update()
             synchronize(rt.device_type)
             dt = time.time() - t0
             step_times = (step_times + [dt])[-50:]
             mfu = f" mfu:{100 * flops_step / dt / (peak * rt.world_size):.1f}%" if peak else ""
             eta = format_duration(sum(step_times) / len(step_times) * (cfg.max_steps - step - 1))
-            log.write(step, "train", f"{loss_value:.6f}", f" lr:{lr:.4e} norm:{norm:.4f} dt:{dt * 1000:.1f}ms "
-                      f"tok/s:{cfg.total_batch_size / dt:,.0f}{mfu} eta:{eta}")
+            log(step, "train", f"{loss_value:.6f}", f" lr:{lr:.4e} norm:{norm:.4f} dt:{dt * 1000:.1f}ms "
+                f"tok/s:{cfg.total_batch_size / dt:,.0f}{mfu} eta:{eta}")
 
             step += 1  # evaluations and checkpoints belong to the model after this many steps
             val_loss = evaluate(step)
@@ -990,9 +966,7 @@ def train(cfg):
                 save_checkpoint(last_checkpoint, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
                     "model_config": asdict(mc), "step": step, "val_loss": val_loss,
-                    "train_loader": train_loader.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "rng": {"torch": torch.get_rng_state(),
-                            **({"cuda": torch.cuda.get_rng_state(rt.device)} if rt.device_type == "cuda" else {})},
+                    "train_loader": train_loader.state_dict(), "scaler": scaler.state_dict(),
                     "world_size": rt.world_size})
                 print(f"saved {last_checkpoint}")
                 for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints:] if cfg.keep_checkpoints else []:

@@ -377,7 +377,7 @@ def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
     ckpt = train_gpt.load_checkpoint(os.path.join(log_dir, "model_00006.pt"))
     assert ckpt["step"] == 6 and ckpt["model_config"]["n_embd"] == 32 and ckpt["config"]["max_steps"] == 6
     assert ckpt["val_loss"] == pytest.approx(float([v for s, k, v in log if k == "val"][-1]), abs=1e-4)
-    assert {"model", "optimizer", "train_loader", "rng"} <= set(ckpt)
+    assert {"model", "optimizer", "train_loader", "scaler", "world_size"} <= set(ckpt)
     model, _ = train_gpt.model_from_checkpoint(os.path.join(log_dir, "model_00006.pt"))
     assert all("_orig_mod" not in k for k in ckpt["model"])
     assert model.config.n_embd == 32
@@ -548,7 +548,7 @@ def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     assert all(len(s.split("|")) == 7 for s in samples)  # 2 prompt tokens + 5 new ones
     code = train_gpt.main(["--resume", os.path.join(log_dir, "model_00001.pt"), "--sample", "Hi",
                            "--block_size", "64", "--device", "cpu"])
-    assert code == 2 and "larger than checkpoint" in capsys.readouterr().err
+    assert code == 2 and "has a different model: block_size=32 (flags: 64)" in capsys.readouterr().err
     assert train_gpt.main(["--sample", "Hi", "--log_dir", str(tmp_path / "none")]) == 2
     assert "--sample needs a checkpoint" in capsys.readouterr().err
 
