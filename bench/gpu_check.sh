@@ -49,7 +49,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS and no
 PROCS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))  # tokenize: the pipeline with all cores but one, against one process
 step build 150 python setup.py build_ext --inplace --force
 step selftest 45 python -m pytest -q tests/test_attention.py -k selftest -m cuda
-step tests 120 python -m pytest -m cuda -x -q tests/test_kernels.py tests/test_attention.py tests/test_cross_entropy.py
+PER_TEST=$(python -c 'import pytest_timeout' 2>/dev/null && echo --timeout=60)  # a hung kernel fails its own test
+step tests 120 python -m pytest -m cuda -x -q $PER_TEST tests/test_kernels.py tests/test_attention.py tests/test_cross_entropy.py
 step kernels 50 python bench.py kernels --record
 step cross_entropy 25 python bench.py cross_entropy --record
 step attention 45 python bench.py attention --T 1024 --record
