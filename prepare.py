@@ -95,9 +95,8 @@ def gpt2_encoding():
 
 
 def config_parser(cls, description, **flags):
-    """An argparse parser with a --flag per field of the config dataclass cls: its default, and the field's
-    trailing `# comment` as its help (the one place a flag is documented). flags adds argparse settings to a
-    field (choices, a type, nargs)."""
+    """An argparse parser with a --flag per field of the config dataclass cls: its default, and the field's trailing
+    `# comment` as its help (the one place a flag is documented); flags adds argparse settings (choices, nargs)."""
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -141,6 +140,9 @@ def format_duration(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+# -----------------------------------------------------------------------------
+# configuration
+
 def _default_num_proc():
     # cores this process may run on (respects taskset / cgroup affinity), keeping one for the reader and writer
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -149,22 +151,16 @@ def _default_num_proc():
 
 def _count(text):
     """Parse a token count: 100000000, 100_000_000, 1e8, 100M, 10B."""
-    units = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
     s = str(text).strip().lower().replace("_", "").replace(",", "")
+    unit = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:], 1)
     try:
-        if s and s[-1] in units:
-            value = float(s[:-1]) * units[s[-1]]
-        else:
-            value = float(s)
+        value = float(s[:-1] if unit > 1 else s) * unit
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count (write e.g. 100000000, 1e8 or 100M)")
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of tokens")
     return int(value)
 
-
-# -----------------------------------------------------------------------------
-# configuration
 
 @dataclasses.dataclass
 class Config:
@@ -187,7 +183,7 @@ class Config:
 
 
 def parse_args(argv=None):
-    tokens = dict(type=_count, metavar="TOKENS")  # counts like 100000000, 1e8, 100M
+    tokens = dict(type=_count, metavar="TOKENS")
     parser = config_parser(Config, __doc__, input=dict(type=str, nargs="+", metavar="PATH"), shard_size=tokens,
                            max_tokens=tokens, txt_document=dict(choices=["file", "paragraph"]))
     return Config(**vars(parser.parse_args(argv)))
@@ -241,9 +237,8 @@ def expand_inputs(patterns):
             if not loader_of(path):
                 raise UserError(f"--input {path}: cannot read {os.path.splitext(path)[1] or 'extensionless'} files; "
                                 f"use {', '.join(LOADERS)}")
-            if os.path.abspath(path) not in files:
-                files.append(os.path.abspath(path))
-    return files
+        files += matches
+    return list(dict.fromkeys(map(os.path.abspath, files)))  # each file once, where it first comes
 
 
 def is_utf8(path):
@@ -270,7 +265,6 @@ def malformed_json(path):
                     json.loads(line + f.read())
                 except json.JSONDecodeError as e:
                     return f"{path} line {e.lineno}: {e.msg}"
-                return None
     return None
 
 
@@ -320,18 +314,16 @@ def open_sources(cfg, files):
     for name, paths, field, kwargs in groups:
         try:
             ds = datasets.load_dataset(**kwargs, split="train", streaming=cfg.streaming, cache_dir=cfg.cache_dir)
-            if ds.column_names is None:  # a stream that cannot tell its columns before reading: look at a row
-                first = next(iter(ds), None)
-                columns, types = (None if first is None else list(first)), {}
-            else:
-                columns = list(ds.column_names)
-                types = {k: getattr(v, "dtype", type(v).__name__) for k, v in (ds.features or {}).items()}
+            columns = ds.column_names
+            if columns is None:  # a stream that cannot tell its columns before reading: look at a row
+                columns = next((list(row) for row in ds), None)
         except Exception as e:  # the loaders raise many types; the user needs the file and the reason
             raise unreadable(name, paths, e) from None
         split = (ds.info.splits or {}).get("train")  # a stream's card may tell its rows, or not
         rows = len(ds) if isinstance(ds, datasets.Dataset) else getattr(split, "num_examples", None) or None
         if columns is None or rows == 0:
             raise UserError(f"{name} has no documents (0 rows); check the input")
+        types = {k: getattr(v, "dtype", type(v).__name__) for k, v in (ds.features or {}).items()}
         if field not in columns or types.get(field, "string") not in ("string", "large_string"):
             raise UserError(f"{name} has no text column {field!r}; its columns are {', '.join(map(repr, columns))}"
                             f"{f' ({field!r} holds {types[field]})' if field in columns else ''}: pass the one with "
@@ -526,10 +518,8 @@ def settings_of(cfg, files):
 
 def difference(old, new):
     """What differs between two runs' settings, for the message that refuses to mix them."""
-    def files(settings):
-        return {tuple(d.values()) for d in settings.get("input") or []}
-
-    changed = ", ".join(sorted({f[0] for f in files(old) ^ files(new)})) or "none, but their order"
+    files = [{tuple(d.values()) for d in settings.get("input") or []} for settings in (old, new)]
+    changed = ", ".join(sorted({f[0] for f in files[0] ^ files[1]})) or "none, but their order"
     return "; ".join(f"input files new, changed since or no longer given: {changed}" if k == "input" else
                      f"{k} was {old.get(k)!r}, now {new.get(k)!r}"
                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
@@ -632,27 +622,26 @@ def write_shards(cfg, manifest, sources, started):
 
     def write(index, tokens, end):  # in the writer thread, while the workers tokenize the next shard
         t0 = time.perf_counter()
-        name = f"{cfg.prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+        split = "val" if index == 0 else "train"
+        name = f"{cfg.prefix}_{split}_{index:06d}.npy"
         path = os.path.join(cfg.out_dir, name)
         atomic_write(path, lambda f: np.save(f, tokens))
-        shards.append(dict(name=name, split="val" if index == 0 else "train", tokens=int(tokens.size),
-                           bytes=os.path.getsize(path), sha256=sha256_of(path), end_row=end.row,
-                           end_offset=end.offset, documents=end.documents))
+        shards.append(dict(name=name, split=split, tokens=int(tokens.size), bytes=os.path.getsize(path),
+                           sha256=sha256_of(path), end_row=end.row, end_offset=end.offset, documents=end.documents))
         save_manifest()
         timing["write"] += time.perf_counter() - t0
 
     bar = tqdm(total=cfg.max_tokens, initial=start.tokens, unit="tok", unit_scale=True, desc="tokenizing",
                mininterval=1.0, smoothing=0.05)
-    stream, writing = shards_from(cfg, sources, start, bar, timing), None
+    stream = shards_from(cfg, sources, start, bar, timing)
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         with ThreadPoolExecutor(1) as writer:
+            writing = writer.submit(lambda: None)
             for index, (tokens, end) in enumerate(stream, len(shards)):
-                if writing:
-                    writing.result()  # one shard being written at most: two shard buffers in memory
+                writing.result()  # one shard being written at most: two shard buffers in memory
                 writing = writer.submit(write, index, tokens, end)
-            if writing:
-                writing.result()
+            writing.result()
     finally:
         stream.close()  # stops the workers
         bar.close()
