@@ -387,7 +387,7 @@ def _work(pipe, main_ends):
             pipe.send(encode_task(pipe.recv()))
 
 
-def tokenized(tasks, num_proc, timing):
+def tokenized(tasks, num_proc):
     """encode_task of each task, in order, from num_proc worker processes. Each worker has a pipe of its own, and
     its next task (read ahead) as soon as it returns one. A worker that dies (the kernel's OOM killer, a signal)
     closes its pipe and so stops the run, where a queue shared by all could wait forever for the rest of a message."""
@@ -407,10 +407,8 @@ def tokenized(tasks, num_proc, timing):
                     busy[pipe], sent, ahead = sent, sent + 1, next(tasks, None)
             if not busy:
                 return
-            t0 = time.perf_counter()
             for pipe in multiprocessing.connection.wait(list(busy)):
                 results[busy.pop(pipe)] = pipe.recv()
-            timing["wait"] += time.perf_counter() - t0
             while done in results:
                 yield results.pop(done)
                 done += 1
@@ -433,7 +431,7 @@ def tokenized(tasks, num_proc, timing):
 Position = collections.namedtuple("Position", "row offset tokens documents")
 
 
-def shards_from(cfg, sources, start, bar, timing):
+def shards_from(cfg, sources, start, bar):
     """Tokenize from `start` and yield each shard as (tokens, the Position where it ends): --shard_size tokens, the
     last one whatever is left when the data or --max_tokens runs out."""
     limit, shard_size = cfg.max_tokens or math.inf, cfg.shard_size
@@ -443,7 +441,7 @@ def shards_from(cfg, sources, start, bar, timing):
         return
     # with the dataset's size in documents, the bar's total is estimated from the tokens per document so far
     known_rows = sum(s.num_rows for s in sources) if all(s.num_rows for s in sources) else None
-    for tokens, lengths in tokenized(read_tasks(sources, row), cfg.num_proc, timing):
+    for tokens, lengths in tokenized(read_tasks(sources, row), cfg.num_proc):
         # where each document of the task ends within `tokens`; one that began in an earlier shard (resuming
         # mid-document) loses its first `skip` tokens and starts below 0
         ends = np.cumsum(lengths) - skip
@@ -612,7 +610,7 @@ def prepare(cfg):
 def write_shards(cfg, manifest, sources, started):
     from tqdm import tqdm
 
-    shards, timing = manifest["shards"], dict(wait=0.0, write=0.0)
+    shards = manifest["shards"]
     last = shards[-1] if shards else dict(end_row=0, end_offset=0, documents=0)
     start = Position(last["end_row"], last["end_offset"], sum(s["tokens"] for s in shards), last["documents"])
 
@@ -621,7 +619,6 @@ def write_shards(cfg, manifest, sources, started):
         atomic_write(os.path.join(cfg.out_dir, MANIFEST), lambda f: f.write(data))
 
     def write(index, tokens, end):  # in the writer thread, while the workers tokenize the next shard
-        t0 = time.perf_counter()
         split = "val" if index == 0 else "train"
         name = f"{cfg.prefix}_{split}_{index:06d}.npy"
         path = os.path.join(cfg.out_dir, name)
@@ -629,12 +626,11 @@ def write_shards(cfg, manifest, sources, started):
         shards.append(dict(name=name, split=split, tokens=int(tokens.size), bytes=os.path.getsize(path),
                            sha256=sha256_of(path), end_row=end.row, end_offset=end.offset, documents=end.documents))
         save_manifest()
-        timing["write"] += time.perf_counter() - t0
 
     bar = tqdm(total=cfg.max_tokens, initial=start.tokens, unit="tok", unit_scale=True, desc="tokenizing",
                mininterval=1.0, smoothing=0.05)
-    stream = shards_from(cfg, sources, start, bar, timing)
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    stream = shards_from(cfg, sources, start, bar)
+    t0 = time.perf_counter()
     try:
         with ThreadPoolExecutor(1) as writer:
             writing = writer.submit(lambda: None)
@@ -645,7 +641,7 @@ def write_shards(cfg, manifest, sources, started):
     finally:
         stream.close()  # stops the workers
         bar.close()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    elapsed = time.perf_counter() - t0
 
     if not shards:
         raise UserError(f"{' + '.join(s.name for s in sources)} has no documents with text; check --input and "
@@ -662,9 +658,7 @@ def write_shards(cfg, manifest, sources, started):
         warn(f"the data gave only {tokens:,} tokens, less than one --shard_size ({cfg.shard_size:,}), so "
              f"{cfg.out_dir}/ has only the val shard {shards[0]['name']}; train_gpt.py needs a train shard too. "
              f"Fix: run again with --shard_size {max(1, tokens // 10):,} --overwrite")
-    return dict(manifest["summary"], tokens_this_run=produced, seconds=round(elapsed, 3), tokens_per_s=round(rate, 1),
-                wait_seconds=round(timing["wait"], 3), write_seconds=round(timing["write"], 3),
-                main_cpu_seconds=round(cpu, 3))
+    return dict(manifest["summary"], tokens_this_run=produced, seconds=round(elapsed, 3), tokens_per_s=round(rate, 1))
 
 
 # -----------------------------------------------------------------------------
