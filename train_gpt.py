@@ -125,8 +125,9 @@ def model_config(cfg, base=None, source=None):
         stated = {**(MODEL_PRESETS[cfg.model] if cfg.model else {}), **flags}
         diff = ", ".join(f"{k}={base[k]} (flags: {v})" for k, v in stated.items() if base[k] != v)
         if diff:
+            hint = ", or use another --log_dir for a new run" if cfg.resume == "auto" else ""
             raise UserError(f"{source} has a different model: {diff}; leave out --model and the shape flags (the "
-                            f"shape comes with the weights), or use another --log_dir")
+                            f"shape comes with the weights){hint}")
         return GPTConfig(**base)
     mc = GPTConfig(**{**MODEL_PRESETS[cfg.model or "d12"], **flags})
     for name, value in asdict(mc).items():
@@ -140,8 +141,8 @@ def model_config(cfg, base=None, source=None):
     return mc
 
 
-def check_train_config(cfg, mc, world_size):
-    """Refuse sizes and counts that cannot work, before any work is done."""
+def check_flags(cfg):
+    """Refuse sizes and counts that cannot work (every mode: training, --sample, --export)."""
     for name in ("batch_size", "total_batch_size", "max_steps", "val_steps", "num_samples", "sample_length"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)} must be at least 1")
@@ -151,11 +152,8 @@ def check_train_config(cfg, mc, world_size):
             raise UserError(f"--{name} {getattr(cfg, name)} must not be negative")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}")
-    micro = cfg.batch_size * mc.block_size * world_size
-    if cfg.total_batch_size % micro:
-        raise UserError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
-                        f"processes = {cfg.batch_size} * {mc.block_size} * {world_size} = {micro}; use e.g. "
-                        f"{micro * max(1, round(cfg.total_batch_size / micro))}")
+    if cfg.init_from and cfg.resume:
+        raise UserError("--init_from starts a run from pretrained weights and --resume continues one: pass one of them")
 
 
 # -----------------------------------------------------------------------------
@@ -225,7 +223,7 @@ class Block(nn.Module):
 
     def __init__(self, config, ops):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd)  # applied before the block: by GPT.forward or the block before
         self.attn = CausalSelfAttention(config, ops)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config, ops)
@@ -343,7 +341,7 @@ class GPT(nn.Module):
 def select_ops(kernels, device_type):
     """--kernels auto|cuda|torch on this device -> the ops object the model calls. The CUDA ops live beside their
     kernels: importing the csrc package loads the compiled extension and registers their Python half."""
-    if kernels == "torch" or kernels == "auto" and device_type != "cuda":
+    if kernels == "torch" or (kernels == "auto" and device_type != "cuda"):
         return TorchOps()
     if device_type != "cuda":
         raise UserError(f"--kernels cuda needs a CUDA device, but this run uses {device_type}; use --kernels torch")
@@ -383,7 +381,7 @@ def open_shard(path):
 
 
 def checked_length(path, chunk=1 << 26):
-    """A shard's length, once every id in it is one GPT-2's tokenizer makes (checked at start, not hours in)."""
+    """A shard's length, after checking that GPT-2's tokenizer can make every id in it (at start, not hours in)."""
     tokens = open_shard(path)
     for start in range(0, len(tokens), chunk):
         part = tokens[start:start + chunk]
@@ -518,7 +516,7 @@ def synchronize(device_type):
 
 # bf16 dense tensor-core peak FLOP/s by device name (vendor datasheets); the first match wins.
 PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("H800", 989e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
     ("A6000", 155e12), ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12),
 ]
@@ -601,7 +599,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def resolve_resume(cfg, needed_by=None):
+def resolve_resume(cfg, needed_by=None, master=True):
     """(path, checkpoint) to resume from, or (None, None) for a fresh run, which needed_by (a flag that reads a
     checkpoint: --sample, --export) refuses."""
     if cfg.resume not in ("", "auto"):
@@ -610,11 +608,12 @@ def resolve_resume(cfg, needed_by=None):
         try:
             return path, load_checkpoint(path)
         except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
+            if master:
+                print(f"warning: skipping {e}", file=sys.stderr)
     if needed_by:
         raise UserError(f"{needed_by} needs a checkpoint: pass --resume PATH, or --resume auto with a --log_dir "
                         f"holding one")
-    if cfg.resume:
+    if cfg.resume and master:
         print(f"--resume auto: no valid checkpoint in {cfg.log_dir}; starting from scratch")
     return None, None
 
@@ -675,9 +674,10 @@ def stop_requests():
 
     def handle(signum, frame):
         requested.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (send it again to "
-              f"abort at once)", file=sys.stderr, flush=True)
+        for sig in previous:
+            signal.signal(sig, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (a second SIGINT "
+              f"or SIGTERM aborts at once)", file=sys.stderr, flush=True)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -757,14 +757,14 @@ def set_up_log_dir(cfg, resume_path, ckpt, later):
     for tmp in glob.glob(os.path.join(cfg.log_dir, "*.tmp")):  # left by checkpoint writes a kill interrupted
         os.remove(tmp)
     log = os.path.join(cfg.log_dir, "log.txt")
-    if later or ckpt is None and os.path.exists(log):
+    if later or (ckpt is None and os.path.isfile(log) and os.path.getsize(log) > 0):
         aside = os.path.join(cfg.log_dir, time.strftime("set_aside_%Y%m%d_%H%M%S"))
         os.makedirs(aside)
         for path in later:
             os.replace(path, os.path.join(aside, os.path.basename(path)))
         if os.path.exists(log):
             (os.replace if ckpt is None else shutil.copy2)(log, os.path.join(aside, "log.txt"))
-        what = "the old log and its checkpoints that do not load" if ckpt is None else \
+        what = ("the old log" + (" and the checkpoints that do not load" if later else "")) if ckpt is None else \
             f"the checkpoints after step {ckpt['step']} and a copy of the log"
         print(f"moved {what} to {aside}")
     source = os.path.join(os.path.dirname(resume_path or ""), "log.txt")
@@ -778,7 +778,7 @@ def set_up_log_dir(cfg, resume_path, ckpt, later):
 def save_checkpoint(path, state):
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (UserError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         raise UserError(f"cannot write checkpoint {path} ({' '.join(str(e).split())[:200]}); free some disk space, "
                         f"then continue with --resume auto") from None
 
@@ -787,25 +787,24 @@ def train(cfg):
     """Run training as configured; returns the process exit code."""
     rt = setup_runtime(cfg.device)
     ops = select_ops(cfg.kernels, rt.device_type)
-    resume_path, ckpt = resolve_resume(cfg)
-    pretrained = None
-    if cfg.init_from:
-        if cfg.resume:
-            raise UserError("--init_from starts a run from pretrained weights and --resume continues one: pass one of "
-                            "them")
-        pretrained = GPT.from_pretrained(cfg.init_from, ops)
-        if cfg.block_size:  # a shorter context: keep the first position embeddings
-            if cfg.block_size > pretrained.config.block_size:
-                raise UserError(f"--block_size {cfg.block_size} is longer than {cfg.init_from}'s context "
-                                f"{pretrained.config.block_size}")
-            pretrained.config.block_size = cfg.block_size
-            wpe = pretrained.transformer.wpe
-            wpe.weight = nn.Parameter(wpe.weight[:cfg.block_size].detach().clone())
+    resume_path, ckpt = resolve_resume(cfg, master=rt.master)
+    pretrained = GPT.from_pretrained(cfg.init_from, ops) if cfg.init_from else None
+    if pretrained and cfg.block_size:  # a shorter context: keep the first position embeddings
+        if cfg.block_size > pretrained.config.block_size:
+            raise UserError(f"--block_size {cfg.block_size} is longer than {cfg.init_from}'s context "
+                            f"{pretrained.config.block_size}")
+        pretrained.config.block_size = cfg.block_size
+        wpe = pretrained.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight[:cfg.block_size].detach().clone())
     base = ckpt["model_config"] if ckpt else asdict(pretrained.config) if pretrained else None
     mc = model_config(cfg, base, resume_path or cfg.init_from)
-    check_train_config(cfg, mc, rt.world_size)
     B, T = cfg.batch_size, mc.block_size
-    grad_accum = cfg.total_batch_size // (B * T * rt.world_size)
+    micro = B * T * rt.world_size
+    if cfg.total_batch_size % micro:
+        raise UserError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
+                        f"processes = {B} * {T} * {rt.world_size} = {micro}; use e.g. "
+                        f"{micro * max(1, round(cfg.total_batch_size / micro))}")
+    grad_accum = cfg.total_batch_size // micro
     dtype = resolve_dtype(cfg.dtype, rt.device_type)
     amp = autocast_context(rt.device_type, dtype)
     if rt.device_type == "cuda":
@@ -828,7 +827,7 @@ def train(cfg):
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
-        if ckpt["world_size"] != rt.world_size:
+        if ckpt["world_size"] != rt.world_size and rt.master:
             print(f"warning: {resume_path} was written by {ckpt['world_size']} processes, this run has "
                   f"{rt.world_size}: the data order from here on differs from the original run", file=sys.stderr)
     # gradient_as_bucket_view: after the all-reduce .grad is a view into DDP's bucket rather than a copy of it. Safe
@@ -860,8 +859,8 @@ def train(cfg):
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write(os.path.join(cfg.log_dir, "run.json"), lambda f: f.write(json.dumps(run, indent=2).encode()))
         total = cfg.max_steps * cfg.total_batch_size
-        print(f"model: {cfg.init_from or cfg.model or 'd12'}, {raw_model.num_params():,} parameters ({mc.n_layer} "
-              f"layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})")
+        print(f"model: {cfg.init_from + ', ' if cfg.init_from else ''}{raw_model.num_params():,} parameters "
+              f"({mc.n_layer} layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})")
         print(f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x {rt.world_size} process(es) "
               f"x {grad_accum} accumulation steps; {total:,} tokens in all")
         print(f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), {str(dtype)[6:]}, kernels "
@@ -873,6 +872,8 @@ def train(cfg):
         if manifest and not manifest["complete"]:
             print(f"warning: {cfg.data_dir}/manifest.json says prepare.py has not finished: the run trains on the "
                   f"shards written so far (the same prepare.py command finishes them)", file=sys.stderr)
+        if start_step >= cfg.max_steps:
+            print(f"notice: the checkpoint is at step {start_step}, --max_steps {cfg.max_steps}: nothing to train")
         if total > train_loader.capacity:
             print(f"warning: the run reads {total:,} tokens and the train shards hold {train_loader.capacity:,}: it "
                   f"wraps around the data {total / train_loader.capacity:.1f} times", file=sys.stderr)
@@ -983,6 +984,7 @@ def train(cfg):
 def main(argv=None):
     cfg = parse_config(argv)
     try:
+        check_flags(cfg)
         if cfg.sample or cfg.export:
             (sample_from_checkpoint if cfg.sample else export_hf)(cfg)
             return 0

@@ -45,6 +45,7 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
     ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--init_from", "nope"], "'nope' is neither a folder"),
     ("train_gpt.py", ["--sample", "Hi", "--log_dir", "{d}/none"], "--sample needs a checkpoint"),
     ("train_gpt.py", ["--export", "{d}/hf", "--log_dir", "{d}/none"], "--export needs a checkpoint"),
+    ("train_gpt.py", ["--sample", "Hi", "--num_samples", "0", "--log_dir", "{d}/none"], "--num_samples 0 must be"),
     ("prepare.py", ["--input", "{d}/missing.txt", "--out_dir", "{d}/out"], "missing.txt"),
     ("prepare.py", ["--input", "{d}/notes.xyz", "--out_dir", "{d}/out"], "notes.xyz"),
     ("prepare.py", ["--input", "{d}/docs.jsonl", "--out_dir", "{d}/out1"], "docs.jsonl line 2"),

@@ -623,7 +623,7 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
         f.truncate(1000)
     assert train_gpt.main(args + ["--resume", "auto"]) == 0
     out = capsys.readouterr().out
-    assert "no valid checkpoint" in out and "moved the old log and its checkpoints that do not load to" in out
+    assert "no valid checkpoint" in out and "moved the old log and the checkpoints that do not load to" in out
     aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
     assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00001.pt"]
     with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(aside[0], "log.txt")) as g:
@@ -703,6 +703,21 @@ def test_data_problems_are_named_at_start(tmp_path, capsys):
         f.write('{"complete": true,\n "shards": [}\n')
     assert train_gpt.main(args + ["--max_steps", "14", "--resume", "auto"]) == 2
     assert "manifest.json:2 is not a manifest prepare.py can read" in capsys.readouterr().err
+
+
+def test_an_empty_log_is_no_run_and_a_finished_run_has_nothing_to_train(data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "log.txt").write_text("")  # e.g. left by a run stopped before its first step
+    args = SMALL + ["--data_dir", data_dir, "--log_dir", str(log_dir), "--max_steps", "1", "--val_every", "0"]
+    assert train_gpt.main(args) == 0
+    assert not glob.glob(str(log_dir / "set_aside_*")) and "moved" not in capsys.readouterr().out
+    with open(log_dir / "log.txt") as f:
+        logged = f.read()
+    assert train_gpt.main(args + ["--resume", "auto"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    with open(log_dir / "log.txt") as f:
+        assert f.read() == logged
 
 
 def test_a_failed_checkpoint_write_is_one_line(data_dir, tmp_path):
