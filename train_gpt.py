@@ -590,7 +590,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist or is not a file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # a node's processes share it
     except Exception as e:  # a truncated zip, unpickling errors, random bytes: many types, one message
         raise UserError(f"checkpoint {path} does not load ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                         f"it may be truncated or not an ArcanaGPT checkpoint") from None
