@@ -73,8 +73,9 @@ def download(split="val", data_dir=None):
         load_examples(tmp)  # a cut-off transfer or an error page never gets the final name
         os.replace(tmp, dest)
     except (OSError, http.client.HTTPException, UserError) as e:  # the network, the folder, a bad transfer
-        raise UserError(f"could not download {url} to {dest} ({getattr(e, 'reason', e)}); fix the network or "
-                        f"--data_dir, or put a copy of the file there yourself (or pass --file PATH)") from None
+        raise UserError(f"could not download {url} to {dest} ({getattr(e, 'reason', e)}); fix the network, or put "
+                        f"a copy of the file there yourself (hellaswag.py: --data_dir or --file PATH; train_gpt.py: "
+                        f"--hellaswag_dir)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
