@@ -126,15 +126,7 @@ inline void forget(const Ranges& vars, const Ranges& pages) {
 // in turn, and a block is then ordered after the earlier blocks whose threads it reuses. They are created once
 // (each costs milliseconds) and reused by later grids, which are ordered after the earlier ones anyway.
 constexpr size_t kThreads = 2048;
-struct Thread {
-  void* tsan;
-  unsigned char* stack;
-};
-inline Thread thread(size_t i) {
-  static std::vector<Thread> pool;
-  while (pool.size() <= i) pool.push_back({__tsan_create_fiber(0), new_stack()});
-  return pool[i];
-}
+inline void* new_fiber() { return __tsan_create_fiber(0); }
 #else
 inline void release(void*) {}
 inline void acquire(void*) {}
@@ -143,16 +135,17 @@ inline void switch_to(void*) {}
 inline void forget(const Ranges&, const Ranges&) {}
 // Stacks only, one per thread of a block.
 constexpr size_t kThreads = 1024;
+inline void* new_fiber() { return nullptr; }
+#endif
 struct Thread {
-  void* tsan;
+  void* tsan;  // the sanitizer's fiber (none without ThreadSanitizer)
   unsigned char* stack;
 };
 inline Thread thread(size_t i) {
   static std::vector<Thread> pool;
-  while (pool.size() <= i) pool.push_back({nullptr, new_stack()});
+  while (pool.size() <= i) pool.push_back({new_fiber(), new_stack()});
   return pool[i];
 }
-#endif
 }  // namespace race
 
 // -----------------------------------------------------------------------------
