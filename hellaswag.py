@@ -38,8 +38,12 @@ from prepare import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, config_parser, gpt2_e
 SPLITS = ("train", "val", "test")
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
-DOWNLOAD_TIMEOUT = 20  # seconds the download may wait on the network; nothing retries, so offline runs go on soon
-PAD_MULTIPLE = 32  # the padded row length is the longest row rounded up to this (at most block_size)
+DOWNLOAD_TIMEOUT = (
+    20  # seconds the download may wait on the network; nothing retries, so offline runs go on soon
+)
+PAD_MULTIPLE = (
+    32  # the padded row length is the longest row rounded up to this (at most block_size)
+)
 
 
 def default_batch_size(device):
@@ -49,6 +53,7 @@ def default_batch_size(device):
 
 # -----------------------------------------------------------------------------
 # data: the official jsonl files, their cache folder, download and validation
+
 
 def data_path(split, data_dir):
     return os.path.join(data_dir or DEFAULT_DATA_DIR, f"hellaswag_{split}.jsonl")
@@ -66,16 +71,25 @@ def download(split="val", data_dir=None):
     tmp = f"{dest}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
+        with (
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response,
+            open(tmp, "wb") as f,
+        ):
             shutil.copyfileobj(response, f)
             f.flush()
             os.fsync(f.fileno())
         load_examples(tmp)  # a cut-off transfer or an error page never gets the final name
         os.replace(tmp, dest)
-    except (OSError, http.client.HTTPException, UserError) as e:  # the network, the folder, a bad transfer
-        raise UserError(f"could not download {url} to {dest} ({getattr(e, 'reason', e)}); fix the network, or put "
-                        f"a copy of the file there yourself (hellaswag.py: --data_dir or --file PATH; train_gpt.py: "
-                        f"--hellaswag_dir)") from None
+    except (
+        OSError,
+        http.client.HTTPException,
+        UserError,
+    ) as e:  # the network, the folder, a bad transfer
+        raise UserError(
+            f"could not download {url} to {dest} ({getattr(e, 'reason', e)}); fix the network, or put "
+            f"a copy of the file there yourself (hellaswag.py: --data_dir or --file PATH; train_gpt.py: "
+            f"--hellaswag_dir)"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -96,31 +110,43 @@ def ensure_data(split="val", data_dir=None, master=True, distributed=False):
         dist.barrier()  # the master reaches it whether or not its download worked, so no process waits forever
         path = find_data(split, data_dir)
     if path is None:
-        raise failure or UserError(f"{data_path(split, data_dir)} is missing and the master process could not "
-                                   f"download it; run python hellaswag.py --download where there is network")
+        raise failure or UserError(
+            f"{data_path(split, data_dir)} is missing and the master process could not "
+            f"download it; run python hellaswag.py --download where there is network"
+        )
     return path
 
 
 def check_example(row, where):
     """Refuse a row that cannot be scored, naming where it is and its ind."""
     if not isinstance(row, dict):
-        raise UserError(f"{where}: a JSON {type(row).__name__}, not an example object with ctx, endings and label")
+        raise UserError(
+            f"{where}: a JSON {type(row).__name__}, not an example object with ctx, endings and label"
+        )
     name = f"{where}: example ind={row.get('ind', '?')}"
     if not isinstance(row.get("ctx"), str):
         raise UserError(f"{name} has no 'ctx' string")
     endings = row.get("endings")
-    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-        raise UserError(f"{name} has endings {json.dumps(endings)[:80]}; every example has a list of 4 strings")
+    if not (
+        isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+    ):
+        raise UserError(
+            f"{name} has endings {json.dumps(endings)[:80]}; every example has a list of 4 strings"
+        )
     label = row.get("label")
     if label is not None and (isinstance(label, bool) or label not in (0, 1, 2, 3)):
-        raise UserError(f"{name} has label {label!r}; a label is the index of the right ending: 0, 1, 2 or 3")
+        raise UserError(
+            f"{name} has label {label!r}; a label is the index of the right ending: 0, 1, 2 or 3"
+        )
 
 
 def load_examples(path, limit=None, require_labels=False):
     """The examples of a HellaSwag jsonl file, as parsed (every original field kept), each one checked.
     limit keeps the first N; require_labels refuses unlabelled rows (the test split's labels are hidden)."""
     examples = []
-    with open(path, "rb") as f:  # json.loads decodes each line itself, so bad bytes get a line number too
+    with open(
+        path, "rb"
+    ) as f:  # json.loads decodes each line itself, so bad bytes get a line number too
         for lineno, line in enumerate(f, 1):
             if len(examples) == limit:
                 break
@@ -130,12 +156,16 @@ def load_examples(path, limit=None, require_labels=False):
                 row = json.loads(line)
             except ValueError as e:  # malformed JSON, or not UTF-8
                 why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
-                raise UserError(f"{path}:{lineno}: not a line of JSON text ({why}); the file may be truncated or "
-                                f"not HellaSwag data (delete it and download it again)") from None
+                raise UserError(
+                    f"{path}:{lineno}: not a line of JSON text ({why}); the file may be truncated or "
+                    f"not HellaSwag data (delete it and download it again)"
+                ) from None
             check_example(row, f"{path}:{lineno}")
             if require_labels and row.get("label") is None:
-                raise UserError(f"{path}:{lineno}: example ind={row.get('ind', '?')} has no label, so it cannot be "
-                                f"scored (the test split's labels are not public: use val or train)")
+                raise UserError(
+                    f"{path}:{lineno}: example ind={row.get('ind', '?')} has no label, so it cannot be "
+                    f"scored (the test split's labels are not public: use val or train)"
+                )
             examples.append(row)
     if not examples:
         raise UserError(f"{path} holds no examples")
@@ -145,19 +175,26 @@ def load_examples(path, limit=None, require_labels=False):
 # -----------------------------------------------------------------------------
 # rendering: tokens of context + " " + ending, left-truncated to the model's block size, in fixed-shape arrays
 
+
 def fit_row(ctx, ending, block_size):
     """(tokens, start, truncated): one row of context then ending tokens, the ending from index start. Beyond
     block_size the context loses its oldest tokens; an ending that alone fills the block keeps its first
     block_size - 1 tokens after one context token, so every ending token kept still has a predictor."""
     ctx = ctx or [EOT_TOKEN]  # an empty context reads <|endoftext|>
-    kept_ending = ending[:block_size - 1]
-    kept_ctx = ctx[-(block_size - len(kept_ending)):]
-    return kept_ctx + kept_ending, len(kept_ctx), len(kept_ctx) + len(kept_ending) < len(ctx) + len(ending)
+    kept_ending = ending[: block_size - 1]
+    kept_ctx = ctx[-(block_size - len(kept_ending)) :]
+    return (
+        kept_ctx + kept_ending,
+        len(kept_ctx),
+        len(kept_ctx) + len(kept_ending) < len(ctx) + len(ending),
+    )
 
 
 @dataclass
 class Rendered:  # the labelled examples of a file as the model reads them
-    tokens: np.ndarray  # (n, 4, L) int32 token ids, zero past each row's end; L is the one padded row length
+    tokens: (
+        np.ndarray
+    )  # (n, 4, L) int32 token ids, zero past each row's end; L is the one padded row length
     starts: np.ndarray  # (n, 4) index of each row's first ending token
     lengths: np.ndarray  # (n, 4) tokens in each row
     labels: np.ndarray  # (n,) right ending
@@ -178,23 +215,33 @@ def _render(path, mtime_ns, size, block_size, limit):
     enc = gpt2_encoding()
     contexts = enc.encode_ordinary_batch([ex["ctx"] for ex in examples])
     endings = enc.encode_ordinary_batch([" " + e for ex in examples for e in ex["endings"]])
-    rows, starts, cuts = zip(*(fit_row(contexts[k // 4], e, block_size) for k, e in enumerate(endings)))
+    rows, starts, cuts = zip(
+        *(fit_row(contexts[k // 4], e, block_size) for k, e in enumerate(endings))
+    )
     n = len(examples)
     lengths = np.array([len(row) for row in rows]).reshape(n, 4)
     L = min(-(-lengths.max() // PAD_MULTIPLE) * PAD_MULTIPLE, block_size)
     tokens = np.zeros((4 * n, L), np.int32)
     for k, row in enumerate(rows):
-        tokens[k, :len(row)] = row
-    return Rendered(tokens.reshape(n, 4, L), np.array(starts).reshape(n, 4), lengths,
-                    np.array([ex["label"] for ex in examples]), np.array(cuts).reshape(n, 4).any(1))
+        tokens[k, : len(row)] = row
+    return Rendered(
+        tokens.reshape(n, 4, L),
+        np.array(starts).reshape(n, 4),
+        lengths,
+        np.array([ex["label"] for ex in examples]),
+        np.array(cuts).reshape(n, 4).any(1),
+    )
 
 
 # -----------------------------------------------------------------------------
 # scoring
 
+
 @dataclass
 class Score:
-    correct_norm: int  # right by the lowest mean loss per ending token (acc_norm), over all processes
+    correct_norm: (
+        int  # right by the lowest mean loss per ending token (acc_norm), over all processes
+    )
     correct: int  # right by the lowest summed loss (acc), over all processes
     total: int  # examples scored, over all processes
     truncated: int  # of those, examples with a row cut to fit block_size
@@ -202,7 +249,9 @@ class Score:
     indices: np.ndarray  # this process's examples (positions in the file, counting from 0)
     sum_loss: np.ndarray  # (len(indices), 4) summed cross-entropy of each ending
     mean_loss: np.ndarray  # (len(indices), 4) mean cross-entropy per token of each ending
-    load_seconds: float  # reading and tokenizing the file (next to nothing when it came from memory)
+    load_seconds: (
+        float  # reading and tokenizing the file (next to nothing when it came from memory)
+    )
     seconds: float  # forward passes and scoring, all processes done
 
 
@@ -211,24 +260,36 @@ def _ending_losses(model, data, indices, device, batch_size):
     """(summed, mean) ending losses, each (len(indices), 4), from forward passes of one fixed shape (4 * batch_size,
     L): the last batch is filled with dummy rows, so a compiled model compiles once. Inputs and targets go to the
     device in one copy and the losses come back in one, so the device never waits on the host between passes."""
-    n, L, R = len(indices), data.tokens.shape[2], 4 * batch_size  # examples, row length, rows per forward pass
+    n, L, R = (
+        len(indices),
+        data.tokens.shape[2],
+        4 * batch_size,
+    )  # examples, row length, rows per forward pass
     batches = -(-n // batch_size)
     rows = np.zeros((batches * R, L), np.int32)  # dummy rows stay all zeros
-    rows[:4 * n] = data.tokens[indices].reshape(4 * n, L)
+    rows[: 4 * n] = data.tokens[indices].reshape(4 * n, L)
     positions = np.arange(1, L)  # a token at position t is predicted by the logits at t - 1
     first = np.maximum(data.starts[indices].reshape(4 * n, 1), 1)
-    scored = (positions >= first) & (positions < data.lengths[indices].reshape(4 * n, 1))  # (4n, L - 1)
+    scored = (positions >= first) & (
+        positions < data.lengths[indices].reshape(4 * n, 1)
+    )  # (4n, L - 1)
     row, col = np.nonzero(scored)  # ordered by row, so each batch's scored tokens are one slice
     bounds = np.searchsorted(row, np.arange(batches + 1) * R).tolist()
     inputs = torch.from_numpy(rows).to(device)
     row_t = torch.from_numpy(row).to(device)
-    at = torch.from_numpy(row % R * L + col).to(device)  # flat (row, position) in its batch's logits
+    at = torch.from_numpy(row % R * L + col).to(
+        device
+    )  # flat (row, position) in its batch's logits
     targets = torch.from_numpy(rows[row, col + 1].astype(np.int64)).to(device)
     summed = torch.zeros(4 * n, dtype=torch.float32, device=device)
     for b in range(batches):
-        logits, _ = model(inputs[b * R:(b + 1) * R].long())  # (R, L, vocab), a fresh input tensor each pass
+        logits, _ = model(
+            inputs[b * R : (b + 1) * R].long()
+        )  # (R, L, vocab), a fresh input tensor each pass
         s, e = bounds[b], bounds[b + 1]
-        picked = logits.reshape(R * L, -1)[at[s:e]][:, :GPT2_VOCAB_SIZE].float()  # (K, 50257): no padding ids
+        picked = logits.reshape(R * L, -1)[at[s:e]][
+            :, :GPT2_VOCAB_SIZE
+        ].float()  # (K, 50257): no padding ids
         summed.index_add_(0, row_t[s:e], F.cross_entropy(picked, targets[s:e], reduction="none"))
     summed = summed.double().cpu().numpy().reshape(n, 4)
     return summed, summed / scored.sum(1).reshape(n, 4)
@@ -239,7 +300,9 @@ def score(model, path, block_size, device="cpu", rank=0, world_size=1, batch_siz
     rank r scores examples i % world_size == r. The caller sets eval mode and autocast; model(idx) returns
     (logits, loss) with logits (N, T, vocab). batch_size counts examples (4 rows each) per forward pass."""
     if world_size > 1 and not dist.is_initialized():
-        raise UserError(f"world_size {world_size} needs torch.distributed initialized (run under torchrun)")
+        raise UserError(
+            f"world_size {world_size} needs torch.distributed initialized (run under torchrun)"
+        )
     for name, value in (("batch_size", batch_size), ("limit", limit)):
         if value is not None and value < 1:
             raise UserError(f"--{name} {value} must be at least 1")
@@ -247,31 +310,57 @@ def score(model, path, block_size, device="cpu", rank=0, world_size=1, batch_siz
     data = render_file(path, block_size, limit)
     load_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
     indices = np.arange(rank, len(data.labels), world_size)
-    sum_loss, mean_loss = _ending_losses(model, data, indices, device, batch_size or default_batch_size(device))
+    sum_loss, mean_loss = _ending_losses(
+        model, data, indices, device, batch_size or default_batch_size(device)
+    )
     labels = data.labels[indices]
-    counts = torch.tensor([(mean_loss.argmin(1) == labels).sum(), (sum_loss.argmin(1) == labels).sum(),
-                           len(indices), data.truncated[indices].sum()], device=device)
+    counts = torch.tensor(
+        [
+            (mean_loss.argmin(1) == labels).sum(),
+            (sum_loss.argmin(1) == labels).sum(),
+            len(indices),
+            data.truncated[indices].sum(),
+        ],
+        device=device,
+    )
     if world_size > 1:
         dist.all_reduce(counts)
     correct_norm, correct, total, truncated = counts.tolist()
-    return Score(correct_norm, correct, total, truncated, data.tokens.shape[2], indices, sum_loss, mean_loss,
-                 load_seconds, time.perf_counter() - t0)  # with several processes, until the slowest is done
+    return Score(
+        correct_norm,
+        correct,
+        total,
+        truncated,
+        data.tokens.shape[2],
+        indices,
+        sum_loss,
+        mean_loss,
+        load_seconds,
+        time.perf_counter() - t0,
+    )  # with several processes, until the slowest is done
 
 
 # -----------------------------------------------------------------------------
 # command line
 
+
 @dataclass
 class EvalConfig:
     checkpoint: Optional[str] = None  # a train_gpt.py checkpoint (model_*.pt) to score
-    model_dir: Optional[str] = None  # a local Hugging Face GPT-2 directory (config.json, model.safetensors)
-    model: Optional[str] = None  # a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl); needs network
+    model_dir: Optional[str] = (
+        None  # a local Hugging Face GPT-2 directory (config.json, model.safetensors)
+    )
+    model: Optional[str] = (
+        None  # a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl); needs network
+    )
     split: str = "val"  # which official split to score
     file: Optional[str] = None  # read this local jsonl copy instead of the cached split
     data_dir: str = DEFAULT_DATA_DIR  # the cache folder of the official files
     download: bool = False  # only download --split into --data_dir, then exit
     limit: Optional[int] = None  # score only the first N examples
-    batch_size: Optional[int] = None  # examples (4 rows each) per forward pass; None: 32 on CUDA, 4 elsewhere
+    batch_size: Optional[int] = (
+        None  # examples (4 rows each) per forward pass; None: 32 on CUDA, 4 elsewhere
+    )
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # autocast precision (auto: bfloat16 on CUDA, float32 elsewhere)
     kernels: str = "auto"  # the model's ops: the arcana_kernels extension (cuda) or PyTorch (torch)
@@ -286,8 +375,10 @@ def run(cfg):
         return 0
     given = [f"--{name}" for name in ("checkpoint", "model_dir", "model") if getattr(cfg, name)]
     if len(given) != 1:
-        raise UserError("choose the model with exactly one of --checkpoint PATH, --model_dir DIR or --model NAME"
-                        + (f" (got {' and '.join(given)})" if given else ""))
+        raise UserError(
+            "choose the model with exactly one of --checkpoint PATH, --model_dir DIR or --model NAME"
+            + (f" (got {' and '.join(given)})" if given else "")
+        )
     rt = train_gpt.setup_runtime(cfg.device)
     path = cfg.file or ensure_data(cfg.split, cfg.data_dir, rt.master, rt.ddp)
     ops = train_gpt.select_ops(cfg.kernels, rt.device_type)
@@ -298,48 +389,87 @@ def run(cfg):
             name = f"{name} (step {ckpt['step']})"
         else:
             model = train_gpt.GPT.from_pretrained(name, ops=ops).to(rt.device)
-    except (RuntimeError, TypeError) as e:  # weights of another shape; a model_config GPTConfig does not take
-        raise UserError(f"{flag} {name} does not load into a GPT ({type(e).__name__}: {str(e)[:400]})") from None
+    except (
+        RuntimeError,
+        TypeError,
+    ) as e:  # weights of another shape; a model_config GPTConfig does not take
+        raise UserError(
+            f"{flag} {name} does not load into a GPT ({type(e).__name__}: {str(e)[:400]})"
+        ) from None
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(f"{flag} {name}: {model.config.vocab_size} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}")
+        raise UserError(
+            f"{flag} {name}: {model.config.vocab_size} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}"
+        )
     model.eval()
     if rt.device_type == "cuda":
         torch.set_float32_matmul_precision("high")
     dtype = train_gpt.resolve_dtype(cfg.dtype, rt.device_type)
     batch_size = default_batch_size(rt.device) if cfg.batch_size is None else cfg.batch_size
     with train_gpt.autocast_context(rt.device_type, dtype):
-        s = score(model, path, model.config.block_size, rt.device, rt.rank, rt.world_size, batch_size, cfg.limit)
+        s = score(
+            model,
+            path,
+            model.config.block_size,
+            rt.device,
+            rt.rank,
+            rt.world_size,
+            batch_size,
+            cfg.limit,
+        )
     if not rt.master:
         return 0
     result = {
-        "split": None if cfg.file else cfg.split, "file": path, "model": name, "examples": s.total,
-        "acc": s.correct / s.total, "acc_norm": s.correct_norm / s.total, "correct": s.correct,
-        "correct_norm": s.correct_norm, "truncated": s.truncated, "block_size": model.config.block_size,
-        "seconds": round(s.seconds, 3), "examples_per_s": round(s.total / max(s.seconds, 1e-9), 1),
-        "load_seconds": round(s.load_seconds, 3), "device": rt.device, "dtype": str(dtype).replace("torch.", ""),
-        "batch_size": batch_size, "processes": rt.world_size,
+        "split": None if cfg.file else cfg.split,
+        "file": path,
+        "model": name,
+        "examples": s.total,
+        "acc": s.correct / s.total,
+        "acc_norm": s.correct_norm / s.total,
+        "correct": s.correct,
+        "correct_norm": s.correct_norm,
+        "truncated": s.truncated,
+        "block_size": model.config.block_size,
+        "seconds": round(s.seconds, 3),
+        "examples_per_s": round(s.total / max(s.seconds, 1e-9), 1),
+        "load_seconds": round(s.load_seconds, 3),
+        "device": rt.device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "processes": rt.world_size,
     }
     if cfg.json:
         print(json.dumps(result))
         return 0
-    print(f"{path}: {s.total} examples ({s.truncated} truncated to block_size {result['block_size']}), model {name}")
-    print(f"acc {result['acc']:.4f} ({s.correct}/{s.total})  acc_norm {result['acc_norm']:.4f} "
-          f"({s.correct_norm}/{s.total})")
-    print(f"{s.seconds:.2f} s, {result['examples_per_s']:.1f} examples/s ({rt.world_size} process(es) on {rt.device}, "
-          f"{result['dtype']}, batch_size {batch_size}; {s.load_seconds:.2f} s reading and tokenizing)")
+    print(
+        f"{path}: {s.total} examples ({s.truncated} truncated to block_size {result['block_size']}), model {name}"
+    )
+    print(
+        f"acc {result['acc']:.4f} ({s.correct}/{s.total})  acc_norm {result['acc_norm']:.4f} "
+        f"({s.correct_norm}/{s.total})"
+    )
+    print(
+        f"{s.seconds:.2f} s, {result['examples_per_s']:.1f} examples/s ({rt.world_size} process(es) on {rt.device}, "
+        f"{result['dtype']}, batch_size {batch_size}; {s.load_seconds:.2f} s reading and tokenizing)"
+    )
     return 0
 
 
 def main(argv=None):
-    cfg = config_parser(EvalConfig, __doc__, split=dict(choices=SPLITS),
-                        dtype=dict(choices=["auto", "float32", "bfloat16", "float16"]),
-                        kernels=dict(choices=["auto", "cuda", "torch"])).parse_args(argv)
+    cfg = config_parser(
+        EvalConfig,
+        __doc__,
+        split=dict(choices=SPLITS),
+        dtype=dict(choices=["auto", "float32", "bfloat16", "float16"]),
+        kernels=dict(choices=["auto", "cuda", "torch"]),
+    ).parse_args(argv)
     import train_gpt
 
     try:
         return run(cfg)
     except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
+        print(
+            f"error: {' '.join(str(e).split())}", file=sys.stderr
+        )  # one line, whatever the message holds
         return 2
     finally:
         train_gpt.end_distributed()  # before interpreter shutdown: a later teardown aborts under torchrun

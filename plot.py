@@ -37,23 +37,39 @@ GPT2_HELLASWAG = {"124M": 0.2945, "350M": 0.3752, "774M": 0.4320, "1558M": 0.488
 GPT3_HELLASWAG = {"124M": 0.337, "350M": 0.436, "774M": 0.510, "1558M": 0.547}
 GPT3_NAME = {"124M": "125M", "350M": "350M", "774M": "760M", "1558M": "1.3B"}
 
-STANDARD_STREAMS = ("train", "val", "hella")  # the two fixed panels; any other stream needs --streams
+STANDARD_STREAMS = (
+    "train",
+    "val",
+    "hella",
+)  # the two fixed panels; any other stream needs --streams
 PANEL_WIDTH, PANEL_HEIGHT, DPI = 7, 5, 100  # inches and dots per inch: 700 x 500 pixels per panel
 # Runs get these colours in order. Red and green are kept for the GPT-2 and GPT-3 baselines.
-RUN_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive", "tab:gray")
-MAX_WARNINGS_PER_LOG = 10  # a corrupted file should not bury the summary under thousands of warnings
+RUN_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:cyan",
+    "tab:olive",
+    "tab:gray",
+)
+MAX_WARNINGS_PER_LOG = (
+    10  # a corrupted file should not bury the summary under thousands of warnings
+)
 
 
 # -----------------------------------------------------------------------------
 # reading logs
 
+
 @dataclass
 class Log:
-    path: str              # the log.txt read
-    label: str             # legend and summary name
-    streams: dict          # stream name -> (steps int64 array, values float64 array), sorted by step
-    problems: list         # "file:line: why" for each skipped malformed line
-    tokens_per_step: int   # for --x tokens
+    path: str  # the log.txt read
+    label: str  # legend and summary name
+    streams: dict  # stream name -> (steps int64 array, values float64 array), sorted by step
+    problems: list  # "file:line: why" for each skipped malformed line
+    tokens_per_step: int  # for --x tokens
 
 
 def parse_log(path):
@@ -64,7 +80,9 @@ def parse_log(path):
             # [:-1]: the "" after the last newline, or a line still being written (maybe cut mid-number): ignored
             lines = f.read().split("\n")[:-1]
     except OSError as e:  # unreadable, or gone while --watch runs
-        raise UserError(f"{path}: cannot read it ({e.strerror}); check the path and its permissions")
+        raise UserError(
+            f"{path}: cannot read it ({e.strerror}); check the path and its permissions"
+        )
     points, problems = {}, []
     for number, line in enumerate(lines, start=1):
         fields = line.split()  # also drops the \r of a log edited on Windows
@@ -75,11 +93,18 @@ def parse_log(path):
         except (IndexError, ValueError):
             step = -1
         if len(fields) != 3 or step < 0:
-            problems.append(f"{path}:{number}: {line.strip()[:60]!r} is not '{{step}} {{stream}} {{value}}'; skipped")
+            problems.append(
+                f"{path}:{number}: {line.strip()[:60]!r} is not '{{step}} {{stream}} {{value}}'; skipped"
+            )
             continue
         points.setdefault(fields[1], {})[step] = value
-    return {name: (np.array(sorted(by_step), dtype=np.int64), np.array([by_step[s] for s in sorted(by_step)]))
-            for name, by_step in points.items()}, problems
+    return {
+        name: (
+            np.array(sorted(by_step), dtype=np.int64),
+            np.array([by_step[s] for s in sorted(by_step)]),
+        )
+        for name, by_step in points.items()
+    }, problems
 
 
 def default_labels(paths):
@@ -89,7 +114,9 @@ def default_labels(paths):
         labels = ["/".join(p[-depth:]).lstrip("/") or "/" for p in parts]
         if len(set(labels)) == len(labels):
             return labels
-    return [os.path.abspath(p) for p in paths]  # the same file given twice: nothing tells them apart
+    return [
+        os.path.abspath(p) for p in paths
+    ]  # the same file given twice: nothing tells them apart
 
 
 def load_logs(paths, labels=None, tokens_per_step=None, need_tokens=False):
@@ -102,17 +129,26 @@ def load_logs(paths, labels=None, tokens_per_step=None, need_tokens=False):
             try:
                 with open(meta_path, encoding="utf-8") as f:
                     tps = json.load(f).get("tokens_per_step", tps)
-            except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a JSON object
-                raise UserError(f"{meta_path} is not a readable JSON object ({e}); fix or remove it")
+            except (
+                OSError,
+                ValueError,
+                AttributeError,
+            ) as e:  # unreadable, not JSON, not a JSON object
+                raise UserError(
+                    f"{meta_path} is not a readable JSON object ({e}); fix or remove it"
+                )
         if need_tokens and not (type(tps) is int and tps > 0):
-            raise UserError(f"--x tokens: no positive integer tokens_per_step for {path} (got {tps!r}); fix its "
-                            "run.json, pass --tokens_per_step N (524288 for GPT-2's 0.5M-token batch) or use --x steps")
+            raise UserError(
+                f"--x tokens: no positive integer tokens_per_step for {path} (got {tps!r}); fix its "
+                "run.json, pass --tokens_per_step N (524288 for GPT-2's 0.5M-token batch) or use --x steps"
+            )
         logs.append(Log(path, label, *parse_log(path), tps))
     return logs
 
 
 def format_summary(logs):
     """A table, one row per log: its last step, then min train, min val and max hella as 'value @ step'."""
+
     def extreme(log, stream, pick):  # NaN skipped; argmin/argmax give the earliest step on ties
         steps, values = log.streams.get(stream, (np.zeros(0), np.zeros(0)))
         finite = np.isfinite(values)
@@ -120,16 +156,27 @@ def format_summary(logs):
         return "-" if i is None else f"{values[finite][i]:.4f} @ {steps[finite][i]}"
 
     rows = [("run", "last step", "min train @ step", "min val @ step", "max hella @ step")]
-    rows += [(log.label, str(max((s[-1] for s, _ in log.streams.values()), default="-")),
-              extreme(log, "train", np.argmin), extreme(log, "val", np.argmin), extreme(log, "hella", np.argmax))
-             for log in logs]
+    rows += [
+        (
+            log.label,
+            str(max((s[-1] for s, _ in log.streams.values()), default="-")),
+            extreme(log, "train", np.argmin),
+            extreme(log, "val", np.argmin),
+            extreme(log, "hella", np.argmax),
+        )
+        for log in logs
+    ]
     widths = [max(map(len, column)) for column in zip(*rows)]
     # the label left-aligned, the numbers right-aligned so the digits line up
-    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in rows)
+    return "\n".join(
+        "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
+        for r in rows
+    )
 
 
 # -----------------------------------------------------------------------------
 # drawing
+
 
 def smooth(values, window):
     """Centred mean over `window` points: a trailing one runs half a window behind a falling loss. Near the first
@@ -158,13 +205,25 @@ def _human_count(x, _pos=None):
 def build_figure(logs, size="124M", smooth_window=100, x_unit="steps", extra_streams=()):
     """loss | HellaSwag | one panel per extra stream, side by side. size picks the baselines ("NONE" hides them);
     x_unit "tokens" needs each log's tokens_per_step."""
-    fig = Figure(figsize=(PANEL_WIDTH * (2 + len(extra_streams)), PANEL_HEIGHT), dpi=DPI, layout="constrained")
+    fig = Figure(
+        figsize=(PANEL_WIDTH * (2 + len(extra_streams)), PANEL_HEIGHT),
+        dpi=DPI,
+        layout="constrained",
+    )
     axes = fig.subplots(1, 2 + len(extra_streams), sharex=True)
     gpt2, gpt3 = f"OpenAI GPT-2 {size}", f"GPT-3 {GPT3_NAME.get(size)}"
-    panels = [("loss", "loss (log scale)", ["train", "val"], [(GPT2_VAL_LOSS, "tab:red", f"{gpt2} val")]),
-              ("HellaSwag", "acc_norm", ["hella"], [(GPT2_HELLASWAG, "tab:red", gpt2),
-                                                    (GPT3_HELLASWAG, "tab:green", gpt3)])]
-    for ax, (title, ylabel, streams, baselines) in zip(axes, panels + [(s, s, [s], []) for s in extra_streams]):
+    panels = [
+        ("loss", "loss (log scale)", ["train", "val"], [(GPT2_VAL_LOSS, "tab:red", f"{gpt2} val")]),
+        (
+            "HellaSwag",
+            "acc_norm",
+            ["hella"],
+            [(GPT2_HELLASWAG, "tab:red", gpt2), (GPT3_HELLASWAG, "tab:green", gpt3)],
+        ),
+    ]
+    for ax, (title, ylabel, streams, baselines) in zip(
+        axes, panels + [(s, s, [s], []) for s in extra_streams]
+    ):
         for i, log in enumerate(logs):
             color = RUN_COLORS[i % len(RUN_COLORS)]
             for stream in [s for s in streams if s in log.streams]:
@@ -175,13 +234,30 @@ def build_figure(logs, size="124M", smooth_window=100, x_unit="steps", extra_str
                     ax.plot(xs, values, color=color, alpha=0.2, linewidth=0.6)
                     values = smooth(values, smooth_window)
                     label += f" (mean of {smooth_window})" if smooth_window > 1 else ""
-                marker = "o" if stream in ("val", "hella") else None  # evaluations are sparse: mark each one
-                ax.plot(xs, values, color=color, linewidth=1.4, marker=marker, markersize=3, label=label)
+                marker = (
+                    "o" if stream in ("val", "hella") else None
+                )  # evaluations are sparse: mark each one
+                ax.plot(
+                    xs, values, color=color, linewidth=1.4, marker=marker, markersize=3, label=label
+                )
         if not ax.lines:
-            ax.text(0.5, 0.5, f"no {' or '.join(streams)} lines yet", transform=ax.transAxes, ha="center", color="0.5")
+            ax.text(
+                0.5,
+                0.5,
+                f"no {' or '.join(streams)} lines yet",
+                transform=ax.transAxes,
+                ha="center",
+                color="0.5",
+            )
         for table, color, name in baselines:
             if size in table:
-                ax.axhline(table[size], color=color, linestyle="--", linewidth=1.2, label=f"{name} ({table[size]})")
+                ax.axhline(
+                    table[size],
+                    color=color,
+                    linestyle="--",
+                    linewidth=1.2,
+                    label=f"{name} ({table[size]})",
+                )
         if ax.lines:  # the loss falls to the bottom right and HellaSwag climbs away from the bottom: corners kept clear
             ax.legend(loc="upper right" if ax is axes[0] else "lower right", fontsize="small")
         ax.set(title=title, ylabel=ylabel, xlabel="tokens" if x_unit == "tokens" else "step")
@@ -203,29 +279,78 @@ def build_figure(logs, size="124M", smooth_window=100, x_unit="steps", extra_str
 # -----------------------------------------------------------------------------
 # command line
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("logs", nargs="+", help="log.txt files (or the folders holding them); several are overlaid")
-    p.add_argument("-o", "--out", metavar="PNG", help="PNG to write (default: plot.png next to the first log)")
-    p.add_argument("--labels", metavar="A,B", help="comma-separated legend names, one per log (default: folder names)")
-    p.add_argument("--size", type=str.upper, choices=(*GPT2_HELLASWAG, "NONE"), default="124M",
-                   help="GPT-2 size whose GPT-2/GPT-3 baselines to draw; none hides them")
-    p.add_argument("--smooth", type=int, default=100, metavar="N", help="train loss: centred mean of N points, 1: none")
-    p.add_argument("--x", choices=("steps", "tokens"), default="steps", help="x axis; tokens = step x tokens_per_step")
-    p.add_argument("--tokens_per_step", type=int, metavar="N", help="for logs without run.json (build-nanogpt: 524288)")
-    p.add_argument("--streams", default="", metavar="A,B", help="extra streams to plot, a panel each, or 'all'")
-    p.add_argument("--watch", type=float, metavar="SECONDS", help="check every SECONDS, redraw when a log changed")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "logs", nargs="+", help="log.txt files (or the folders holding them); several are overlaid"
+    )
+    p.add_argument(
+        "-o", "--out", metavar="PNG", help="PNG to write (default: plot.png next to the first log)"
+    )
+    p.add_argument(
+        "--labels",
+        metavar="A,B",
+        help="comma-separated legend names, one per log (default: folder names)",
+    )
+    p.add_argument(
+        "--size",
+        type=str.upper,
+        choices=(*GPT2_HELLASWAG, "NONE"),
+        default="124M",
+        help="GPT-2 size whose GPT-2/GPT-3 baselines to draw; none hides them",
+    )
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=100,
+        metavar="N",
+        help="train loss: centred mean of N points, 1: none",
+    )
+    p.add_argument(
+        "--x",
+        choices=("steps", "tokens"),
+        default="steps",
+        help="x axis; tokens = step x tokens_per_step",
+    )
+    p.add_argument(
+        "--tokens_per_step",
+        type=int,
+        metavar="N",
+        help="for logs without run.json (build-nanogpt: 524288)",
+    )
+    p.add_argument(
+        "--streams", default="", metavar="A,B", help="extra streams to plot, a panel each, or 'all'"
+    )
+    p.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="check every SECONDS, redraw when a log changed",
+    )
     args = p.parse_args(argv)
-    for name, value in [("smooth", args.smooth), ("tokens_per_step", args.tokens_per_step), ("watch", args.watch)]:
+    for name, value in [
+        ("smooth", args.smooth),
+        ("tokens_per_step", args.tokens_per_step),
+        ("watch", args.watch),
+    ]:
         if value is not None and not value > 0:
             p.error(f"--{name} {value}: must be above 0")
     args.labels = args.labels and args.labels.split(",")
     if args.labels and len(args.labels) != len(args.logs):
-        p.error(f"--labels gave {len(args.labels)} label(s) for {len(args.logs)} log(s); give one per log, in order")
-    args.logs = [os.path.join(path, "log.txt") if os.path.isdir(path) else path for path in args.logs]
+        p.error(
+            f"--labels gave {len(args.labels)} label(s) for {len(args.logs)} log(s); give one per log, in order"
+        )
+    args.logs = [
+        os.path.join(path, "log.txt") if os.path.isdir(path) else path for path in args.logs
+    ]
     for path in args.logs:
         if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file; pass a run's log.txt or the folder that holds it")
+            raise UserError(
+                f"{path}: no such file; pass a run's log.txt or the folder that holds it"
+            )
     args.out = args.out or os.path.join(os.path.dirname(args.logs[0]), "plot.png")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: plot.py writes PNG; give a name ending in .png")
@@ -242,33 +367,49 @@ def plot_once(args, reported):
         for msg in fresh[:MAX_WARNINGS_PER_LOG]:
             print(f"warning: {msg}", file=sys.stderr)
         if len(fresh) > MAX_WARNINGS_PER_LOG:
-            print(f"warning: {log.path}: {len(fresh) - MAX_WARNINGS_PER_LOG} more malformed lines", file=sys.stderr)
+            print(
+                f"warning: {log.path}: {len(fresh) - MAX_WARNINGS_PER_LOG} more malformed lines",
+                file=sys.stderr,
+            )
     empty = [log.path for log in logs if not log.streams]
     if empty and not args.watch:
-        raise UserError(f"{empty[0]} has no '{{step}} {{stream}} {{value}}' lines yet; wait for the run's first "
-                        "step, or add --watch SECONDS to redraw as lines arrive")
+        raise UserError(
+            f"{empty[0]} has no '{{step}} {{stream}} {{value}}' lines yet; wait for the run's first "
+            "step, or add --watch SECONDS to redraw as lines arrive"
+        )
     if len(empty) == len(logs):
         print(f"waiting for lines in {', '.join(args.logs)}", flush=True)
         return
 
-    available = list(dict.fromkeys(s for log in logs for s in log.streams if s not in STANDARD_STREAMS))
+    available = list(
+        dict.fromkeys(s for log in logs for s in log.streams if s not in STANDARD_STREAMS)
+    )
     wanted = [s for s in args.streams.split(",") if s and s not in STANDARD_STREAMS]
     extra = available if "all" in wanted else wanted
     unknown = [s for s in extra if s not in available]
     if unknown and not args.watch:
-        raise UserError(f"--streams {','.join(unknown)}: not in any log; the logs have "
-                        f"{', '.join(available) or 'no extra streams'} (train, val and hella are always plotted)")
+        raise UserError(
+            f"--streams {','.join(unknown)}: not in any log; the logs have "
+            f"{', '.join(available) or 'no extra streams'} (train, val and hella are always plotted)"
+        )
     fig = build_figure(logs, args.size, args.smooth, args.x, extra)
     try:  # a viewer reloading the PNG during --watch sees the old one or the new one, never half of one
         fig.savefig(args.out + ".tmp", format="png", dpi=DPI)
         os.replace(args.out + ".tmp", args.out)
     except OSError as e:
-        raise UserError(f"cannot write {args.out} ({e.strerror}); fix that or choose another -o/--out")
+        raise UserError(
+            f"cannot write {args.out} ({e.strerror}); fix that or choose another -o/--out"
+        )
     print(format_summary(logs))
     unshown = [s for s in available if s not in extra]
     if unshown:
-        print(f"other streams in the logs: {', '.join(unshown)} (add --streams {','.join(unshown)} to plot them)")
-    print(f"wrote {args.out} ({PANEL_WIDTH * DPI * (2 + len(extra))} x {PANEL_HEIGHT * DPI} px)", flush=True)
+        print(
+            f"other streams in the logs: {', '.join(unshown)} (add --streams {','.join(unshown)} to plot them)"
+        )
+    print(
+        f"wrote {args.out} ({PANEL_WIDTH * DPI * (2 + len(extra))} x {PANEL_HEIGHT * DPI} px)",
+        flush=True,
+    )
 
 
 def run(args, sleep=time.sleep):
@@ -276,7 +417,10 @@ def run(args, sleep=time.sleep):
     drawn, reported = None, set()
     try:
         while True:
-            state = [(os.path.getsize(p), os.path.getmtime(p)) if os.path.exists(p) else None for p in args.logs]
+            state = [
+                (os.path.getsize(p), os.path.getmtime(p)) if os.path.exists(p) else None
+                for p in args.logs
+            ]
             if state != drawn:  # a missing log is reported by plot_once
                 plot_once(args, reported)
                 drawn = state

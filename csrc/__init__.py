@@ -18,26 +18,55 @@ from . import arcana_kernels  # noqa: F401  (loading it declares torch.ops.arcan
 
 
 def _row_stats(x):
-    return x.new_empty(x.shape[:-1], dtype=torch.float32), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape[:-1], dtype=torch.float32), x.new_empty(
+        x.shape[:-1], dtype=torch.float32
+    )
 
 
 _fake = torch.library.register_fake
-_fake("arcana::layer_norm_fwd")(lambda x, weight, bias, eps, out_dtype=None: (
-    torch.empty_like(x, dtype=out_dtype), *_row_stats(x)))
-_fake("arcana::add_layer_norm_fwd")(lambda x, y, weight, bias, eps, out_dtype=None: (
-    torch.empty_like(x), torch.empty_like(x, dtype=out_dtype), *_row_stats(x)))
-_fake("arcana::layer_norm_bwd")(lambda dout, x, weight, mean, rstd, dr=None, dy_dtype=None: (
-    torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight),
-    x.new_empty(0) if dy_dtype is None else torch.empty_like(x, dtype=dy_dtype)))
+_fake("arcana::layer_norm_fwd")(
+    lambda x, weight, bias, eps, out_dtype=None: (
+        torch.empty_like(x, dtype=out_dtype),
+        *_row_stats(x),
+    )
+)
+_fake("arcana::add_layer_norm_fwd")(
+    lambda x, y, weight, bias, eps, out_dtype=None: (
+        torch.empty_like(x),
+        torch.empty_like(x, dtype=out_dtype),
+        *_row_stats(x),
+    )
+)
+_fake("arcana::layer_norm_bwd")(
+    lambda dout, x, weight, mean, rstd, dr=None, dy_dtype=None: (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        torch.empty_like(weight),
+        x.new_empty(0) if dy_dtype is None else torch.empty_like(x, dtype=dy_dtype),
+    )
+)
 _fake("arcana::gelu_fwd")(lambda x, bias=None: torch.empty_like(x))
-_fake("arcana::gelu_bwd")(lambda dout, x, bias=None: (
-    torch.empty_like(x), torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=torch.float32)))
-_fake("arcana::attention_fwd")(lambda qkv: (  # qkv (B, T, 3, H, D) -> out (B, T, H, D), lse (B, H, T)
-    qkv.new_empty(qkv.shape[:2] + qkv.shape[3:]),
-    qkv.new_empty(qkv.shape[0], qkv.shape[3], qkv.shape[1], dtype=torch.float32)))
-_fake("arcana::attention_bwd")(lambda dout, qkv, out, lse: qkv.new_empty(qkv.shape))  # dqkv, contiguous
-_fake("arcana::cross_entropy_fwd_bwd")(lambda logits, targets, grad_scale, compute_grad: (
-    logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape if compute_grad else 0)))
+_fake("arcana::gelu_bwd")(
+    lambda dout, x, bias=None: (
+        torch.empty_like(x),
+        torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=torch.float32),
+    )
+)
+_fake("arcana::attention_fwd")(
+    lambda qkv: (  # qkv (B, T, 3, H, D) -> out (B, T, H, D), lse (B, H, T)
+        qkv.new_empty(qkv.shape[:2] + qkv.shape[3:]),
+        qkv.new_empty(qkv.shape[0], qkv.shape[3], qkv.shape[1], dtype=torch.float32),
+    )
+)
+_fake("arcana::attention_bwd")(
+    lambda dout, qkv, out, lse: qkv.new_empty(qkv.shape)
+)  # dqkv, contiguous
+_fake("arcana::cross_entropy_fwd_bwd")(
+    lambda logits, targets, grad_scale, compute_grad: (
+        logits.new_empty(logits.shape[:1], dtype=torch.float32),
+        logits.new_empty(logits.shape if compute_grad else 0),
+    )
+)
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -46,7 +75,9 @@ def _layer_norm_setup(ctx, inputs, output):
 
 
 def _layer_norm_backward(ctx, dout, dmean, drstd):
-    dx, dweight, dbias, _ = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors)  # dout: out's dtype
+    dx, dweight, dbias, _ = torch.ops.arcana.layer_norm_bwd(
+        dout.contiguous(), *ctx.saved_tensors
+    )  # dout: out's dtype
     return dx, dweight, dbias, None, None
 
 
@@ -54,14 +85,17 @@ def _add_layer_norm_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[2:])
     ctx.save_for_backward(output[0], inputs[2], *output[2:])  # the backward normalizes r = x + y
     x, y = inputs[:2]
-    ctx.y_dtype = y.dtype if y.dtype != x.dtype else None  # y's gradient, when it needs its own dtype
+    ctx.y_dtype = (
+        y.dtype if y.dtype != x.dtype else None
+    )  # y's gradient, when it needs its own dtype
 
 
 def _add_layer_norm_backward(ctx, dr, dout, dmean, drstd):
     # r's gradient: dr from the blocks after it, plus the one through LayerNorm(r); x and y both get it, y in its
     # own dtype from the same kernel (else autograd would add a cast kernel)
-    dx, dweight, dbias, dy = torch.ops.arcana.layer_norm_bwd(dout.contiguous(), *ctx.saved_tensors, dr.contiguous(),
-                                                             ctx.y_dtype)
+    dx, dweight, dbias, dy = torch.ops.arcana.layer_norm_bwd(
+        dout.contiguous(), *ctx.saved_tensors, dr.contiguous(), ctx.y_dtype
+    )
     return dx, dx if ctx.y_dtype is None else dy, dweight, dbias, None, None
 
 
@@ -84,10 +118,12 @@ def _attention_backward(ctx, dout, dlse):
     return torch.ops.arcana.attention_bwd(dout, *ctx.saved_tensors)
 
 
-for _op, _backward, _setup in [("layer_norm_fwd", _layer_norm_backward, _layer_norm_setup),
-                               ("add_layer_norm_fwd", _add_layer_norm_backward, _add_layer_norm_setup),
-                               ("gelu_fwd", _gelu_backward, _gelu_setup),
-                               ("attention_fwd", _attention_backward, _attention_setup)]:
+for _op, _backward, _setup in [
+    ("layer_norm_fwd", _layer_norm_backward, _layer_norm_setup),
+    ("add_layer_norm_fwd", _add_layer_norm_backward, _add_layer_norm_setup),
+    ("gelu_fwd", _gelu_backward, _gelu_setup),
+    ("attention_fwd", _attention_backward, _attention_setup),
+]:
     torch.library.register_autograd(f"arcana::{_op}", _backward, setup_context=_setup)
 
 # -----------------------------------------------------------------------------
@@ -105,35 +141,51 @@ def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
     if not compute_grad:
         return losses, logits.new_empty(0)
     grad = torch.exp(lf - lse.unsqueeze(1))  # softmax
-    grad.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))  # minus the one-hot target
+    grad.scatter_add_(
+        1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype)
+    )  # minus the one-hot target
     grad *= (valid.float() * grad_scale).unsqueeze(1)
     return losses, grad.to(logits.dtype)
 
 
-ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm(..., out_dtype=, out=): newer torch
+ADDMM_OUT_DTYPE = (
+    "dtype_out" in torch.ops.aten.addmm.overloads()
+)  # addmm(..., out_dtype=, out=): newer torch
 
 
 @torch.library.custom_op("arcana::lm_head_loss", mutates_args=())
-def lm_head_loss_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-                    compute_grad: bool, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lm_head_loss_op(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int,
+    compute_grad: bool,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of logits = h @ weight.T against targets (-1 = ignore), chunk_rows rows at a time so the
     logits never exist whole. The gradients are made on the way (each chunk's dlogits is used at once and
     dropped): returns (loss, dh, dweight), the last two empty without compute_grad."""
     h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     count = (t != -1).sum()
-    grad_scale = 1.0 / count.clamp(min=1).float()  # stays on the device: the host never waits for the GPU here
-    loss = torch.zeros((), dtype=torch.float64, device=h.device)  # a sum of many rows: keep its digits
+    grad_scale = (
+        1.0 / count.clamp(min=1).float()
+    )  # stays on the device: the host never waits for the GPU here
+    loss = torch.zeros(
+        (), dtype=torch.float64, device=h.device
+    )  # a sum of many rows: keep its digits
     dh = torch.empty_like(h2) if compute_grad else h.new_empty(0)
     dweight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad else weight.new_empty(0)
     cross_entropy = torch.ops.arcana.cross_entropy_fwd_bwd if use_kernel else cross_entropy_rows
     for start in range(0, h2.size(0), chunk_rows):
-        hc, tc = h2[start:start + chunk_rows], t[start:start + chunk_rows]
+        hc, tc = h2[start : start + chunk_rows], t[start : start + chunk_rows]
         logits = hc @ weight.t()  # (rows, vocab)
         losses, dlogits = cross_entropy(logits, tc, grad_scale, compute_grad)
         del logits  # its memory serves the next chunk's logits
         loss += losses.sum(dtype=torch.float64)
         if compute_grad:
-            torch.mm(dlogits, weight, out=dh[start:start + chunk_rows])  # written in place, no temporary
+            torch.mm(
+                dlogits, weight, out=dh[start : start + chunk_rows]
+            )  # written in place, no temporary
             if ADDMM_OUT_DTYPE and dlogits.is_cuda and dlogits.dtype != torch.float32:
                 # cuBLAS adds the bf16 product into the fp32 sum itself: no (vocab, C) fp32 temporary per chunk
                 torch.addmm(dweight, dlogits.t(), hc, out_dtype=torch.float32, out=dweight)
@@ -158,7 +210,14 @@ def _lm_head_loss_setup(ctx, inputs, output):
 
 def _lm_head_loss_backward(ctx, grad_loss, grad_dh, grad_dweight):
     dh, dweight = ctx.saved_tensors
-    return grad_loss.to(dh.dtype) * dh, (grad_loss * dweight).to(ctx.weight_dtype), None, None, None, None
+    return (
+        grad_loss.to(dh.dtype) * dh,
+        (grad_loss * dweight).to(ctx.weight_dtype),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 lm_head_loss_op.register_autograd(_lm_head_loss_backward, setup_context=_lm_head_loss_setup)
@@ -188,6 +247,7 @@ class CudaOps:
     the PyTorch ops it is given. Under autocast the residual stream x is float32 and the branch outputs bf16: the
     kernels take that pair as it is and give what the PyTorch path gives, but for LayerNorm outputs already in
     the autocast dtype that the Linear after them would cast them to."""
+
     name = "cuda"
 
     def __init__(self, torch_ops):
@@ -196,12 +256,15 @@ class CudaOps:
     def layer_norm(self, x, ln):
         """LayerNorm's output in the dtype of the matmul it feeds (autocast's, else x's): the PyTorch path's float32
         result rounded once, with no cast kernel after it, nor one for its gradient."""
-        return torch.ops.arcana.layer_norm_fwd(x.contiguous(), ln.weight, ln.bias, ln.eps, matmul_dtype(x))[0]
+        return torch.ops.arcana.layer_norm_fwd(
+            x.contiguous(), ln.weight, ln.bias, ln.eps, matmul_dtype(x)
+        )[0]
 
     def add_layer_norm(self, x, y, ln):
         """r = x + y in x's dtype (the float32 residual stream), its LayerNorm as in layer_norm."""
-        r, h, _, _ = torch.ops.arcana.add_layer_norm_fwd(x.contiguous(), y.contiguous(), ln.weight, ln.bias, ln.eps,
-                                                         matmul_dtype(x))
+        r, h, _, _ = torch.ops.arcana.add_layer_norm_fwd(
+            x.contiguous(), y.contiguous(), ln.weight, ln.bias, ln.eps, matmul_dtype(x)
+        )
         return r, h
 
     def linear_gelu(self, x, fc):

@@ -5,7 +5,10 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-for path in (TESTS, ROOT):  # the tests' shared helpers (kernel_testing.py); train_gpt.py and the other scripts
+for path in (
+    TESTS,
+    ROOT,
+):  # the tests' shared helpers (kernel_testing.py); train_gpt.py and the other scripts
     if path not in sys.path:
         sys.path.insert(0, path)
 
@@ -24,9 +27,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def arcana():
     """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
+    import kernel_testing
     import torch
 
-    import kernel_testing
     kernel_testing.require_kernels()
     return torch.ops.arcana
 

@@ -25,8 +25,10 @@ def require_kernels():
     try:
         import csrc
     except ImportError as e:
-        reason = (f"the arcana_kernels extension is not built ({e}); "
-                  f"build it with `python setup.py build_ext --inplace`")
+        reason = (
+            f"the arcana_kernels extension is not built ({e}); "
+            f"build it with `python setup.py build_ext --inplace`"
+        )
         if os.environ.get("ARCANA_REQUIRE_KERNELS") == "1":
             pytest.fail(reason + " (ARCANA_REQUIRE_KERNELS=1)")
         pytest.skip(reason)
@@ -39,6 +41,7 @@ def short(dtype):
 
 # -----------------------------------------------------------------------------
 # the CPU emulators
+
 
 def cuda_include_dir():
     """The CUDA headers' directory (the emulators need cuda_bf16.h and cuda_fp16.h), or None."""
@@ -60,8 +63,20 @@ def emulator_command(source, output, *flags):
     cxx, inc = shutil.which("g++"), cuda_include_dir()
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
-    return [cxx, "-std=c++20", "-O1", "-fsanitize=alignment", "-fno-sanitize-recover=alignment", *flags, "-pthread",
-            f"-I{inc}", "-w", os.path.join(TESTS, source), "-o", output]
+    return [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-fsanitize=alignment",
+        "-fno-sanitize-recover=alignment",
+        *flags,
+        "-pthread",
+        f"-I{inc}",
+        "-w",
+        os.path.join(TESTS, source),
+        "-o",
+        output,
+    ]
 
 
 def build_emulator(tmp_path_factory, source):
@@ -69,20 +84,27 @@ def build_emulator(tmp_path_factory, source):
     lib_path = str(tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so"))
     cmd = emulator_command(source, lib_path, "-shared", "-fPIC")
     res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, (
+        f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    )
     return ctypes.CDLL(lib_path)
 
 
 # -----------------------------------------------------------------------------
 # tables of errors, printed after a module's tests
 
+
 def format_table(header, rows, left=1):
     """Rows of cells under header, each column as wide as its widest cell: the first `left` columns (names)
     left-aligned, the others (numbers) right-aligned."""
     cells = [list(map(str, header))] + [list(map(str, row)) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in cells]
+    return [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
+        for row in cells
+    ]
 
 
 def print_after_tests(config, lines):
@@ -119,15 +141,24 @@ class WorstErrors:
         """The table, one row per key (none when nothing was recorded)."""
         if not self.worst:
             return []
-        rows = [[*key, shape, f"{err:.3e}", "-" if torch_err is None else f"{torch_err:.3e}", f"{tol:.3e}",
-                 "pass" if ratio <= 1 else "FAIL"]
-                for key, (ratio, shape, err, torch_err, tol) in sorted(self.worst.items())]
+        rows = [
+            [
+                *key,
+                shape,
+                f"{err:.3e}",
+                "-" if torch_err is None else f"{torch_err:.3e}",
+                f"{tol:.3e}",
+                "pass" if ratio <= 1 else "FAIL",
+            ]
+            for key, (ratio, shape, err, torch_err, tol) in sorted(self.worst.items())
+        ]
         header = [*self.key_names, "worst shape", "max err", "torch err", "tolerance", "result"]
         return format_table(header, rows, left=len(self.key_names) + 1)
 
 
 # -----------------------------------------------------------------------------
 # training runs
+
 
 def write_shards(folder, seed, vocab, period, n_train, n_val):
     """A learnable token stream in train_gpt.py's shard format: a fixed random sequence of `period` tokens
@@ -159,7 +190,9 @@ def train_losses(args, log_dir, kernels, timeout):
     loss of every step. The run must succeed and record the kernels it used."""
     cmd = [sys.executable, "train_gpt.py", *args, "--kernels", kernels, "--log_dir", log_dir]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     with open(os.path.join(log_dir, "run.json")) as f:
         assert json.load(f)["kernels"] == kernels
     return read_train_losses(log_dir)

@@ -28,10 +28,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import (
+    build_emulator,
+    emulator_command,
+    format_table,
+    print_after_tests,
+    read_train_losses,
+    require_kernels,
+)
 
 import train_gpt
-from kernel_testing import (build_emulator, emulator_command, format_table, print_after_tests, read_train_losses,
-                            require_kernels)
 from train_gpt import TorchOps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,9 +53,15 @@ def make_inputs(B, T, H, D, dtype, seed, device="cpu", layout="packed"):
     packed: a view of c_attn's (B, T, 3C) output; stacked: a view of a (3, B, H, T, D) tensor (other strides);
     padded: rows of 3C + 64 elements of which the last 3C are used (a stride that is not 3C)."""
     g = torch.Generator().manual_seed(seed)
-    shape = {"packed": (B, T, 3 * H * D), "stacked": (3, B, H, T, D), "padded": (B, T, 3 * H * D + 64)}[layout]
-    base = torch.randn(shape, generator=g).to(device=device, dtype=dtype)  # the views come after .to(), which
-    if layout == "packed":                                                 # would make a padded one contiguous
+    shape = {
+        "packed": (B, T, 3 * H * D),
+        "stacked": (3, B, H, T, D),
+        "padded": (B, T, 3 * H * D + 64),
+    }[layout]
+    base = torch.randn(shape, generator=g).to(
+        device=device, dtype=dtype
+    )  # the views come after .to(), which
+    if layout == "packed":  # would make a padded one contiguous
         qkv = base.view(B, T, 3, H, D)
     elif layout == "stacked":
         qkv = base.permute(1, 3, 0, 2, 4)
@@ -103,7 +115,9 @@ def check_against_reference(case, qkv, dout, out, lse, dqkv, seconds=float("nan"
     ref_out, ref_lse, ref_dqkv = reference(qkv, dout)
     low_out, low_dqkv = torch_low_precision(qkv, dout)
     pairs = [("out", out, low_out, ref_out)] + [
-        (name, dqkv[:, :, i], low_dqkv[:, :, i], ref_dqkv[:, :, i]) for i, name in enumerate(("dq", "dk", "dv"))]
+        (name, dqkv[:, :, i], low_dqkv[:, :, i], ref_dqkv[:, :, i])
+        for i, name in enumerate(("dq", "dk", "dv"))
+    ]
     failures = []
     for name, ours, theirs, ref in pairs:
         floor = 1e-3 * max(1.0, ref.abs().max().item())
@@ -112,7 +126,9 @@ def check_against_reference(case, qkv, dout, out, lse, dqkv, seconds=float("nan"
         ok = err <= bound  # NaN fails
         ROWS.append((case, name, err, err_torch, bound, ok, seconds))
         if not ok:
-            failures.append(f"{name}: error {err:.3g} > 2 x PyTorch's {err_torch:.3g} + {floor:.3g}")
+            failures.append(
+                f"{name}: error {err:.3g} > 2 x PyTorch's {err_torch:.3g} + {floor:.3g}"
+            )
     err_lse = max_err(lse, ref_lse)
     ROWS.append((case, "lse", err_lse, float("nan"), 1e-3, err_lse <= 1e-3, seconds))
     if not err_lse <= 1e-3:
@@ -125,8 +141,18 @@ def error_table(request):
     """Print the table of errors after the module's tests (also under -q)."""
     ROWS.clear()
     yield
-    rows = [[case, name, f"{err:.3g}", f"{err_torch:.3g}", f"{bound:.3g}", "yes" if ok else "NO", f"{seconds:.2f}"]
-            for case, name, err, err_torch, bound, ok, seconds in ROWS]
+    rows = [
+        [
+            case,
+            name,
+            f"{err:.3g}",
+            f"{err_torch:.3g}",
+            f"{bound:.3g}",
+            "yes" if ok else "NO",
+            f"{seconds:.2f}",
+        ]
+        for case, name, err, err_torch, bound, ok, seconds in ROWS
+    ]
     if rows:
         header = ["case", "qty", "error", "torch err", "bound", "ok", "s"]
         print_after_tests(request.config, format_table(header, rows, left=2))
@@ -151,15 +177,19 @@ def test_ops_registered_with_schemas():
 def test_fake_implementations_give_shapes_and_dtypes():
     require_kernels()
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
         for dtype in DTYPES.values():
             qkv = torch.empty(3, 10, 3 * 4 * 64, dtype=dtype, device="meta").view(3, 10, 3, 4, 64)
             out, lse = torch.ops.arcana.attention_fwd(qkv)
             assert out.shape == (3, 10, 4, 64) and out.dtype == dtype and out.is_contiguous()
             assert lse.shape == (3, 4, 10) and lse.dtype == torch.float32
-            strided = torch.empty(3, 3, 4, 10, 128, dtype=dtype, device="meta").permute(1, 3, 0, 2, 4)
-            dqkv = torch.ops.arcana.attention_bwd(out.new_empty(3, 10, 4, 128), strided,
-                                                  out.new_empty(3, 10, 4, 128), lse)
+            strided = torch.empty(3, 3, 4, 10, 128, dtype=dtype, device="meta").permute(
+                1, 3, 0, 2, 4
+            )
+            dqkv = torch.ops.arcana.attention_bwd(
+                out.new_empty(3, 10, 4, 128), strided, out.new_empty(3, 10, 4, 128), lse
+            )
             assert dqkv.shape == (3, 10, 3, 4, 128) and dqkv.dtype == dtype and dqkv.is_contiguous()
 
 
@@ -173,15 +203,22 @@ def test_autograd_runs_the_backward_op_and_lse_has_no_gradient():
         return torch.autograd.grad(out, qkv, dout)
 
     qkv = torch.empty(2, 7, 3, 4, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
-    gm = make_fx(fwd_bwd, tracing_mode="fake")(qkv, torch.empty(2, 7, 4, 64, dtype=torch.bfloat16, device="meta"))
+    gm = make_fx(fwd_bwd, tracing_mode="fake")(
+        qkv, torch.empty(2, 7, 4, 64, dtype=torch.bfloat16, device="meta")
+    )
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "arcana" in str(n.target)]
-    assert [str(n.target) for n in calls] == ["arcana.attention_fwd.default", "arcana.attention_bwd.default"]
+    assert [str(n.target) for n in calls] == [
+        "arcana.attention_fwd.default",
+        "arcana.attention_bwd.default",
+    ]
 
 
 def test_cpu_tensors_get_the_clear_error():
     require_kernels()
     qkv = torch.zeros(1, 4, 3, 2, 64, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="attention_fwd: qkv must be a CUDA tensor.*--kernels torch"):
+    with pytest.raises(
+        RuntimeError, match="attention_fwd: qkv must be a CUDA tensor.*--kernels torch"
+    ):
         torch.ops.arcana.attention_fwd(qkv)
     out, lse = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4)
     with pytest.raises(RuntimeError, match="attention_bwd: dout must be a CUDA tensor"):
@@ -194,13 +231,16 @@ def test_cuda_ops_attention_falls_back_for_float32_and_other_head_sizes():
     """float32 runs and head sizes without a kernel take the PyTorch path (so this runs on CPU)."""
     cuda_ops = require_kernels().CudaOps(TorchOps())
     torch.manual_seed(0)
-    for qkv, n_head in [(torch.randn(2, 9, 3 * 128), 2),  # float32, head size 64
-                        (torch.randn(2, 9, 3 * 128).bfloat16(), 4)]:  # head size 32
+    for qkv, n_head in [
+        (torch.randn(2, 9, 3 * 128), 2),  # float32, head size 64
+        (torch.randn(2, 9, 3 * 128).bfloat16(), 4),
+    ]:  # head size 32
         assert torch.equal(cuda_ops.attention(qkv, n_head), TorchOps().attention(qkv, n_head))
 
 
 # -----------------------------------------------------------------------------
 # CPU emulation of the kernels
+
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
@@ -233,11 +273,32 @@ def emu_attention(lib, qkv, dout, variant, max_smem=H100_SMEM):
     out = torch.full((B, T, H, D), float("nan"), dtype=qkv.dtype)
     lse = torch.full((B, H, T), float("nan"))
     dqkv = torch.full((B, T, 3, H, D), float("nan"), dtype=qkv.dtype)
-    lib.emu_attention_fwd(emu_dtype(qkv.dtype), variant, *emu_qkv_args(qkv), B, T, H, D, out.data_ptr(),
-                          lse.data_ptr())
+    lib.emu_attention_fwd(
+        emu_dtype(qkv.dtype),
+        variant,
+        *emu_qkv_args(qkv),
+        B,
+        T,
+        H,
+        D,
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
     dout = dout.contiguous()
-    lib.emu_attention_bwd(emu_dtype(qkv.dtype), variant, *emu_qkv_args(qkv), B, T, H, D, out.data_ptr(),
-                          dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr(), max_smem)
+    lib.emu_attention_bwd(
+        emu_dtype(qkv.dtype),
+        variant,
+        *emu_qkv_args(qkv),
+        B,
+        T,
+        H,
+        D,
+        out.data_ptr(),
+        dout.data_ptr(),
+        lse.data_ptr(),
+        dqkv.data_ptr(),
+        max_smem,
+    )
     return out, lse, dqkv
 
 
@@ -270,28 +331,45 @@ def test_emulated_fragment_selftest(emu, dtype):
 # padded layouts; the backward's tiles for an H100, an A100 and an sm_86 (each head size has a big and a small
 # tile, picked by the shared memory per block). Variant 0 on tiny T (it takes a warp barrier per key here).
 EMU_CASES = [
-    (1, 1, 1, 64, "bf16", 1, "packed", "H100"), (2, 7, 3, 64, "fp16", 1, "stacked", "sm86"),
-    (1, 63, 2, 128, "bf16", 1, "padded", "H100"), (3, 97, 2, 64, "bf16", 1, "packed", "A100"),
-    (1, 129, 1, 128, "fp16", 1, "stacked", "A100"), (1, 200, 1, 64, "bf16", 1, "padded", "sm86"),
-    (2, 200, 1, 128, "bf16", 1, "packed", "H100"), (1, 1, 1, 128, "fp16", 1, "packed", "sm86"),
-    (1, 1025, 1, 64, "bf16", 1, "packed", "H100"), (1, 520, 1, 128, "fp16", 1, "packed", "sm86"),
-    (2, 1025, 2, 128, "bf16", 1, "stacked", "H100"), (1, 1025, 3, 64, "fp16", 1, "padded", "sm86"),
+    (1, 1, 1, 64, "bf16", 1, "packed", "H100"),
+    (2, 7, 3, 64, "fp16", 1, "stacked", "sm86"),
+    (1, 63, 2, 128, "bf16", 1, "padded", "H100"),
+    (3, 97, 2, 64, "bf16", 1, "packed", "A100"),
+    (1, 129, 1, 128, "fp16", 1, "stacked", "A100"),
+    (1, 200, 1, 64, "bf16", 1, "padded", "sm86"),
+    (2, 200, 1, 128, "bf16", 1, "packed", "H100"),
+    (1, 1, 1, 128, "fp16", 1, "packed", "sm86"),
+    (1, 1025, 1, 64, "bf16", 1, "packed", "H100"),
+    (1, 520, 1, 128, "fp16", 1, "packed", "sm86"),
+    (2, 1025, 2, 128, "bf16", 1, "stacked", "H100"),
+    (1, 1025, 3, 64, "fp16", 1, "padded", "sm86"),
     (1, 1025, 2, 128, "fp16", 1, "packed", "A100"),
-    (1, 7, 2, 64, "bf16", 0, "packed", "H100"), (1, 9, 1, 128, "fp16", 0, "stacked", "H100"),
+    (1, 7, 2, 64, "bf16", 0, "packed", "H100"),
+    (1, 9, 1, 128, "fp16", 0, "stacked", "H100"),
 ]
 SMEM = {"H100": H100_SMEM, "A100": A100_SMEM, "sm86": SM86_SMEM}
 
 
-@pytest.mark.parametrize("B,T,H,D,dtype,variant,layout,gpu", EMU_CASES,
-                         ids=["B{}-T{}-H{}-D{}-{}-v{}-{}-{}".format(*c) for c in EMU_CASES])
+@pytest.mark.parametrize(
+    "B,T,H,D,dtype,variant,layout,gpu",
+    EMU_CASES,
+    ids=["B{}-T{}-H{}-D{}-{}-v{}-{}-{}".format(*c) for c in EMU_CASES],
+)
 def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layout, gpu):
     seed = fresh_seed()
     qkv, dout = make_inputs(B, T, H, D, DTYPES[dtype], seed, layout=layout)
     assert qkv.is_contiguous() == (layout == "packed")
     t0 = time.perf_counter()
     out, lse, dqkv = emu_attention(emu, qkv, dout, variant, SMEM[gpu])
-    check_against_reference(f"emu B{B} T{T} H{H} D{D} {dtype} v{variant} {layout} {gpu} s{seed}", qkv, dout, out,
-                            lse, dqkv, time.perf_counter() - t0)
+    check_against_reference(
+        f"emu B{B} T{T} H{H} D{D} {dtype} v{variant} {layout} {gpu} s{seed}",
+        qkv,
+        dout,
+        out,
+        lse,
+        dqkv,
+        time.perf_counter() - t0,
+    )
 
 
 def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
@@ -302,14 +380,22 @@ def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and "tsan" in res.stderr:
         pytest.skip(f"no ThreadSanitizer runtime for g++: {res.stderr.strip().splitlines()[-1]}")
-    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"})
+    assert res.returncode == 0, (
+        f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    )
+    run = subprocess.run(
+        [exe],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"},
+    )
     assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
 
 
 # -----------------------------------------------------------------------------
 # GPU
+
 
 def cuda_attention(qkv, dout):
     out, lse = torch.ops.arcana.attention_fwd(qkv)
@@ -325,20 +411,43 @@ def test_fragment_selftest(poison, dtype):
         x = selftest_inputs(dtype, seed).cuda()
         out = torch.ops.arcana.attention_selftest(x).cpu()
         expected = selftest_expected(x.cpu())
-        names = ["X Y^T (ldsm_a, ldsm_b_nk)", "X Z (ldsm_b_kn)", "X^T Z (ldsm_a_trans)", "(X Y^T) Z (c_to_a)"]
+        names = [
+            "X Y^T (ldsm_a, ldsm_b_nk)",
+            "X Z (ldsm_b_kn)",
+            "X^T Z (ldsm_a_trans)",
+            "(X Y^T) Z (c_to_a)",
+        ]
         for i, name in enumerate(names):
-            assert torch.equal(out[i], expected[i]), f"{name} wrong (seed {seed}):\n{out[i]}\nexpected\n{expected[i]}"
+            assert torch.equal(out[i], expected[i]), (
+                f"{name} wrong (seed {seed}):\n{out[i]}\nexpected\n{expected[i]}"
+            )
 
 
-GPU_CASES = [(B, T, H, D, "bf16", v) for T, (B, H) in [(1, (3, 2)), (7, (2, 3)), (64, (2, 3)), (97, (3, 2)),
-                                                       (128, (2, 2)), (1000, (1, 3)), (1024, (2, 2)), (2048, (1, 2))]
-             for D in (64, 128) for v in (1, 0)]
+GPU_CASES = [
+    (B, T, H, D, "bf16", v)
+    for T, (B, H) in [
+        (1, (3, 2)),
+        (7, (2, 3)),
+        (64, (2, 3)),
+        (97, (3, 2)),
+        (128, (2, 2)),
+        (1000, (1, 3)),
+        (1024, (2, 2)),
+        (2048, (1, 2)),
+    ]
+    for D in (64, 128)
+    for v in (1, 0)
+]
 GPU_CASES += [(2, T, 3, D, "fp16", 1) for T in (97, 1024) for D in (64, 128)]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("B,T,H,D,dtype,variant", GPU_CASES, indirect=["variant"],
-                         ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}-{c[4]}-v{c[5]}" for c in GPU_CASES])
+@pytest.mark.parametrize(
+    "B,T,H,D,dtype,variant",
+    GPU_CASES,
+    indirect=["variant"],
+    ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}-{c[4]}-v{c[5]}" for c in GPU_CASES],
+)
 def test_matches_reference(poison, B, T, H, D, dtype, variant):
     seed = fresh_seed()
     qkv, dout = make_inputs(B, T, H, D, DTYPES[dtype], seed, device="cuda")
@@ -346,8 +455,15 @@ def test_matches_reference(poison, B, T, H, D, dtype, variant):
     t0 = time.perf_counter()
     out, lse, dqkv = cuda_attention(qkv, dout)
     torch.cuda.synchronize()
-    check_against_reference(f"B{B} T{T} H{H} D{D} {dtype} v{variant} s{seed}", qkv, dout, out, lse, dqkv,
-                            time.perf_counter() - t0)
+    check_against_reference(
+        f"B{B} T{T} H{H} D{D} {dtype} v{variant} s{seed}",
+        qkv,
+        dout,
+        out,
+        lse,
+        dqkv,
+        time.perf_counter() - t0,
+    )
 
 
 @pytest.mark.cuda
@@ -358,7 +474,9 @@ def test_strided_layouts(poison, layout, variant):
     qkv, dout = make_inputs(2, 300, 3, 64, torch.bfloat16, seed, device="cuda", layout=layout)
     assert not qkv.is_contiguous()
     out, lse, dqkv = cuda_attention(qkv, dout)
-    check_against_reference(f"B2 T300 H3 D64 bf16 v{variant} {layout} s{seed}", qkv, dout, out, lse, dqkv)
+    check_against_reference(
+        f"B2 T300 H3 D64 bf16 v{variant} {layout} s{seed}", qkv, dout, out, lse, dqkv
+    )
 
 
 @pytest.mark.cuda
@@ -378,7 +496,9 @@ def test_misaligned_dout_and_out(poison, variant):
     expected = torch.ops.arcana.attention_bwd(dout, qkv, out, lse)
     got = torch.ops.arcana.attention_bwd(misaligned(dout), qkv, misaligned(out), lse)
     assert torch.equal(got[:, :, 1:], expected[:, :, 1:]), "dK, dV differ"
-    torch.testing.assert_close(got[:, :, 0], expected[:, :, 0])  # dQ: fp32 atomics, last-bit differences
+    torch.testing.assert_close(
+        got[:, :, 0], expected[:, :, 0]
+    )  # dQ: fp32 atomics, last-bit differences
 
 
 @pytest.mark.cuda
@@ -389,7 +509,9 @@ def test_bitwise_reproducible_except_dq(arcana, D):
     qkv, dout = make_inputs(2, 1000, 3, D, torch.bfloat16, fresh_seed(), device="cuda")
     runs = [cuda_attention(qkv, dout) for _ in range(3)]
     for out, lse, dqkv in runs[1:]:
-        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1]), "forward not reproducible"
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1]), (
+            "forward not reproducible"
+        )
         assert torch.equal(dqkv[:, :, 1:], runs[0][2][:, :, 1:]), "dK, dV not reproducible"
         torch.testing.assert_close(dqkv[:, :, 0], runs[0][2][:, :, 0])
 
@@ -407,11 +529,16 @@ def test_autograd_runs_the_kernels_the_switch_picks(variant):
         out.backward(dout)
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
-    plain = ["attention_fwd_plain_kernel", "attention_bwd_plain_dq_kernel", "attention_bwd_plain_dkv_kernel"]
+    plain = [
+        "attention_fwd_plain_kernel",
+        "attention_bwd_plain_dq_kernel",
+        "attention_bwd_plain_dkv_kernel",
+    ]
     fast = ["attention_fwd_kernel", "attention_bwd_kernel", "attention_bwd_dq_convert_kernel"]
     ran = sorted(k for k in plain + fast if k in names)
-    assert ran == sorted(plain if variant == 0 else fast), \
+    assert ran == sorted(plain if variant == 0 else fast), (
         f"variant {variant}: the profile shows {ran or 'no attention kernel (no CUDA activity recorded?)'}"
+    )
 
 
 @pytest.mark.cuda
@@ -428,7 +555,11 @@ def test_clear_errors_for_unsupported_inputs():
     with pytest.raises(RuntimeError, match="last .* dimension must be contiguous"):
         fwd(torch.zeros(1, 4, 3, 64, 2, dtype=torch.bfloat16, device="cuda").transpose(3, 4))
     with pytest.raises(RuntimeError, match="multiples of 8"):
-        fwd(torch.zeros(1, 4, 3 * 2 * 64 + 4, dtype=torch.bfloat16, device="cuda")[:, :, 4:].unflatten(-1, (3, 2, 64)))
+        fwd(
+            torch.zeros(1, 4, 3 * 2 * 64 + 4, dtype=torch.bfloat16, device="cuda")[
+                :, :, 4:
+            ].unflatten(-1, (3, 2, 64))
+        )
     out, lse = fwd(good)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         torch.ops.arcana.attention_bwd(out, good, out, lse[:, :1])
@@ -456,19 +587,23 @@ def test_peak_memory_not_above_sdpa():
     H, D = 12, 64
 
     def inputs(B, T):
-        return (torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16),
-                torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16))
+        return (
+            torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16),
+            torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16),
+        )
 
     def train(ops, qkv, grad):
         def run():
             x = qkv.detach().requires_grad_()
             ops.attention(x, H).backward(grad)
+
         return run
 
     def infer(ops, qkv, grad):
         def run():
             with torch.no_grad():
                 ops.attention(qkv, H)
+
         return run
 
     B, T = 8, 1024
@@ -476,11 +611,18 @@ def test_peak_memory_not_above_sdpa():
     lse_bytes = B * H * T * 4
     for mode, allowance in ((train, 0), (infer, lse_bytes)):
         for _ in range(2):  # the second round is measured, after any one-time workspace allocations
-            ours, sdpa = peak_bytes(mode(cuda_ops, qkv, grad)), peak_bytes(mode(TorchOps(), qkv, grad))
-        assert ours <= sdpa + allowance, (f"{mode.__name__}: peak {ours / 2**20:.1f} MiB > SDPA's "
-                                          f"{sdpa / 2**20:.1f} MiB (+ {allowance / 2**20:.2f} MiB)")
+            ours, sdpa = (
+                peak_bytes(mode(cuda_ops, qkv, grad)),
+                peak_bytes(mode(TorchOps(), qkv, grad)),
+            )
+        assert ours <= sdpa + allowance, (
+            f"{mode.__name__}: peak {ours / 2**20:.1f} MiB > SDPA's "
+            f"{sdpa / 2**20:.1f} MiB (+ {allowance / 2**20:.2f} MiB)"
+        )
     peaks = [peak_bytes(train(cuda_ops, *inputs(2, t))) for t in (1024, 2048)]
-    assert peaks[1] <= 2.05 * peaks[0], f"peak {peaks[0] / 2**20:.1f} MiB at T=1024, {peaks[1] / 2**20:.1f} at 2048"
+    assert peaks[1] <= 2.05 * peaks[0], (
+        f"peak {peaks[0] / 2**20:.1f} MiB at T=1024, {peaks[1] / 2**20:.1f} at 2048"
+    )
 
 
 @pytest.mark.cuda
@@ -519,9 +661,14 @@ def make_shards(folder, n_train=2, tokens=40000, seed=0):
     """uint16 token shards of a repeating random pattern (learnable, like text)."""
     os.makedirs(folder, exist_ok=True)
     pattern = np.random.default_rng(seed).integers(0, 50257, 1500)
-    np.save(os.path.join(folder, "x_val_000000.npy"), np.resize(pattern, tokens // 4).astype(np.uint16))
+    np.save(
+        os.path.join(folder, "x_val_000000.npy"), np.resize(pattern, tokens // 4).astype(np.uint16)
+    )
     for i in range(1, n_train + 1):
-        np.save(os.path.join(folder, f"x_train_{i:06d}.npy"), np.resize(np.roll(pattern, 97 * i), tokens).astype(np.uint16))
+        np.save(
+            os.path.join(folder, f"x_train_{i:06d}.npy"),
+            np.resize(np.roll(pattern, 97 * i), tokens).astype(np.uint16),
+        )
     return str(folder)
 
 
@@ -531,10 +678,36 @@ def test_training_with_cuda_kernels_tracks_torch(tmp_path):
     kernel runs): the train losses agree within bf16 noise at every step."""
     require_kernels()
     data = make_shards(tmp_path / "data")
-    common = ["--model", "tiny", "--n_head", "2", "--data_dir", data, "--device", "cuda", "--max_steps", "30",
-              "--batch_size", "8", "--block_size", "256", "--total_batch_size", "4096", "--warmup_steps", "5",
-              "--max_lr", "1e-3", "--val_every", "0", "--hellaswag_every", "0", "--sample_every", "0",
-              "--checkpoint_every", "0"]
+    common = [
+        "--model",
+        "tiny",
+        "--n_head",
+        "2",
+        "--data_dir",
+        data,
+        "--device",
+        "cuda",
+        "--max_steps",
+        "30",
+        "--batch_size",
+        "8",
+        "--block_size",
+        "256",
+        "--total_batch_size",
+        "4096",
+        "--warmup_steps",
+        "5",
+        "--max_lr",
+        "1e-3",
+        "--val_every",
+        "0",
+        "--hellaswag_every",
+        "0",
+        "--sample_every",
+        "0",
+        "--checkpoint_every",
+        "0",
+    ]
     losses = {}
     for kernels in ("torch", "cuda"):
         log_dir = str(tmp_path / kernels)
@@ -542,6 +715,10 @@ def test_training_with_cuda_kernels_tracks_torch(tmp_path):
         losses[kernels] = read_train_losses(log_dir)
     torch_losses, cuda_losses = np.array(losses["torch"]), np.array(losses["cuda"])
     assert len(torch_losses) == len(cuda_losses) == 30
-    assert torch_losses[-1] < torch_losses[0] - 0.5, "the tiny model should learn the repeating pattern"
+    assert torch_losses[-1] < torch_losses[0] - 0.5, (
+        "the tiny model should learn the repeating pattern"
+    )
     rel = np.abs(cuda_losses - torch_losses) / torch_losses
-    assert rel.max() < 0.02, f"losses diverge: torch {torch_losses.round(4)} cuda {cuda_losses.round(4)}"
+    assert rel.max() < 0.02, (
+        f"losses diverge: torch {torch_losses.round(4)} cuda {cuda_losses.round(4)}"
+    )

@@ -26,8 +26,11 @@ def test_help_lists_every_suite_and_bad_input_is_one_line(capsys):
     for name in bench.SUITES:
         assert f"python bench.py {name} " in out, name
     assert bench.main(["nope"]) == 2
-    assert capsys.readouterr().err == "error: unknown suite 'nope'; choose from: train, kernels, attention, " \
-                                      "cross_entropy, hellaswag, tokenize (or all)\n"
+    assert (
+        capsys.readouterr().err
+        == "error: unknown suite 'nope'; choose from: train, kernels, attention, "
+        "cross_entropy, hellaswag, tokenize (or all)\n"
+    )
     assert bench.main(["tokenize", "--mb", "0"]) == 1
     assert capsys.readouterr().err == "error: --mb 0.0 must be positive\n"
     assert bench.main(["attention", "--T", "1024", "-5"]) == 1
@@ -42,38 +45,70 @@ def test_gpu_suites_skip_cleanly_without_a_gpu(suite, capsys, results):
 
 
 def test_train_suite_on_cpu(capsys, results):
-    assert bench.main(["train", "--model", "tiny", "--block_size", "64", "--configs", "torch",
-                       "--steps", "1", "--record"]) == 0
+    assert (
+        bench.main(
+            [
+                "train",
+                "--model",
+                "tiny",
+                "--block_size",
+                "64",
+                "--configs",
+                "torch",
+                "--steps",
+                "1",
+                "--record",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     row = re.search(r"^torch\s+4\s+([\d,]+)\s+-\s+-\s+([\d.]+)$", out, re.M)
     assert row, out
-    assert int(row.group(1).replace(",", "")) > 0 and 9.0 < float(row.group(2)) < 12.0  # ~ln(50257) at init
+    assert (
+        int(row.group(1).replace(",", "")) > 0 and 9.0 < float(row.group(2)) < 12.0
+    )  # ~ln(50257) at init
     text = results.read_text()
-    assert text.startswith("\n## train: ") and "commit " in text and "`python bench.py train --model tiny" in text
+    assert (
+        text.startswith("\n## train: ")
+        and "commit " in text
+        and "`python bench.py train --model tiny" in text
+    )
     assert row.group(0) in text
-    assert bench.main(["train", "--model", "tiny", "--configs", "cuda"]) == 1  # asked for, but no GPU here
+    assert (
+        bench.main(["train", "--model", "tiny", "--configs", "cuda"]) == 1
+    )  # asked for, but no GPU here
     assert "error: --kernels cuda needs a CUDA device" in capsys.readouterr().err
 
 
 def test_tokenize_suite_on_cpu(capsys, results):
     assert bench.main(["tokenize", "--mb", "0.1", "--num_proc", "1", "--record"]) == 0
     out = capsys.readouterr().out
-    row = re.search(r"^1\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+goal >= 0\.8: (met|missed)$", out, re.M)
+    row = re.search(
+        r"^1\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+goal >= 0\.8: (met|missed)$", out, re.M
+    )
     assert row, out
     single, pipeline = (int(row.group(i).replace(",", "")) for i in (1, 2))
-    assert single > 0 and pipeline > 0 and float(row.group(4)) == pytest.approx(pipeline / single, abs=0.006)
+    assert (
+        single > 0
+        and pipeline > 0
+        and float(row.group(4)) == pytest.approx(pipeline / single, abs=0.006)
+    )
     assert (row.group(5) == "met") == (float(row.group(4)) >= 0.8)
     assert "## tokenize: " in results.read_text() and row.group(0) in results.read_text()
 
 
 def test_hellaswag_suite_on_cpu(capsys, results, monkeypatch):
     import hellaswag
+
     monkeypatch.setattr(hellaswag, "find_data", lambda split: None)  # the synthetic val-shaped data
     assert bench.main(["hellaswag", "--model", "tiny", "--limit", "2", "--record"]) == 0
     out = capsys.readouterr().out
     assert "model tiny on synthetic (val-shaped)" in out
-    rate = re.search(r"for 2 examples = ([\d.,]+) examples/s: the 10,042-example val split would take ([\d.,]+) s",
-                     out)
+    rate = re.search(
+        r"for 2 examples = ([\d.,]+) examples/s: the 10,042-example val split would take ([\d.,]+) s",
+        out,
+    )
     assert rate, out
     examples_per_s, seconds = (float(rate.group(i).replace(",", "")) for i in (1, 2))
     assert seconds == pytest.approx(10042 / examples_per_s, rel=0.01)
@@ -83,5 +118,12 @@ def test_hellaswag_suite_on_cpu(capsys, results, monkeypatch):
 
 
 def test_table_aligns_and_goal_says_met_or_missed():
-    assert bench.table(["name", "n"], [["a", 1], ["bbb", 22]]) == ["name   n", "a      1", "bbb   22"]
-    assert bench.goal(">= 0.8", True) == "goal >= 0.8: met" and bench.goal("< 10 s", False) == "goal < 10 s: missed"
+    assert bench.table(["name", "n"], [["a", 1], ["bbb", 22]]) == [
+        "name   n",
+        "a      1",
+        "bbb   22",
+    ]
+    assert (
+        bench.goal(">= 0.8", True) == "goal >= 0.8: met"
+        and bench.goal("< 10 s", False) == "goal < 10 s: missed"
+    )

@@ -27,14 +27,23 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import (
+    WorstErrors,
+    build_emulator,
+    print_after_tests,
+    require_kernels,
+    short,
+    train_losses,
+    write_shards,
+)
 
 import train_gpt
-from kernel_testing import (WorstErrors, build_emulator, print_after_tests, require_kernels, short, train_losses,
-                            write_shards)
 from train_gpt import TorchOps
 
-SCHEMA = ("arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad) "
-          "-> (Tensor losses, Tensor dlogits)")
+SCHEMA = (
+    "arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad) "
+    "-> (Tensor losses, Tensor dlogits)"
+)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -72,6 +81,7 @@ def random_case(n, V, dtype, device, seed):
 # -----------------------------------------------------------------------------
 # without a GPU
 
+
 def test_schema(arcana):
     assert str(arcana.cross_entropy_fwd_bwd.default._schema) == SCHEMA
 
@@ -90,9 +100,14 @@ def test_fake_shapes_on_meta(arcana, dtype):
 
 def test_fake_in_fake_tensor_mode_and_compile(arcana):
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
-        losses, dlogits = arcana.cross_entropy_fwd_bwd(torch.empty(3, 7, dtype=torch.bfloat16),
-                                                       torch.empty(3, dtype=torch.long), torch.ones(()), True)
+        losses, dlogits = arcana.cross_entropy_fwd_bwd(
+            torch.empty(3, 7, dtype=torch.bfloat16),
+            torch.empty(3, dtype=torch.long),
+            torch.ones(()),
+            True,
+        )
     assert (losses.shape, dlogits.shape, dlogits.dtype) == ((3,), (3, 7), torch.bfloat16)
 
     def loss_and_grad(logits, targets):
@@ -102,14 +117,21 @@ def test_fake_in_fake_tensor_mode_and_compile(arcana):
 
     torch._dynamo.reset()
     compiled = torch.compile(loss_and_grad, backend="aot_eager", fullgraph=True)
-    loss, d = compiled(torch.empty(5, 11, device="meta"), torch.empty(5, device="meta", dtype=torch.long))
+    loss, d = compiled(
+        torch.empty(5, 11, device="meta"), torch.empty(5, device="meta", dtype=torch.long)
+    )
     assert (loss.shape, d.shape) == ((), (5, 11))
 
 
 def test_cpu_tensors_get_the_clear_error(arcana):
-    with pytest.raises(RuntimeError, match=r"arcana::cross_entropy_fwd_bwd: logits must be a CUDA tensor, got cpu; "
-                                           r"move it with \.cuda\(\) or use --kernels torch"):
-        arcana.cross_entropy_fwd_bwd(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(()), True)
+    with pytest.raises(
+        RuntimeError,
+        match=r"arcana::cross_entropy_fwd_bwd: logits must be a CUDA tensor, got cpu; "
+        r"move it with \.cuda\(\) or use --kernels torch",
+    ):
+        arcana.cross_entropy_fwd_bwd(
+            torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(()), True
+        )
 
 
 def test_cuda_ops_loss_paths(monkeypatch):
@@ -118,8 +140,11 @@ def test_cuda_ops_loss_paths(monkeypatch):
     is replaced here: only the choice is tested.)"""
     csrc = require_kernels()
     calls = []
-    monkeypatch.setattr(csrc, "chunked_lm_head_loss",
-                        lambda h, weight, targets, use_kernel=False: calls.append((h.dtype, use_kernel)) or 0.0)
+    monkeypatch.setattr(
+        csrc,
+        "chunked_lm_head_loss",
+        lambda h, weight, targets, use_kernel=False: calls.append((h.dtype, use_kernel)) or 0.0,
+    )
     ops = csrc.CudaOps(TorchOps())
     h, weight = torch.randn(2, 8, 16), torch.randn(100, 16)
     targets = torch.randint(0, 100, (2, 8))
@@ -140,6 +165,7 @@ def test_cuda_ops_loss_paths(monkeypatch):
 
 # -----------------------------------------------------------------------------
 # CPU emulation of the kernels
+
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
@@ -164,16 +190,26 @@ def emu_run(lib, logits, targets, grad_scale, compute_grad, variant, row_fits, o
     vec = V % (16 // logits.element_size()) == 0 and x.data_ptr() % 16 == 0
     losses = torch.full((n,), float("nan"))
     out = torch.full((n * V + GUARD,), float("nan"), dtype=logits.dtype)
-    out[n * V:] = 3.0
+    out[n * V :] = 3.0
     code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[logits.dtype]
-    rc = lib.emu_cross_entropy(code, variant, int(vec), int(row_fits), x.data_ptr(), targets.data_ptr(),
-                               losses.data_ptr(), out.data_ptr() if compute_grad else None, n, V,
-                               ctypes.c_float(float(grad_scale)))
+    rc = lib.emu_cross_entropy(
+        code,
+        variant,
+        int(vec),
+        int(row_fits),
+        x.data_ptr(),
+        targets.data_ptr(),
+        losses.data_ptr(),
+        out.data_ptr() if compute_grad else None,
+        n,
+        V,
+        ctypes.c_float(float(grad_scale)),
+    )
     assert rc == 0
-    assert (out[n * V:] == 3.0).all(), "the kernel wrote past the end of dlogits"
+    assert (out[n * V :] == 3.0).all(), "the kernel wrote past the end of dlogits"
     if not compute_grad:
-        assert out[:n * V].isnan().all(), "dlogits written without compute_grad"
-    return losses, out[:n * V].view(n, V) if compute_grad else None
+        assert out[: n * V].isnan().all(), "dlogits written without compute_grad"
+    return losses, out[: n * V].view(n, V) if compute_grad else None
 
 
 # (variant, what variant 1 is told about shared memory): the plain kernel, the fast kernel with the row in
@@ -182,24 +218,33 @@ EMU_PATHS = [(0, True), (1, True), (1, False), (2, True)]
 
 
 # small rows in every dtype, GPT-2-sized ones (1024 threads per block) in fp32 and bf16 (emulation time)
-EMU_CASES = [(n, V, dtype) for n, V in [(3, 7), (6, 1000), (2, 4100)] for dtype in DTYPES] + \
-    [(n, V, dtype) for n, V in [(3, 50257), (2, 50304)] for dtype in (torch.float32, torch.bfloat16)]
+EMU_CASES = [(n, V, dtype) for n, V in [(3, 7), (6, 1000), (2, 4100)] for dtype in DTYPES] + [
+    (n, V, dtype) for n, V in [(3, 50257), (2, 50304)] for dtype in (torch.float32, torch.bfloat16)
+]
 
 
-@pytest.mark.parametrize("n,V,dtype", EMU_CASES, ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v))
+@pytest.mark.parametrize(
+    "n,V,dtype", EMU_CASES, ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v)
+)
 def test_emulated_kernels_match_reference(emu, n, V, dtype):
     seed = n * 100003 + V
     logits, targets, grad_scale = random_case(n, V, dtype, "cpu", seed)
     ref_losses, ref_grad = reference(logits, targets, grad_scale)
     torch_grad = reference(logits, targets, grad_scale, torch.float32)[1].to(dtype)
-    grad_tol = max(2 * (torch_grad.double() - ref_grad).abs().max().item(), 1e-5 * ref_grad.abs().max().item())
+    grad_tol = max(
+        2 * (torch_grad.double() - ref_grad).abs().max().item(), 1e-5 * ref_grad.abs().max().item()
+    )
     for variant, fits in EMU_PATHS:
         losses, grad = emu_run(emu, logits, targets, grad_scale, True, variant, fits)
         what = f"variant {variant} (row in shared memory: {fits and variant == 1}), seed {seed}"
-        assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), f"unwritten outputs, {what}"
+        assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), (
+            f"unwritten outputs, {what}"
+        )
         assert (losses[targets == -1] == 0).all() and (grad[targets == -1] == 0).all(), what
         loss_err = (losses.double() - ref_losses).abs().max().item()
-        assert loss_err <= 1e-5 * ref_losses.abs().max().item(), f"loss error {loss_err:.3e}, {what}"
+        assert loss_err <= 1e-5 * ref_losses.abs().max().item(), (
+            f"loss error {loss_err:.3e}, {what}"
+        )
         grad_err = (grad.double() - ref_grad).abs().max().item()
         assert grad_err <= grad_tol, f"dlogits error {grad_err:.3e} > {grad_tol:.3e}, {what}"
 
@@ -211,7 +256,9 @@ def test_emulated_misaligned_rows_and_no_grad(emu, dtype):
     ref_losses, ref_grad = reference(logits, targets, grad_scale)
     for variant, fits in EMU_PATHS:
         losses, grad = emu_run(emu, logits, targets, grad_scale, True, variant, fits, offset=1)
-        assert (losses.double() - ref_losses).abs().max().item() <= 1e-5 * ref_losses.abs().max().item()
+        assert (
+            losses.double() - ref_losses
+        ).abs().max().item() <= 1e-5 * ref_losses.abs().max().item()
         assert (grad.double() - ref_grad).abs().max().item() <= 1e-2 * grad_scale.item()
         no_grad_losses, _ = emu_run(emu, logits, targets, grad_scale, False, variant, fits)
         assert torch.equal(no_grad_losses, losses)  # sweep 1 is the same with or without a gradient
@@ -221,7 +268,7 @@ def test_emulated_out_of_range_targets(emu):
     """A target outside [-1, V) gives a NaN loss and NaN dlogits for its row only, and no access outside the
     buffers; -1 gives 0."""
     logits, _, _ = random_case(5, 40, torch.float32, "cpu", 3)
-    targets = torch.tensor([3, -2, 40, -1, 10 ** 12])
+    targets = torch.tensor([3, -2, 40, -1, 10**12])
     for variant, fits in EMU_PATHS:
         losses, grad = emu_run(emu, logits, targets, 1.0, True, variant, fits)
         assert torch.isfinite(losses[0]) and losses[3] == 0 and (grad[3] == 0).all()
@@ -272,16 +319,24 @@ def record(dtype, variant, out, shape, err, ref_err, tol):
 @pytest.mark.parametrize("V", [50304, 50257, 1000, 7])
 @pytest.mark.parametrize("n", [1, 7, 4097])
 def test_kernel_matches_reference(arcana, poison, n, V, dtype, variant):
-    seed = random.randrange(2 ** 31)
+    seed = random.randrange(2**31)
     logits, targets, grad_scale = random_case(n, V, dtype, "cuda", seed)
     ref_losses, ref_grad = reference(logits, targets, grad_scale)
     losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, True)
-    assert (losses.dtype, losses.shape, grad.dtype, grad.shape) == (torch.float32, (n,), dtype, (n, V))
-    assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), f"unwritten outputs; seed {seed}"
+    assert (losses.dtype, losses.shape, grad.dtype, grad.shape) == (
+        torch.float32,
+        (n,),
+        dtype,
+        (n, V),
+    )
+    assert torch.isfinite(losses).all() and torch.isfinite(grad).all(), (
+        f"unwritten outputs; seed {seed}"
+    )
     loss_err = (losses.double() - ref_losses).abs().max().item()
     loss_tol = 1e-5 * ref_losses.abs().max().item()
-    assert record(dtype, variant, "losses", (n, V), loss_err, None, loss_tol), \
+    assert record(dtype, variant, "losses", (n, V), loss_err, None, loss_tol), (
         f"loss error {loss_err:.3e} > {loss_tol:.3e}; seed {seed}"
+    )
     grad_err = (grad.double() - ref_grad).abs().max().item()
     scale = ref_grad.abs().max().item()
     if dtype == torch.float32:
@@ -290,12 +345,15 @@ def test_kernel_matches_reference(arcana, poison, n, V, dtype, variant):
         _, torch_grad = require_kernels().cross_entropy_rows(logits, targets, grad_scale, True)
         torch_err = (torch_grad.double() - ref_grad).abs().max().item()
         grad_tol = max(2 * torch_err, 1e-5 * scale)
-    assert record(dtype, variant, "dlogits", (n, V), grad_err, torch_err, grad_tol), \
+    assert record(dtype, variant, "dlogits", (n, V), grad_err, torch_err, grad_tol), (
         f"dlogits error {grad_err:.3e} > {grad_tol:.3e} (PyTorch's own: {torch_err}); seed {seed}"
+    )
     # without the gradient: the same losses, an empty dlogits
     no_grad_losses, empty = arcana.cross_entropy_fwd_bwd(logits, targets, grad_scale, False)
     assert empty.shape == (0,) and empty.dtype == dtype
-    torch.testing.assert_close(no_grad_losses, losses, rtol=1e-6, atol=0)  # same sweep 1, without the row copy
+    torch.testing.assert_close(
+        no_grad_losses, losses, rtol=1e-6, atol=0
+    )  # same sweep 1, without the row copy
 
 
 @pytest.mark.cuda
@@ -304,7 +362,7 @@ def test_out_of_range_targets_and_misaligned_rows(arcana, poison, variant):
     V = 50304
     base = torch.randn(6 * V + 1, device="cuda", dtype=torch.bfloat16)
     logits = base[1:].view(6, V)  # contiguous, 2 bytes off a 16-byte boundary: the scalar path
-    targets = torch.tensor([5, -2, V, -1, 2 ** 40, 77], device="cuda")
+    targets = torch.tensor([5, -2, V, -1, 2**40, 77], device="cuda")
     half = torch.tensor(0.5, device="cuda")
     losses, grad = arcana.cross_entropy_fwd_bwd(logits, targets, half, True)
     torch.cuda.synchronize()  # an out-of-bounds access would surface here
@@ -324,11 +382,20 @@ def test_bad_inputs_get_clear_errors(arcana):
     one = torch.ones((), device="cuda")
     op = arcana.cross_entropy_fwd_bwd
     cases = [
-        (lambda: op(x.double(), t, one, True), r"logits has dtype Double; expected float32, bfloat16 or float16"),
-        (lambda: op(x.view(2, 4, 64), t, one, True), r"logits must be 2-D \(rows, vocab\), got shape \[2, 4, 64\]"),
+        (
+            lambda: op(x.double(), t, one, True),
+            r"logits has dtype Double; expected float32, bfloat16 or float16",
+        ),
+        (
+            lambda: op(x.view(2, 4, 64), t, one, True),
+            r"logits must be 2-D \(rows, vocab\), got shape \[2, 4, 64\]",
+        ),
         (lambda: op(x.t(), t, one, True), r"logits must be contiguous"),
         (lambda: op(x, t.int(), one, True), r"targets has dtype Int, expected Long"),
-        (lambda: op(x, t[:4], one, True), r"targets must have shape \(8,\), one per row of logits, got \[4\]"),
+        (
+            lambda: op(x, t[:4], one, True),
+            r"targets must have shape \(8,\), one per row of logits, got \[4\]",
+        ),
         (lambda: op(x, t.cpu(), one, True), r"targets must be a CUDA tensor, got cpu"),
         (lambda: op(x, t, one.cpu(), True), r"grad_scale must be a CUDA tensor, got cpu"),
         (lambda: op(x, t, one.double(), True), r"grad_scale has dtype Double, expected Float"),
@@ -355,12 +422,17 @@ def test_deterministic(arcana, variant):
 def test_opcheck(arcana, variant):
     for dtype in DTYPES:
         logits, targets, grad_scale = random_case(7, 1000, dtype, "cuda", 5)
-        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, True))
-        torch.library.opcheck(arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, False))
+        torch.library.opcheck(
+            arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, True)
+        )
+        torch.library.opcheck(
+            arcana.cross_entropy_fwd_bwd.default, (logits, targets, grad_scale, False)
+        )
 
 
 # -----------------------------------------------------------------------------
 # on a GPU: the chunked loss and the model
+
 
 def lm_head_case(rows, C, V, seed, dtype=torch.float32):
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -385,7 +457,9 @@ def test_chunked_loss_with_kernel_equals_cross_entropy(arcana):
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32: both sides in full fp32
     try:
-        expected = F.cross_entropy((h @ weight.t()).view(-1, 50304), targets.view(-1), ignore_index=-1)
+        expected = F.cross_entropy(
+            (h @ weight.t()).view(-1, 50304), targets.view(-1), ignore_index=-1
+        )
         eh, ew = torch.autograd.grad(expected, (h, weight))
         loss = csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=1500, use_kernel=True)
         gh, gw = torch.autograd.grad(loss, (h, weight))
@@ -403,8 +477,14 @@ def test_chunked_loss_with_kernel_equals_cross_entropy(arcana):
     assert loss.dtype == torch.float32
     assert abs(loss.item() - expected.item()) <= 2e-3 * expected.item()
     assert rel_err(gh, eh) < 2e-2 and rel_err(gw, ew) < 2e-2
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # evaluation: no gradient work
-        assert abs(cuda_ops.lm_head_loss(h, weight, targets)[1].item() - loss.item()) < 1e-6 * loss.item()
+    with (
+        torch.no_grad(),
+        torch.autocast("cuda", dtype=torch.bfloat16),
+    ):  # evaluation: no gradient work
+        assert (
+            abs(cuda_ops.lm_head_loss(h, weight, targets)[1].item() - loss.item())
+            < 1e-6 * loss.item()
+        )
 
 
 class LossOps(TorchOps):
@@ -444,7 +524,9 @@ def test_model_step_matches_torch_ops(arcana, compile_model):
     loss.backward()
     loss_ref.backward()
     assert abs(loss.item() - loss_ref.item()) <= 5e-3 * loss_ref.item()
-    grads_close(model, ref, rtol=5e-2)  # bf16 rounding, and Inductor's fusions in the compiled model
+    grads_close(
+        model, ref, rtol=5e-2
+    )  # bf16 rounding, and Inductor's fusions in the compiled model
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         logits, _ = model(idx)  # without targets: the logits, for sampling and HellaSwag
     assert logits.shape == (8, 128, 50304)
@@ -470,14 +552,19 @@ def test_peak_memory_below_full_logits(arcana):
         return torch.cuda.max_memory_allocated() - base
 
     chunked, full = peak(require_kernels().CudaOps(TorchOps())), peak(TorchOps())
-    print(f"\nlm_head loss peak memory at 16384 x 50304: chunked kernel {chunked / 2**30:.2f} GiB, "
-          f"full logits {full / 2**30:.2f} GiB")
+    print(
+        f"\nlm_head loss peak memory at 16384 x 50304: chunked kernel {chunked / 2**30:.2f} GiB, "
+        f"full logits {full / 2**30:.2f} GiB"
+    )
     assert chunked < 0.5 * full, (chunked, full)
 
 
 def smooth(values, k=10):
     """Trailing mean over k steps (the per-step loss of a 2048-token batch is itself noisy)."""
-    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+    return [
+        sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+        for i in range(len(values))
+    ]
 
 
 @pytest.mark.cuda
@@ -491,9 +578,34 @@ def test_200_step_loss_curve_matches_torch(arcana, tmp_path):
     write_shards(data, 0, vocab=50257, period=997, n_train=300_000, n_val=20_000)
 
     def run(kernels, log_dir, dtype="bfloat16"):
-        args = ["--model", "d12", "--dtype", dtype, "--device", "cuda", "--data_dir", data, "--max_steps", "200",
-                "--warmup_steps", "20", "--batch_size", "8", "--block_size", "256", "--total_batch_size", "2048",
-                "--val_every", "0", "--hellaswag_every", "0", "--sample_every", "0", "--checkpoint_every", "0"]
+        args = [
+            "--model",
+            "d12",
+            "--dtype",
+            dtype,
+            "--device",
+            "cuda",
+            "--data_dir",
+            data,
+            "--max_steps",
+            "200",
+            "--warmup_steps",
+            "20",
+            "--batch_size",
+            "8",
+            "--block_size",
+            "256",
+            "--total_batch_size",
+            "2048",
+            "--val_every",
+            "0",
+            "--hellaswag_every",
+            "0",
+            "--sample_every",
+            "0",
+            "--checkpoint_every",
+            "0",
+        ]
         return train_losses(args, str(tmp_path / log_dir), kernels, timeout=900)
 
     cuda = run("cuda", "cuda")
@@ -503,9 +615,12 @@ def test_200_step_loss_curve_matches_torch(arcana, tmp_path):
     d_cuda = [abs(a - b) for a, b in zip(smooth(cuda), smooth(ref))]
     d_noise = [abs(a - b) for a, b in zip(smooth(fp32), smooth(ref))]
     mean_cuda, mean_noise = sum(d_cuda) / 200, sum(d_noise) / 200
-    print(f"\n200-step d12 loss: torch bf16 {ref[0]:.3f} -> {ref[-1]:.3f}, cuda {cuda[0]:.3f} -> {cuda[-1]:.3f}, "
-          f"torch fp32 -> {fp32[-1]:.3f}; |cuda - torch| mean {mean_cuda:.4f} max {max(d_cuda):.4f}, "
-          f"|fp32 - bf16| mean {mean_noise:.4f} max {max(d_noise):.4f} (10-step means)")
-    assert mean_cuda <= 2 * mean_noise + 0.01 and max(d_cuda) <= 2 * max(d_noise) + 0.05, \
+    print(
+        f"\n200-step d12 loss: torch bf16 {ref[0]:.3f} -> {ref[-1]:.3f}, cuda {cuda[0]:.3f} -> {cuda[-1]:.3f}, "
+        f"torch fp32 -> {fp32[-1]:.3f}; |cuda - torch| mean {mean_cuda:.4f} max {max(d_cuda):.4f}, "
+        f"|fp32 - bf16| mean {mean_noise:.4f} max {max(d_noise):.4f} (10-step means)"
+    )
+    assert mean_cuda <= 2 * mean_noise + 0.01 and max(d_cuda) <= 2 * max(d_noise) + 0.05, (
         f"loss curves differ beyond bf16 noise:\ncuda  {cuda}\ntorch {ref}\nfp32  {fp32}"
+    )
     assert ref[-1] < ref[0] - 2.0, f"the loss did not go down: {ref}"

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from kernel_testing import ROOT, cuda_include_dir, emulator_command
 
 SANITIZERS = {"asan": ["-fsanitize=address"], "tsan": ["-g", "-fsanitize=thread"]}
@@ -30,7 +29,9 @@ def test_hardened_emulation(tmp_path, family, sanitizer):
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and ("libtsan" in res.stderr or "libasan" in res.stderr):
         pytest.skip(f"no {sanitizer} runtime for g++: {res.stderr.strip().splitlines()[-1]}")
-    assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, (
+        f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    )
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1", "ASAN_OPTIONS": "detect_leaks=0"}
     run = subprocess.run([exe], capture_output=True, text=True, timeout=900, env=env)
     report = run.stdout[-3000:] + run.stderr[-6000:]
@@ -80,37 +81,76 @@ def nvcc_flags():
     if nvcc is None or inc is None:
         pytest.skip("the resource check needs nvcc and the CUDA headers; set CUDA_HOME")
     from torch.utils.cpp_extension import include_paths
-    return [nvcc, "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-            *[f"-I{p}" for p in include_paths()], f"-I{inc}"]
+
+    return [
+        nvcc,
+        "-std=c++20",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        *[f"-I{p}" for p in include_paths()],
+        f"-I{inc}",
+    ]
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("source", ["layernorm.cu", "gelu.cu", "cross_entropy.cu", "attention.cu"])
 def test_kernels_fit_the_sm_without_spills(tmp_path, nvcc_flags, source, arch):
     ptx = str(tmp_path / "k.ptx")
-    res = subprocess.run([*nvcc_flags, f"-arch=compute_{arch}", "-ptx", os.path.join(ROOT, "csrc", source), "-o",
-                          ptx], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            *nvcc_flags,
+            f"-arch=compute_{arch}",
+            "-ptx",
+            os.path.join(ROOT, "csrc", source),
+            "-o",
+            ptx,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     ptxas = os.path.join(os.path.dirname(shutil.which(nvcc_flags[0])), "ptxas")
-    res = subprocess.run([ptxas if os.path.isfile(ptxas) else "ptxas", "-v", f"-arch=sm_{arch}", "-O3", ptx, "-o",
-                          str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            ptxas if os.path.isfile(ptxas) else "ptxas",
+            "-v",
+            f"-arch=sm_{arch}",
+            "-O3",
+            ptx,
+            "-o",
+            str(tmp_path / "k.cubin"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     with open(ptx) as f:
         bounds = kernel_launch_bounds(f.read())
     usage = ptxas_usage(res.stdout + res.stderr)
-    assert usage and set(usage) == set(bounds), f"ptxas reported {sorted(usage)}, the PTX holds {sorted(bounds)}"
+    assert usage and set(usage) == set(bounds), (
+        f"ptxas reported {sorted(usage)}, the PTX holds {sorted(bounds)}"
+    )
     problems = []
     for name, (regs, stores, loads) in sorted(usage.items()):
         threads, blocks = bounds[name]
         if threads is None:
-            problems.append(f"{name}: no __launch_bounds__, so nothing ties its registers to its launch")
+            problems.append(
+                f"{name}: no __launch_bounds__, so nothing ties its registers to its launch"
+            )
             continue
         warps = -(-threads // 32)
         needed = warps * -(-regs * 32 // ALLOCATION_UNIT) * ALLOCATION_UNIT * blocks
         if stores or loads:
-            problems.append(f"{name}: spills {stores} bytes stored, {loads} loaded ({regs} registers)")
+            problems.append(
+                f"{name}: spills {stores} bytes stored, {loads} loaded ({regs} registers)"
+            )
         if needed > REGISTERS_PER_SM:
-            problems.append(f"{name}: {blocks} block(s) of {threads} threads at {regs} registers need {needed} "
-                            f"registers, an SM has {REGISTERS_PER_SM}")
+            problems.append(
+                f"{name}: {blocks} block(s) of {threads} threads at {regs} registers need {needed} "
+                f"registers, an SM has {REGISTERS_PER_SM}"
+            )
     assert not problems, f"sm_{arch}, {source}:\n" + "\n".join(problems)

@@ -9,8 +9,24 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = ["--model", "tiny", "--device", "cpu", "--batch_size", "2", "--block_size", "32", "--total_batch_size", "64",
-         "--max_steps", "1", "--hellaswag_every", "0", "--sample_every", "0"]
+TRAIN = [
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+    "--block_size",
+    "32",
+    "--total_batch_size",
+    "64",
+    "--max_steps",
+    "1",
+    "--hellaswag_every",
+    "0",
+    "--sample_every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +49,67 @@ def files(tmp_path_factory):
 
 
 CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixture's folder
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--total_batch_size", "0"], "--total_batch_size 0"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--n_head", "3"], "not divisible by --n_head 3"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--device", "tpu"], "unknown --device 'tpu'"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/missing"], "no *_train_*.npy shards; run `python prepare.py"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--log_dir", "{d}/a_file"], "is a file, not a folder"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--resume", "{d}/data"], "does not exist or is not a file"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--resume", "{d}/random.pt"], "random.pt does not load"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/bad_manifest"], "manifest.json:3 is not a manifest"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--kernels", "cuda"], "--kernels cuda needs a CUDA device"),
-    ("train_gpt.py", TRAIN + ["--data_dir", "{d}/data", "--init_from", "nope"], "'nope' is neither a folder"),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--total_batch_size", "0"],
+        "--total_batch_size 0",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--n_head", "3"],
+        "not divisible by --n_head 3",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--device", "tpu"],
+        "unknown --device 'tpu'",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/missing"],
+        "no *_train_*.npy shards; run `python prepare.py",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--log_dir", "{d}/a_file"],
+        "is a file, not a folder",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--resume", "{d}/data"],
+        "does not exist or is not a file",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--resume", "{d}/random.pt"],
+        "random.pt does not load",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/bad_manifest"],
+        "manifest.json:3 is not a manifest",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--kernels", "cuda"],
+        "--kernels cuda needs a CUDA device",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--init_from", "nope"],
+        "'nope' is neither a folder",
+    ),
     ("train_gpt.py", ["--sample", "Hi", "--log_dir", "{d}/none"], "--sample needs a checkpoint"),
-    ("train_gpt.py", ["--export", "{d}/hf", "--log_dir", "{d}/none"], "--export needs a checkpoint"),
-    ("train_gpt.py", ["--sample", "Hi", "--num_samples", "0", "--log_dir", "{d}/none"], "--num_samples 0 must be"),
+    (
+        "train_gpt.py",
+        ["--export", "{d}/hf", "--log_dir", "{d}/none"],
+        "--export needs a checkpoint",
+    ),
+    (
+        "train_gpt.py",
+        ["--sample", "Hi", "--num_samples", "0", "--log_dir", "{d}/none"],
+        "--num_samples 0 must be",
+    ),
     ("prepare.py", ["--input", "{d}/missing.txt", "--out_dir", "{d}/out"], "missing.txt"),
     ("prepare.py", ["--input", "{d}/notes.xyz", "--out_dir", "{d}/out"], "notes.xyz"),
     ("prepare.py", ["--input", "{d}/docs.jsonl", "--out_dir", "{d}/out1"], "docs.jsonl line 2"),
@@ -57,11 +121,19 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
 ]
 
 
-@pytest.mark.parametrize("tool, args, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "tool, args, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_one_line_and_no_traceback(files, tool, args, words):
     args = [a.format(d=files) for a in args]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, tool)] + args, capture_output=True, text=True,
-                          timeout=300, cwd=files, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, tool)] + args,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=files,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -10,9 +10,9 @@ from PIL import Image
 
 import plot
 
-
 # -----------------------------------------------------------------------------
 # synthetic logs
+
 
 def fake_run(steps=600, val_every=100, seed=0, extra_stream=None):
     """Lines of a plausible run: falling noisy train loss, val and hella every val_every steps."""
@@ -42,12 +42,17 @@ def write_log(folder, lines, tail="", tokens_per_step=None):
 
 def assert_real_png(path, n_panels=2):
     img = Image.open(path)
-    assert img.format == "PNG" and img.size == (700 * n_panels, 500)  # the size the docstring and --help give
+    assert img.format == "PNG" and img.size == (
+        700 * n_panels,
+        500,
+    )  # the size the docstring and --help give
     pixels = np.asarray(img.convert("RGB")).astype(np.int32)
     # a blank or single-colour image has no spread; lines, text and legend give hundreds of colours
     assert pixels.std() > 10
     assert len(np.unique((pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2])) > 100
-    assert [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".tmp")] == []  # no temporary file left
+    assert [
+        n for n in os.listdir(os.path.dirname(path)) if n.endswith(".tmp")
+    ] == []  # no temporary file left
 
 
 def error_line(capsys):
@@ -67,6 +72,7 @@ def flag_error(capsys, argv):
 
 # -----------------------------------------------------------------------------
 # PNGs
+
 
 def test_png_geometry_is_documented(capsys):
     with pytest.raises(SystemExit) as e:
@@ -94,8 +100,24 @@ def test_overlay_extra_stream_and_tokens(tmp_path, capsys):
     a = write_log(tmp_path / "a" / "log", fake_run(extra_stream="lr"), tokens_per_step=1000)
     b = write_log(tmp_path / "b" / "log", fake_run(steps=400, seed=2))
     out = str(tmp_path / "both.png")
-    argv = [a, b, "-o", out, "--streams", "lr", "--x", "tokens", "--tokens_per_step", "2000",
-            "--labels", "arcana,nano", "--size", "350m", "--smooth", "20"]
+    argv = [
+        a,
+        b,
+        "-o",
+        out,
+        "--streams",
+        "lr",
+        "--x",
+        "tokens",
+        "--tokens_per_step",
+        "2000",
+        "--labels",
+        "arcana,nano",
+        "--size",
+        "350m",
+        "--smooth",
+        "20",
+    ]
     assert plot.main(argv) == 0
     assert_real_png(out, n_panels=3)
     printed = capsys.readouterr().out
@@ -117,7 +139,11 @@ def test_baselines_follow_size(tmp_path):
     logs = plot.load_logs([write_log(tmp_path, fake_run(steps=50))])
 
     def hlines(ax):
-        return sorted(round(float(line.get_ydata()[0]), 4) for line in ax.get_lines() if line.get_linestyle() == "--")
+        return sorted(
+            round(float(line.get_ydata()[0]), 4)
+            for line in ax.get_lines()
+            if line.get_linestyle() == "--"
+        )
 
     fig = plot.build_figure(logs, size="124M")
     assert hlines(fig.axes[0]) == [3.2924]
@@ -132,25 +158,54 @@ def test_baselines_follow_size(tmp_path):
 # -----------------------------------------------------------------------------
 # parsing
 
+
 def test_parse_sorts_steps_and_later_value_wins(tmp_path):
-    log = write_log(tmp_path, ["0 val 10.9466", "0 hella 0.2479", "0 train 10.955063", "2 train 9.5", "1 train 10.1",
-                               "100 val 5.0", "1 train 7.0", "100 val 4.0"])  # a resumed run logs steps 1, 100 again
+    log = write_log(
+        tmp_path,
+        [
+            "0 val 10.9466",
+            "0 hella 0.2479",
+            "0 train 10.955063",
+            "2 train 9.5",
+            "1 train 10.1",
+            "100 val 5.0",
+            "1 train 7.0",
+            "100 val 4.0",
+        ],
+    )  # a resumed run logs steps 1, 100 again
     streams, problems = plot.parse_log(log)
     assert problems == []
-    assert streams["train"][0].tolist() == [0, 1, 2] and streams["train"][1].tolist() == [10.955063, 7.0, 9.5]
+    assert streams["train"][0].tolist() == [0, 1, 2] and streams["train"][1].tolist() == [
+        10.955063,
+        7.0,
+        9.5,
+    ]
     assert streams["val"][0].tolist() == [0, 100] and streams["val"][1].tolist() == [10.9466, 4.0]
     assert streams["hella"][1].tolist() == [0.2479]
 
 
 def test_malformed_lines_are_reported_with_file_and_line(tmp_path, capsys):
-    log = write_log(tmp_path, ["0 train 10.9", "1 train", "x train 3.0", "2 train abc", "-3 train 1.0",
-                               "3 train 9.0 extra", "", "4 train 8.5"])
+    log = write_log(
+        tmp_path,
+        [
+            "0 train 10.9",
+            "1 train",
+            "x train 3.0",
+            "2 train abc",
+            "-3 train 1.0",
+            "3 train 9.0 extra",
+            "",
+            "4 train 8.5",
+        ],
+    )
     streams, problems = plot.parse_log(log)
     assert streams["train"][0].tolist() == [0, 4]
     assert [p.split(": ")[0] for p in problems] == [f"{log}:{n}" for n in (2, 3, 4, 5, 6)]
     assert plot.main([log, "-o", str(tmp_path / "p.png")]) == 0
     err = capsys.readouterr().err
-    assert f"{log}:2:" in err and f"{log}:6:" in err and f"{log}:7:" not in err  # blank line 7 is no problem
+    assert (
+        f"{log}:2:" in err and f"{log}:6:" in err and f"{log}:7:" not in err
+    )  # blank line 7 is no problem
 
 
 def test_warnings_are_capped_per_log(tmp_path, capsys):
@@ -201,23 +256,61 @@ def test_smooth():
 # -----------------------------------------------------------------------------
 # summary
 
+
 def test_summary_numbers(tmp_path):
-    log = write_log(tmp_path, ["0 val 11.0", "0 hella 0.25", "0 train 11.0", "1 train 4.0", "2 train nan",
-                               "3 train 3.5", "4 train 3.5", "5 train 3.9", "5 val 3.6", "5 hella 0.31", "7 val 3.7",
-                               "7 hella 0.31", "8 lr 0.1"])
+    log = write_log(
+        tmp_path,
+        [
+            "0 val 11.0",
+            "0 hella 0.25",
+            "0 train 11.0",
+            "1 train 4.0",
+            "2 train nan",
+            "3 train 3.5",
+            "4 train 3.5",
+            "5 train 3.9",
+            "5 val 3.6",
+            "5 hella 0.31",
+            "7 val 3.7",
+            "7 hella 0.31",
+            "8 lr 0.1",
+        ],
+    )
     header, row = plot.format_summary(plot.load_logs([log])).splitlines()
     # last step 8 (any stream); NaN skipped; the first step on a tie
-    assert row.split() == [os.path.basename(tmp_path), "8", "3.5000", "@", "3", "3.6000", "@", "5", "0.3100", "@", "5"]
-    assert header.index("last step") + len("last step") == row.index(" 8") + 2  # numbers right-aligned
+    assert row.split() == [
+        os.path.basename(tmp_path),
+        "8",
+        "3.5000",
+        "@",
+        "3",
+        "3.6000",
+        "@",
+        "5",
+        "0.3100",
+        "@",
+        "5",
+    ]
+    assert (
+        header.index("last step") + len("last step") == row.index(" 8") + 2
+    )  # numbers right-aligned
 
 
 def test_summary_of_run_without_evals(tmp_path):
     (log,) = plot.load_logs([write_log(tmp_path, ["0 train 10.0", "1 train 9.0"])])
-    assert plot.format_summary([log]).splitlines()[1].split()[1:] == ["1", "9.0000", "@", "1", "-", "-"]
+    assert plot.format_summary([log]).splitlines()[1].split()[1:] == [
+        "1",
+        "9.0000",
+        "@",
+        "1",
+        "-",
+        "-",
+    ]
 
 
 # -----------------------------------------------------------------------------
 # errors a user can cause: one line, non-zero exit, no traceback
+
 
 def test_missing_file_and_folder_without_log(tmp_path, capsys):
     missing = str(tmp_path / "nope" / "log.txt")
@@ -236,14 +329,17 @@ def test_empty_log(tmp_path, capsys, tail):
     assert not (tmp_path / "plot.png").exists()
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--size", "125M"], ["'125M'", "1558M", "NONE"]),
-    (["--labels", "a,b"], ["2 label(s) for 1 log(s)"]),
-    (["--smooth", "0"], ["--smooth 0", "above 0"]),
-    (["--watch", "-1"], ["--watch -1.0", "above 0"]),
-    (["--tokens_per_step", "0"], ["--tokens_per_step 0", "above 0"]),
-    (["--x", "epochs"], ["'epochs'", "tokens"]),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--size", "125M"], ["'125M'", "1558M", "NONE"]),
+        (["--labels", "a,b"], ["2 label(s) for 1 log(s)"]),
+        (["--smooth", "0"], ["--smooth 0", "above 0"]),
+        (["--watch", "-1"], ["--watch -1.0", "above 0"]),
+        (["--tokens_per_step", "0"], ["--tokens_per_step 0", "above 0"]),
+        (["--x", "epochs"], ["'epochs'", "tokens"]),
+    ],
+)
 def test_bad_flags(tmp_path, capsys, argv, expected):
     line = flag_error(capsys, [write_log(tmp_path, ["0 train 10.9"])] + argv)
     assert all(word in line for word in expected)
@@ -265,7 +361,9 @@ def test_tokens_without_tokens_per_step(tmp_path, capsys):
     assert "run.json" in err and "--tokens_per_step" in err
 
 
-@pytest.mark.parametrize("text, expected", [('{"tokens_per_step": "lots"}', "'lots'"), ("{", "JSON")])
+@pytest.mark.parametrize(
+    "text, expected", [('{"tokens_per_step": "lots"}', "'lots'"), ("{", "JSON")]
+)
 def test_bad_run_json(tmp_path, capsys, text, expected):
     log = write_log(tmp_path / "log", fake_run(steps=20), tokens_per_step=1)
     (tmp_path / "log" / "run.json").write_text(text)
@@ -283,6 +381,7 @@ def test_unknown_stream_requested(tmp_path, capsys):
 
 # -----------------------------------------------------------------------------
 # --watch
+
 
 def test_watch_redraws_when_the_log_changes(tmp_path, capsys):
     lines = fake_run(steps=300)
@@ -303,7 +402,10 @@ def test_watch_redraws_when_the_log_changes(tmp_path, capsys):
     assert sleeps == [30, 30, 30]
     assert_real_png(str(out))
     summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("log ")]
-    assert [int(line.split()[1]) for line in summaries] == [97, 299]  # redrawn once per change, not per check
+    assert [int(line.split()[1]) for line in summaries] == [
+        97,
+        299,
+    ]  # redrawn once per change, not per check
 
 
 def test_watch_waits_for_an_empty_log_and_stops_on_ctrl_c(tmp_path, capsys):
@@ -334,5 +436,7 @@ def test_watch_fails_at_start(tmp_path, capsys):
     assert plot.main([str(tmp_path / "log.txt"), "--watch", "1"]) == 1
     assert "no such file" in error_line(capsys)
     log = write_log(tmp_path / "log", fake_run(steps=20))
-    assert plot.main([log, "--watch", "1", "--x", "tokens"]) == 1  # a first drawing that fails ends the watch
+    assert (
+        plot.main([log, "--watch", "1", "--x", "tokens"]) == 1
+    )  # a first drawing that fails ends the watch
     assert "--tokens_per_step" in error_line(capsys)

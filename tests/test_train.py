@@ -22,9 +22,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt.py")
 
 # A small model and batch that run a training step on CPU in well under a second.
-SMALL = ["--model", "tiny", "--n_embd", "32", "--n_head", "2", "--device", "cpu", "--batch_size", "2",
-         "--block_size", "32", "--total_batch_size", "128", "--val_steps", "1", "--hellaswag_every", "0",
-         "--sample_every", "0", "--warmup_steps", "2", "--max_lr", "1e-3"]
+SMALL = [
+    "--model",
+    "tiny",
+    "--n_embd",
+    "32",
+    "--n_head",
+    "2",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+    "--block_size",
+    "32",
+    "--total_batch_size",
+    "128",
+    "--val_steps",
+    "1",
+    "--hellaswag_every",
+    "0",
+    "--sample_every",
+    "0",
+    "--warmup_steps",
+    "2",
+    "--max_lr",
+    "1e-3",
+]
 
 
 def make_shards(folder, n_train=2, train_tokens=6000, val_tokens=3000, seed=0):
@@ -32,7 +55,9 @@ def make_shards(folder, n_train=2, train_tokens=6000, val_tokens=3000, seed=0):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     pattern = rng.integers(0, 50257, 700)
-    np.save(os.path.join(folder, "tok_val_000000.npy"), np.resize(pattern, val_tokens).astype(np.uint16))
+    np.save(
+        os.path.join(folder, "tok_val_000000.npy"), np.resize(pattern, val_tokens).astype(np.uint16)
+    )
     for i in range(1, n_train + 1):
         tokens = np.resize(np.roll(pattern, 37 * i), train_tokens).astype(np.uint16)
         np.save(os.path.join(folder, f"tok_train_{i:06d}.npy"), tokens)
@@ -47,8 +72,14 @@ def read_log(log_dir, stream=None):
 
 def run_script(args, env=None, timeout=300, launcher=None):
     cmd = (launcher or [sys.executable]) + [SCRIPT] + args
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -59,6 +90,7 @@ def data_dir(tmp_path):
 # -----------------------------------------------------------------------------
 # model
 
+
 def test_d12_parameter_count():
     model = GPT(GPTConfig(vocab_size=50257))
     assert model.num_params() == 124_439_808
@@ -68,7 +100,11 @@ def test_d12_parameter_count():
 def test_presets_and_shapes():
     for name, expect in [("d24", (24, 16, 1024)), ("d36", (36, 20, 1280)), ("d48", (48, 25, 1600))]:
         mc = train_gpt.model_config(TrainConfig(model=name))
-        assert (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size, mc.vocab_size) == (*expect, 1024, 50304)
+        assert (mc.n_layer, mc.n_head, mc.n_embd, mc.block_size, mc.vocab_size) == (
+            *expect,
+            1024,
+            50304,
+        )
     mc = train_gpt.model_config(TrainConfig(model="tiny", n_layer=3, block_size=16))
     assert (mc.n_layer, mc.block_size) == (3, 16)
     torch.manual_seed(0)
@@ -97,7 +133,9 @@ def randomized_hf_model(tmp_path, **overrides):
     config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, **overrides)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # every weight random, biases and LayerNorm gains included, so nothing hides
+    with (
+        torch.no_grad()
+    ):  # every weight random, biases and LayerNorm gains included, so nothing hides
         for p in hf.parameters():
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and p.numel() == 64 else 0.0))
     hf.save_pretrained(tmp_path)
@@ -119,7 +157,11 @@ def test_from_pretrained_bin_and_hub_layout(tmp_path):
     hf = randomized_hf_model(tmp_path / "a")
     # the layout of OpenAI's checkpoint on the hub: no "transformer." prefix, the causal-mask buffers,
     # no lm_head (tied), pytorch_model.bin instead of safetensors
-    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd = {
+        k.removeprefix("transformer."): v
+        for k, v in hf.state_dict().items()
+        if k != "lm_head.weight"
+    }
     sd["h.0.attn.bias"] = torch.ones(1, 1, 128, 128)
     os.makedirs(tmp_path / "b")
     torch.save(sd, tmp_path / "b" / "pytorch_model.bin")
@@ -136,11 +178,17 @@ def test_from_pretrained_bin_and_hub_layout(tmp_path):
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(train_gpt.UserError, match="neither a folder nor one of"):
         GPT.from_pretrained("gpt5")
-    with pytest.raises(train_gpt.UserError, match="is not a Hugging Face GPT-2 folder .*config.json"):
+    with pytest.raises(
+        train_gpt.UserError, match="is not a Hugging Face GPT-2 folder .*config.json"
+    ):
         GPT.from_pretrained(str(tmp_path))
     with open(tmp_path / "config.json", "w") as f:
-        json.dump({"n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 50257, "n_positions": 8}, f)
-    with pytest.raises(train_gpt.UserError, match="is not a Hugging Face GPT-2 folder .*pytorch_model.bin"):
+        json.dump(
+            {"n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 50257, "n_positions": 8}, f
+        )
+    with pytest.raises(
+        train_gpt.UserError, match="is not a Hugging Face GPT-2 folder .*pytorch_model.bin"
+    ):
         GPT.from_pretrained(str(tmp_path))
     torch.save({"wte.weight": torch.zeros(50257, 8)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(train_gpt.UserError, match="do not fit a GPT-2 model: .*Missing key"):
@@ -165,9 +213,13 @@ def test_weight_decay_groups():
     optimizer = model.configure_optimizer(0.1, 1e-3, "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
     ids = {id(p) for p in decay["params"]} | {id(p) for p in no_decay["params"]}
-    assert ids == {id(p) for p in model.parameters()}  # every parameter exactly once (wte/lm_head tied)
+    assert ids == {
+        id(p) for p in model.parameters()
+    }  # every parameter exactly once (wte/lm_head tied)
     assert len(decay["params"]) == 2 + 2 * 4  # wte, wpe, and per block c_attn, c_proj, c_fc, c_proj
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
 
@@ -194,7 +246,7 @@ def test_torch_ops_match_plain_pytorch():
     expected = (att @ v).transpose(1, 2).reshape(B, T, H * D)
     torch.testing.assert_close(ops.attention(qkv, H), expected, atol=1e-6, rtol=1e-5)
     x = torch.randn(4, 8)
-    tanh_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    tanh_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     fc = torch.nn.Linear(8, 8)
     torch.testing.assert_close(F.gelu(x, approximate="tanh"), tanh_gelu, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ops.linear_gelu(x, fc), F.gelu(fc(x), approximate="tanh"))
@@ -208,6 +260,7 @@ def test_torch_ops_match_plain_pytorch():
 @pytest.mark.parametrize("chunk_rows", [1, 48, 97, 4096])
 def test_chunked_loss_equals_cross_entropy(arcana, padding, chunk_rows):
     import csrc
+
     torch.manual_seed(chunk_rows)
     h = torch.randn(4, 50, 32, requires_grad=True)
     weight = (torch.randn(3000, 32) * 0.5).requires_grad_()
@@ -223,18 +276,24 @@ def test_chunked_loss_equals_cross_entropy(arcana, padding, chunk_rows):
     for g, e in zip(grads, expected_grads):
         assert (g - e).abs().max().item() < 1e-6
     with torch.no_grad():  # evaluation: no gradient work, same loss
-        assert csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows).item() == loss.item()
+        assert (
+            csrc.chunked_lm_head_loss(h, weight, targets, chunk_rows=chunk_rows).item()
+            == loss.item()
+        )
 
 
 def test_chunked_loss_op_registration(arcana):
     import csrc
+
     torch.manual_seed(0)
     h = torch.randn(2, 9, 8, requires_grad=True)
     weight = torch.randn(100, 8, requires_grad=True)
     targets = torch.randint(0, 100, (2, 9))
     targets[1, 2] = -1
     torch.library.opcheck(csrc.lm_head_loss_op, (h, weight, targets, 5, True, False))
-    torch.library.opcheck(csrc.lm_head_loss_op, (h.detach(), weight.detach(), targets, 5, False, False))
+    torch.library.opcheck(
+        csrc.lm_head_loss_op, (h.detach(), weight.detach(), targets, 5, False, False)
+    )
 
 
 def test_model_with_chunked_loss_trains_like_torch_path(arcana):
@@ -271,6 +330,7 @@ def test_kernels_cuda_without_gpu_is_refused():
 # -----------------------------------------------------------------------------
 # data
 
+
 def test_loader_ranks_read_disjoint_windows_and_wrap(tmp_path):
     folder = tmp_path / "d"
     os.makedirs(folder)
@@ -285,12 +345,20 @@ def test_loader_ranks_read_disjoint_windows_and_wrap(tmp_path):
         for x, y in batches:
             assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # targets are the next tokens
         starts = [int(x[0, 0]) for x, _ in batches]
-        assert starts[1] - starts[0] == B * T and starts[2] - starts[1] == B * T  # disjoint, contiguous
+        assert (
+            starts[1] - starts[0] == B * T and starts[2] - starts[1] == B * T
+        )  # disjoint, contiguous
         seen.append(starts[0])
     # shard 1 holds 16 spans of 60 (+1) tokens, shard 2 holds 8; then it wraps to shard 1
     assert seen[:3] == [0, 60, 120] and seen[16] == 1000 and seen[19] == 1180
     assert ShardLoader(shards, B, T, 0, W).state_dict() == {"epoch": 0, "index": 0, "pos": 0}
-    assert [loaders[0].next_batch()[0][0, 0].item() for _ in range(5)] == [1240, 1300, 1360, 1420, 0]
+    assert [loaders[0].next_batch()[0][0, 0].item() for _ in range(5)] == [
+        1240,
+        1300,
+        1360,
+        1420,
+        0,
+    ]
     assert loaders[0].state_dict()["epoch"] == 1
 
 
@@ -298,7 +366,9 @@ def test_loader_state_round_trip_and_shuffle(tmp_path):
     folder = tmp_path / "d"
     os.makedirs(folder)
     for i in range(4):
-        np.save(folder / f"a_train_{i:06d}.npy", np.arange(i * 1000, i * 1000 + 500, dtype=np.uint16))
+        np.save(
+            folder / f"a_train_{i:06d}.npy", np.arange(i * 1000, i * 1000 + 500, dtype=np.uint16)
+        )
     shards = train_gpt.find_shards(str(folder), "train")
     a = ShardLoader(shards, 2, 8, shuffle=True, seed=5)
     for _ in range(37):
@@ -309,23 +379,32 @@ def test_loader_state_round_trip_and_shuffle(tmp_path):
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
     orders = [ShardLoader(shards, 2, 8, shuffle=True, seed=5).order(e) for e in range(3)]
     assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len({tuple(o) for o in orders}) > 1
-    assert ShardLoader(shards, 2, 8, shuffle=True, seed=6).order(0) != orders[0] or \
-        ShardLoader(shards, 2, 8, shuffle=True, seed=6).order(1) != orders[1]
+    assert (
+        ShardLoader(shards, 2, 8, shuffle=True, seed=6).order(0) != orders[0]
+        or ShardLoader(shards, 2, 8, shuffle=True, seed=6).order(1) != orders[1]
+    )
 
 
 def test_loader_errors(tmp_path):
     for folder in (tmp_path / "missing", tmp_path):
-        with pytest.raises(train_gpt.UserError, match="has no \\*_train_\\*.npy shards; run `python prepare.py"):
+        with pytest.raises(
+            train_gpt.UserError, match="has no \\*_train_\\*.npy shards; run `python prepare.py"
+        ):
             train_gpt.find_shards(str(folder), "train")
     np.save(tmp_path / "x_train_000001.npy", np.zeros(10, dtype=np.uint16))
     with pytest.raises(train_gpt.UserError, match="shorter than one batch"):
         ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
     # ids GPT-2's tokenizer cannot produce, deep in a shard: found at start, with the shard and the offset
-    for name, dtype, bad in [("x_train_000002.npy", np.uint16, 50257), ("x_train_000003.npy", np.int32, -3)]:
+    for name, dtype, bad in [
+        ("x_train_000002.npy", np.uint16, 50257),
+        ("x_train_000003.npy", np.int32, -3),
+    ]:
         tokens = np.zeros(5000, dtype=dtype)
         tokens[4321] = bad
         np.save(tmp_path / name, tokens)
-        with pytest.raises(train_gpt.UserError, match=f"{name} holds token id {bad} at offset 4321"):
+        with pytest.raises(
+            train_gpt.UserError, match=f"{name} holds token id {bad} at offset 4321"
+        ):
             ShardLoader([str(tmp_path / name)], 2, 8)
 
 
@@ -345,6 +424,7 @@ def test_corrupt_shard_is_named(tmp_path):
 # -----------------------------------------------------------------------------
 # training loop
 
+
 def test_accumulation_equals_larger_batch(data_dir):
     torch.manual_seed(0)
     model_a = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
@@ -360,23 +440,57 @@ def test_accumulation_equals_larger_batch(data_dir):
 
 def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
     log_dir = str(tmp_path / "log")
-    code = train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "6",
-                                   "--val_every", "3", "--checkpoint_every", "2", "--keep_checkpoints", "2"])
+    code = train_gpt.main(
+        SMALL
+        + [
+            "--data_dir",
+            data_dir,
+            "--log_dir",
+            log_dir,
+            "--max_steps",
+            "6",
+            "--val_every",
+            "3",
+            "--checkpoint_every",
+            "2",
+            "--keep_checkpoints",
+            "2",
+        ]
+    )
     assert code == 0
     log = read_log(log_dir)
     assert [s for s, k, _ in log if k == "train"] == list(range(6))
-    assert [s for s, k, _ in log if k == "val"] == [0, 3, 6]  # before training, after 3 and after 6 steps
+    assert [s for s, k, _ in log if k == "val"] == [
+        0,
+        3,
+        6,
+    ]  # before training, after 3 and after 6 steps
     assert all(len(v.split(".")[1]) == (6 if k == "train" else 4) for _, k, v in log)
     train_losses = [float(v) for _, k, v in log if k == "train"]
     assert train_losses[-1] < train_losses[0]
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00004.pt", "model_00006.pt", "run.json"]
+    assert sorted(os.listdir(log_dir)) == [
+        "log.txt",
+        "model_00004.pt",
+        "model_00006.pt",
+        "run.json",
+    ]
     with open(os.path.join(log_dir, "run.json")) as f:
         meta = json.load(f)
-    assert meta["tokens_per_step"] == 128 and meta["config"]["max_steps"] == 6 and meta["world_size"] == 1
+    assert (
+        meta["tokens_per_step"] == 128
+        and meta["config"]["max_steps"] == 6
+        and meta["world_size"] == 1
+    )
     assert meta["versions"]["torch"] == torch.__version__
     ckpt = train_gpt.load_checkpoint(os.path.join(log_dir, "model_00006.pt"))
-    assert ckpt["step"] == 6 and ckpt["model_config"]["n_embd"] == 32 and ckpt["config"]["max_steps"] == 6
-    assert ckpt["val_loss"] == pytest.approx(float([v for s, k, v in log if k == "val"][-1]), abs=1e-4)
+    assert (
+        ckpt["step"] == 6
+        and ckpt["model_config"]["n_embd"] == 32
+        and ckpt["config"]["max_steps"] == 6
+    )
+    assert ckpt["val_loss"] == pytest.approx(
+        float([v for s, k, v in log if k == "val"][-1]), abs=1e-4
+    )
     assert {"model", "optimizer", "train_loader", "scaler", "world_size"} <= set(ckpt)
     model, _ = train_gpt.model_from_checkpoint(os.path.join(log_dir, "model_00006.pt"))
     assert all("_orig_mod" not in k for k in ckpt["model"])
@@ -385,18 +499,33 @@ def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
 
 def test_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    args = SMALL + ["--data_dir", data_dir, "--max_steps", "7", "--val_every", "2", "--checkpoint_every", "3",
-                    "--keep_checkpoints", "0", "--shuffle"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--max_steps",
+        "7",
+        "--val_every",
+        "2",
+        "--checkpoint_every",
+        "3",
+        "--keep_checkpoints",
+        "0",
+        "--shuffle",
+    ]
     assert train_gpt.main(args + ["--log_dir", full]) == 0
     # a run that died after its step-3 checkpoint, having logged a few lines past it
     os.makedirs(resumed)
-    with open(os.path.join(full, "model_00003.pt"), "rb") as f, \
-            open(os.path.join(resumed, "model_00003.pt"), "wb") as g:
+    with (
+        open(os.path.join(full, "model_00003.pt"), "rb") as f,
+        open(os.path.join(resumed, "model_00003.pt"), "wb") as g,
+    ):
         g.write(f.read())
     with open(os.path.join(full, "log.txt")) as f:
         lines = f.readlines()
     with open(os.path.join(resumed, "log.txt"), "w") as f:
-        f.writelines(line for line in lines if int(line.split()[0]) <= 4)  # logged past the checkpoint
+        f.writelines(
+            line for line in lines if int(line.split()[0]) <= 4
+        )  # logged past the checkpoint
         f.write("5 tra")  # and a partial line from the kill
     assert train_gpt.main(args + ["--log_dir", resumed, "--resume", "auto"]) == 0
     with open(os.path.join(full, "log.txt")) as f, open(os.path.join(resumed, "log.txt")) as g:
@@ -408,12 +537,26 @@ def test_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
 
 def test_sigterm_checkpoints_and_resume_matches(data_dir, tmp_path):
     full, interrupted = str(tmp_path / "full"), str(tmp_path / "interrupted")
-    args = SMALL + ["--data_dir", data_dir, "--max_steps", "12", "--val_every", "4", "--checkpoint_every", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--max_steps",
+        "12",
+        "--val_every",
+        "4",
+        "--checkpoint_every",
+        "0",
+    ]
     # every part runs with the same thread count: float sums on CPU are bitwise reproducible only then
     assert run_script(args + ["--log_dir", full]).returncode == 0
-    proc = subprocess.Popen([sys.executable, SCRIPT] + args + ["--log_dir", interrupted], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT] + args + ["--log_dir", interrupted],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     log_txt = os.path.join(interrupted, "log.txt")
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -436,7 +579,12 @@ def test_sigterm_checkpoints_and_resume_matches(data_dir, tmp_path):
 def test_half_written_checkpoint_is_ignored(data_dir, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
     args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--val_every", "0"]
-    assert train_gpt.main(args + ["--max_steps", "2", "--checkpoint_every", "1", "--keep_checkpoints", "0"]) == 0
+    assert (
+        train_gpt.main(
+            args + ["--max_steps", "2", "--checkpoint_every", "1", "--keep_checkpoints", "0"]
+        )
+        == 0
+    )
     with open(os.path.join(log_dir, "model_00002.pt"), "rb") as f:
         data = f.read()
     with open(os.path.join(log_dir, "model_00009.pt"), "wb") as f:
@@ -449,14 +597,29 @@ def test_half_written_checkpoint_is_ignored(data_dir, tmp_path, capsys):
     assert train_gpt.main(args + ["--max_steps", "4", "--resume", "auto"]) == 0
     assert [s for s, _, _ in read_log(log_dir, "train")] == [0, 1, 2, 3]
     assert not glob.glob(os.path.join(log_dir, "*.tmp"))  # the stale temp file is gone
-    aside = glob.glob(os.path.join(log_dir, "set_aside_*", "*"))  # the damaged newer checkpoint: moved, not lost
-    assert sorted(os.path.basename(p) for p in aside) == ["log.txt", "model_00009.pt"]  # the log: a copy
+    aside = glob.glob(
+        os.path.join(log_dir, "set_aside_*", "*")
+    )  # the damaged newer checkpoint: moved, not lost
+    assert sorted(os.path.basename(p) for p in aside) == [
+        "log.txt",
+        "model_00009.pt",
+    ]  # the log: a copy
 
 
 def test_non_finite_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     log_dir = str(tmp_path / "log")
-    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--val_every", "0", "--checkpoint_every", "2",
-                    "--keep_checkpoints", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        "--val_every",
+        "0",
+        "--checkpoint_every",
+        "2",
+        "--keep_checkpoints",
+        "0",
+    ]
     forward = GPT.forward
     calls = {"n": 0}
 
@@ -472,7 +635,9 @@ def test_non_finite_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatc
     assert train_gpt.main(args + ["--max_steps", "8"]) == 1
     err = capsys.readouterr().err
     assert "step 3: loss nan" in err and "model_00002.pt" in err
-    assert [p for _, p in train_gpt.list_checkpoints(log_dir)] == [os.path.join(log_dir, "model_00002.pt")]
+    assert [p for _, p in train_gpt.list_checkpoints(log_dir)] == [
+        os.path.join(log_dir, "model_00002.pt")
+    ]
     ckpt = train_gpt.load_checkpoint(os.path.join(log_dir, "model_00002.pt"))
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [s for s, _, _ in read_log(log_dir, "train")] == [0, 1, 2]
@@ -480,7 +645,16 @@ def test_non_finite_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatc
 
 def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = SMALL + ["--data_dir", data_dir, "--max_steps", "4", "--val_every", "2", "--checkpoint_every", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--max_steps",
+        "4",
+        "--val_every",
+        "2",
+        "--checkpoint_every",
+        "0",
+    ]
     single = run_script(args + ["--log_dir", one])
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -506,11 +680,32 @@ def test_compile_with_eval_and_sampling(data_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_gpt, "gpt2_encoding", lambda: FakeEncoding())
     log_dir = str(tmp_path / "log")
-    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "1",
-                    "--sample_every", "1", "--num_samples", "2", "--sample_length", "4", "--compile"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        "--max_steps",
+        "2",
+        "--val_every",
+        "1",
+        "--sample_every",
+        "1",
+        "--num_samples",
+        "2",
+        "--sample_length",
+        "4",
+        "--compile",
+    ]
     assert train_gpt.main(args) == 0
     log = read_log(log_dir)
-    assert [(s, k) for s, k, _ in log] == [(0, "val"), (0, "train"), (1, "val"), (1, "train"), (2, "val")]
+    assert [(s, k) for s, k, _ in log] == [
+        (0, "val"),
+        (0, "train"),
+        (1, "val"),
+        (1, "train"),
+        (2, "val"),
+    ]
 
 
 def test_missing_tokenizer_turns_sampling_off(data_dir, tmp_path, monkeypatch, capsys):
@@ -519,11 +714,25 @@ def test_missing_tokenizer_turns_sampling_off(data_dir, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(train_gpt, "gpt2_encoding", unavailable)
     log_dir = str(tmp_path / "log")
-    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        "--max_steps",
+        "2",
+        "--val_every",
+        "0",
+    ]
     assert train_gpt.main(args + ["--sample_every", "1"]) == 0
-    assert "cannot load the GPT-2 tokenizer (test); sampling is off for this run" in capsys.readouterr().err
+    assert (
+        "cannot load the GPT-2 tokenizer (test); sampling is off for this run"
+        in capsys.readouterr().err
+    )
     assert len(read_log(log_dir, "train")) == 2
-    code = train_gpt.main(["--resume", "auto", "--log_dir", log_dir, "--sample", "Hi", "--device", "cpu"])
+    code = train_gpt.main(
+        ["--resume", "auto", "--log_dir", log_dir, "--sample", "Hi", "--device", "cpu"]
+    )
     assert code == 2 and "error: cannot load the GPT-2 tokenizer (test)" in capsys.readouterr().err
 
 
@@ -537,18 +746,49 @@ def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_gpt, "gpt2_encoding", lambda: FakeEncoding())
     log_dir = str(tmp_path / "log")
-    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1",
-                                   "--val_every", "0"]) == 0
+    assert (
+        train_gpt.main(
+            SMALL
+            + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1", "--val_every", "0"]
+        )
+        == 0
+    )
     capsys.readouterr()
-    code = train_gpt.main(["--resume", os.path.join(log_dir, "model_00001.pt"), "--sample", "Hi",
-                           "--num_samples", "3", "--sample_length", "5", "--device", "cpu"])
+    code = train_gpt.main(
+        [
+            "--resume",
+            os.path.join(log_dir, "model_00001.pt"),
+            "--sample",
+            "Hi",
+            "--num_samples",
+            "3",
+            "--sample_length",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample ")]
-    assert len(samples) == 3 and all(s.split(": ", 1)[1].strip("'").startswith("72|105|") for s in samples)
+    assert len(samples) == 3 and all(
+        s.split(": ", 1)[1].strip("'").startswith("72|105|") for s in samples
+    )
     assert all(len(s.split("|")) == 7 for s in samples)  # 2 prompt tokens + 5 new ones
-    code = train_gpt.main(["--resume", os.path.join(log_dir, "model_00001.pt"), "--sample", "Hi",
-                           "--block_size", "64", "--device", "cpu"])
-    assert code == 2 and "has a different model: block_size=32 (flags: 64)" in capsys.readouterr().err
+    code = train_gpt.main(
+        [
+            "--resume",
+            os.path.join(log_dir, "model_00001.pt"),
+            "--sample",
+            "Hi",
+            "--block_size",
+            "64",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (
+        code == 2 and "has a different model: block_size=32 (flags: 64)" in capsys.readouterr().err
+    )
     assert train_gpt.main(["--sample", "Hi", "--log_dir", str(tmp_path / "none")]) == 2
     assert "--sample needs a checkpoint" in capsys.readouterr().err
 
@@ -556,22 +796,34 @@ def test_sample_from_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
 # -----------------------------------------------------------------------------
 # errors a user can cause
 
-@pytest.mark.parametrize("extra, message", [
-    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of batch_size * block_size * "
-                                    "processes = 2 * 32 * 1 = 64"),
-    (["--total_batch_size", "0"], "--total_batch_size 0 must be at least 1"),
-    (["--max_steps", "-1"], "--max_steps -1 must be at least 1"),
-    (["--val_steps", "0"], "--val_steps 0 must be at least 1"),
-    (["--warmup_steps", "-2"], "--warmup_steps -2 must not be negative"),
-    (["--n_head", "3"], "--n_embd 32 is not divisible by --n_head 3"),
-    (["--device", "tpu"], "unknown --device 'tpu'"),
-    (["--device", "cuda:7"], "--device cuda:7"),
-    (["--vocab_size", "1000"], "--vocab_size 1000 is smaller than GPT-2's 50257"),
-    (["--min_lr", "1"], "--min_lr 1.0 is above --max_lr"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--total_batch_size", "100"],
+            "--total_batch_size 100 is not a multiple of batch_size * block_size * "
+            "processes = 2 * 32 * 1 = 64",
+        ),
+        (["--total_batch_size", "0"], "--total_batch_size 0 must be at least 1"),
+        (["--max_steps", "-1"], "--max_steps -1 must be at least 1"),
+        (["--val_steps", "0"], "--val_steps 0 must be at least 1"),
+        (["--warmup_steps", "-2"], "--warmup_steps -2 must not be negative"),
+        (["--n_head", "3"], "--n_embd 32 is not divisible by --n_head 3"),
+        (["--device", "tpu"], "unknown --device 'tpu'"),
+        (["--device", "cuda:7"], "--device cuda:7"),
+        (["--vocab_size", "1000"], "--vocab_size 1000 is smaller than GPT-2's 50257"),
+        (["--min_lr", "1"], "--min_lr 1.0 is above --max_lr"),
+    ],
+)
 def test_bad_configuration_is_refused(data_dir, tmp_path, capsys, extra, message):
     log_dir = str(tmp_path / "log")
-    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1"] + extra) == 2
+    assert (
+        train_gpt.main(
+            SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1"] + extra
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not os.path.exists(os.path.join(log_dir, "log.txt"))  # refused before any work
 
@@ -581,18 +833,49 @@ def test_unknown_model_and_help():
     assert result.returncode == 2 and "invalid choice: 'd13'" in result.stderr
     result = run_script(["--help"])
     assert result.returncode == 0
-    for flag in ["--data_dir", "--log_dir", "--model", "--batch_size", "--block_size", "--total_batch_size",
-                 "--max_steps", "--warmup_steps", "--max_lr", "--min_lr", "--weight_decay", "--grad_clip",
-                 "--val_every", "--val_steps", "--hellaswag_every", "--sample_every", "--checkpoint_every",
-                 "--keep_checkpoints", "--resume", "--device", "--dtype", "--compile", "--kernels", "--seed",
-                 "--shuffle", "--n_layer", "--n_head", "--n_embd", "--vocab_size"]:
+    for flag in [
+        "--data_dir",
+        "--log_dir",
+        "--model",
+        "--batch_size",
+        "--block_size",
+        "--total_batch_size",
+        "--max_steps",
+        "--warmup_steps",
+        "--max_lr",
+        "--min_lr",
+        "--weight_decay",
+        "--grad_clip",
+        "--val_every",
+        "--val_steps",
+        "--hellaswag_every",
+        "--sample_every",
+        "--checkpoint_every",
+        "--keep_checkpoints",
+        "--resume",
+        "--device",
+        "--dtype",
+        "--compile",
+        "--kernels",
+        "--seed",
+        "--shuffle",
+        "--n_layer",
+        "--n_head",
+        "--n_embd",
+        "--vocab_size",
+    ]:
         assert flag in result.stdout
     assert "tokens per optimizer step" in result.stdout  # field comments are the help text
 
 
 def test_a_file_as_log_dir(data_dir, tmp_path, capsys):
     (tmp_path / "log").write_text("not a folder")
-    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", str(tmp_path / "log"), "--max_steps", "1"]) == 2
+    assert (
+        train_gpt.main(
+            SMALL + ["--data_dir", data_dir, "--log_dir", str(tmp_path / "log"), "--max_steps", "1"]
+        )
+        == 2
+    )
     assert "is a file, not a folder; choose another --log_dir" in capsys.readouterr().err
 
 
@@ -607,7 +890,16 @@ def test_missing_and_empty_data_dir(tmp_path, capsys):
 
 def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
-    args = SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "1", "--val_every", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        "--max_steps",
+        "1",
+        "--val_every",
+        "0",
+    ]
     assert train_gpt.main(args) == 0
     capsys.readouterr()
     assert train_gpt.main(args) == 2  # a fresh run would overwrite the first one
@@ -623,7 +915,10 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
         f.truncate(1000)
     assert train_gpt.main(args + ["--resume", "auto"]) == 0
     out = capsys.readouterr().out
-    assert "no valid checkpoint" in out and "moved the old log and the checkpoints that do not load to" in out
+    assert (
+        "no valid checkpoint" in out
+        and "moved the old log and the checkpoints that do not load to" in out
+    )
     aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
     assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00001.pt"]
     with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(aside[0], "log.txt")) as g:
@@ -631,25 +926,53 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
     assert new == old and new.startswith("0 train ")  # the same deterministic run, logged again
 
 
-
 # -----------------------------------------------------------------------------
 # histories, data and disks: nothing lost, nothing silently wrong
 
+
 def test_an_older_checkpoint_is_continued_only_as_a_branch(data_dir, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
-    args = SMALL + ["--data_dir", data_dir, "--val_every", "0", "--checkpoint_every", "2", "--keep_checkpoints", "2"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--val_every",
+        "0",
+        "--checkpoint_every",
+        "2",
+        "--keep_checkpoints",
+        "2",
+    ]
     assert train_gpt.main(args + ["--log_dir", log_dir, "--max_steps", "6"]) == 0
     old = os.path.join(log_dir, "model_00004.pt")
     capsys.readouterr()
     assert train_gpt.main(args + ["--log_dir", log_dir, "--max_steps", "8", "--resume", old]) == 2
     err = capsys.readouterr().err
-    assert "model_00004.pt is at step 4, but" in err and "(model_00006.pt)" in err and "--branch" in err
-    assert train_gpt.main(args + ["--log_dir", log_dir, "--max_steps", "8", "--resume", old, "--branch"]) == 0
+    assert (
+        "model_00004.pt is at step 4, but" in err
+        and "(model_00006.pt)" in err
+        and "--branch" in err
+    )
+    assert (
+        train_gpt.main(
+            args + ["--log_dir", log_dir, "--max_steps", "8", "--resume", old, "--branch"]
+        )
+        == 0
+    )
     aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
-    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00006.pt"]  # moved, not deleted
-    assert [s for s, _, _ in read_log(aside[0], "train")] == list(range(6))  # the abandoned history, whole
-    assert [s for s, _, _ in read_log(log_dir, "train")] == list(range(8))  # the branch, each step once
-    assert [s for s, _ in train_gpt.list_checkpoints(log_dir)] == [8, 6]  # the branch's own, rotated
+    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == [
+        "log.txt",
+        "model_00006.pt",
+    ]  # moved, not deleted
+    assert [s for s, _, _ in read_log(aside[0], "train")] == list(
+        range(6)
+    )  # the abandoned history, whole
+    assert [s for s, _, _ in read_log(log_dir, "train")] == list(
+        range(8)
+    )  # the branch, each step once
+    assert [s for s, _ in train_gpt.list_checkpoints(log_dir)] == [
+        8,
+        6,
+    ]  # the branch's own, rotated
     # another run's folder is refused; an empty one continues the run, with its log up to the checkpoint
     other, fresh = str(tmp_path / "other"), str(tmp_path / "fresh")
     assert train_gpt.main(args + ["--log_dir", other, "--max_steps", "1"]) == 0
@@ -663,11 +986,22 @@ def test_an_older_checkpoint_is_continued_only_as_a_branch(data_dir, tmp_path, c
 
 def test_stopping_on_an_evaluation_step_keeps_its_points(data_dir, tmp_path, monkeypatch):
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
-    args = SMALL + ["--data_dir", data_dir, "--max_steps", "6", "--val_every", "4", "--checkpoint_every", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--max_steps",
+        "6",
+        "--val_every",
+        "4",
+        "--checkpoint_every",
+        "0",
+    ]
     assert train_gpt.main(args + ["--log_dir", full]) == 0
     forward, calls = GPT.forward, {"n": 0}
 
-    def signalled(self, idx, targets=None):  # SIGTERM during step 3, the one the step-4 evaluation follows
+    def signalled(
+        self, idx, targets=None
+    ):  # SIGTERM during step 3, the one the step-4 evaluation follows
         if self.training:
             calls["n"] += 1
             if calls["n"] == 7:
@@ -686,15 +1020,30 @@ def test_stopping_on_an_evaluation_step_keeps_its_points(data_dir, tmp_path, mon
 def test_data_problems_are_named_at_start(tmp_path, capsys):
     small = make_shards(tmp_path / "small", train_tokens=600)  # 9 steps of 128 tokens per pass
     log_dir = str(tmp_path / "log")
-    args = SMALL + ["--data_dir", small, "--log_dir", log_dir, "--val_every", "0", "--checkpoint_every", "5",
-                    "--keep_checkpoints", "0"]
+    args = SMALL + [
+        "--data_dir",
+        small,
+        "--log_dir",
+        log_dir,
+        "--val_every",
+        "0",
+        "--checkpoint_every",
+        "5",
+        "--keep_checkpoints",
+        "0",
+    ]
     with open(os.path.join(small, "manifest.json"), "w") as f:
         json.dump({"settings": {}, "shards": [], "complete": False}, f)
     assert train_gpt.main(args + ["--max_steps", "12"]) == 0
     err = capsys.readouterr().err
-    assert "manifest.json says prepare.py has not finished: the run trains on the shards written so far" in err
+    assert (
+        "manifest.json says prepare.py has not finished: the run trains on the shards written so far"
+        in err
+    )
     assert "it wraps around the data 1.3 times" in err
-    os.remove(os.path.join(small, "tok_train_000002.npy"))  # the checkpoint at step 5 reads the second shard
+    os.remove(
+        os.path.join(small, "tok_train_000002.npy")
+    )  # the checkpoint at step 5 reads the second shard
     resume = ["--max_steps", "14", "--resume", os.path.join(log_dir, "model_00005.pt"), "--branch"]
     assert train_gpt.main(args + resume) == 2
     assert "reading shard 2 of its data, but" in capsys.readouterr().err
@@ -709,7 +1058,16 @@ def test_an_empty_log_is_no_run_and_a_finished_run_has_nothing_to_train(data_dir
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     (log_dir / "log.txt").write_text("")  # e.g. left by a run stopped before its first step
-    args = SMALL + ["--data_dir", data_dir, "--log_dir", str(log_dir), "--max_steps", "1", "--val_every", "0"]
+    args = SMALL + [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        str(log_dir),
+        "--max_steps",
+        "1",
+        "--val_every",
+        "0",
+    ]
     assert train_gpt.main(args) == 0
     assert not glob.glob(str(log_dir / "set_aside_*")) and "moved" not in capsys.readouterr().out
     with open(log_dir / "log.txt") as f:
@@ -722,23 +1080,39 @@ def test_an_empty_log_is_no_run_and_a_finished_run_has_nothing_to_train(data_dir
 
 def test_a_failed_checkpoint_write_is_one_line(data_dir, tmp_path):
     log_dir = str(tmp_path / "log")
-    preexec = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))"  # files of at most 1 MB: a full disk
-    script = f"{preexec}; import runpy, sys; sys.argv = [{SCRIPT!r}] + sys.argv[1:]; " \
-             f"runpy.run_path({SCRIPT!r}, run_name='__main__')"
-    proc = subprocess.run([sys.executable, "-c", script] + SMALL + ["--data_dir", data_dir, "--log_dir", log_dir,
-                          "--max_steps", "2", "--val_every", "0"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    preexec = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))"
+    )  # files of at most 1 MB: a full disk
+    script = (
+        f"{preexec}; import runpy, sys; sys.argv = [{SCRIPT!r}] + sys.argv[1:]; "
+        f"runpy.run_path({SCRIPT!r}, run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script]
+        + SMALL
+        + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2", "--val_every", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot write checkpoint ")
     assert "free some disk space" in proc.stderr
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "run.json"]  # no partial checkpoint, no temp file
+    assert sorted(os.listdir(log_dir)) == [
+        "log.txt",
+        "run.json",
+    ]  # no partial checkpoint, no temp file
 
 
 def test_export_to_transformers_and_back(data_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     log_dir, hf_dir = str(tmp_path / "log"), str(tmp_path / "hf")
-    assert train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2"]) == 0
+    assert (
+        train_gpt.main(SMALL + ["--data_dir", data_dir, "--log_dir", log_dir, "--max_steps", "2"])
+        == 0
+    )
     assert train_gpt.main(["--resume", "auto", "--log_dir", log_dir, "--export", hf_dir]) == 0
     ours, ckpt = train_gpt.model_from_checkpoint(os.path.join(log_dir, "model_00002.pt"))
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -748,33 +1122,65 @@ def test_export_to_transformers_and_back(data_dir, tmp_path):
         assert (hf(idx).logits - expected).abs().max().item() < 1e-4
         back = GPT.from_pretrained(hf_dir).eval()
         assert back.config.vocab_size == 50257 and torch.equal(back(idx)[0], expected)
-    assert transformers.AutoTokenizer.from_pretrained(hf_dir)("Hello world")["input_ids"] == [15496, 995]
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)("Hello world")["input_ids"] == [
+        15496,
+        995,
+    ]
     assert train_gpt.main(["--log_dir", str(tmp_path / "none"), "--export", hf_dir]) == 2
 
 
 def test_init_from_a_local_gpt2_folder(data_dir, tmp_path, capsys):
     hf = randomized_hf_model(tmp_path / "gpt2")
     log_dir = str(tmp_path / "log")
-    args = ["--data_dir", data_dir, "--log_dir", log_dir, "--device", "cpu", "--batch_size", "2", "--block_size",
-            "32", "--total_batch_size", "128", "--val_steps", "1", "--hellaswag_every", "0", "--sample_every", "0",
-            "--max_steps", "1", "--init_from", str(tmp_path / "gpt2")]
+    args = [
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--block_size",
+        "32",
+        "--total_batch_size",
+        "128",
+        "--val_steps",
+        "1",
+        "--hellaswag_every",
+        "0",
+        "--sample_every",
+        "0",
+        "--max_steps",
+        "1",
+        "--init_from",
+        str(tmp_path / "gpt2"),
+    ]
     assert train_gpt.main(args) == 0
     assert "model: " + str(tmp_path / "gpt2") in capsys.readouterr().out
     val = np.load(os.path.join(data_dir, "tok_val_000000.npy")).astype(np.int64)
-    batches = [torch.from_numpy(val[i * 64:i * 64 + 65]) for i in range(2)]  # val_steps x accumulation windows
+    batches = [
+        torch.from_numpy(val[i * 64 : i * 64 + 65]) for i in range(2)
+    ]  # val_steps x accumulation windows
     with torch.no_grad():
-        losses = [F.cross_entropy(hf(b[:-1].view(2, 32)).logits.view(-1, 50257), b[1:]) for b in batches]
+        losses = [
+            F.cross_entropy(hf(b[:-1].view(2, 32)).logits.view(-1, 50257), b[1:]) for b in batches
+        ]
     assert abs(float(read_log(log_dir, "val")[0][2]) - sum(losses).item() / 2) < 1e-4
-    for extra, message in [(["--resume", "auto"], "--init_from starts a run from pretrained weights and --resume"),
-                           (["--n_layer", "3"], "has a different model: n_layer=2 (flags: 3)"),
-                           (["--block_size", "256"], "--block_size 256 is longer than")]:
+    for extra, message in [
+        (["--resume", "auto"], "--init_from starts a run from pretrained weights and --resume"),
+        (["--n_layer", "3"], "has a different model: n_layer=2 (flags: 3)"),
+        (["--block_size", "256"], "--block_size 256 is longer than"),
+    ]:
         assert train_gpt.main(args + ["--log_dir", str(tmp_path / "x")] + extra) == 2
         assert message in capsys.readouterr().err
     os.makedirs(tmp_path / "other")
     with open(tmp_path / "other" / "config.json", "w") as f:
         json.dump({"model_type": "llama", "hidden_size": 64}, f)
-    for name, message in [("nope", "'nope' is neither a folder nor one of gpt2"),
-                          (str(tmp_path / "other"), "is not a Hugging Face GPT-2 folder")]:
+    for name, message in [
+        ("nope", "'nope' is neither a folder nor one of gpt2"),
+        (str(tmp_path / "other"), "is not a Hugging Face GPT-2 folder"),
+    ]:
         assert train_gpt.main(args[:-1] + [name, "--log_dir", str(tmp_path / "y")]) == 2
         assert message in capsys.readouterr().err
 
@@ -782,12 +1188,23 @@ def test_init_from_a_local_gpt2_folder(data_dir, tmp_path, capsys):
 def test_runs_are_bitwise_equal_on_a_loaded_machine(data_dir, tmp_path):
     """The same flags give the same losses to the last bit on CPU with the same thread count, while another process
     keeps every core busy."""
-    burner = subprocess.Popen([sys.executable, "-c", "import torch\nwhile True: torch.randn(500, 500) @ torch.randn(500, 500)"])
+    burner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import torch\nwhile True: torch.randn(500, 500) @ torch.randn(500, 500)",
+        ]
+    )
     try:
         args = SMALL + ["--data_dir", data_dir, "--max_steps", "8", "--val_every", "4"]
         logs = []
         for name in ("a", "b"):
-            assert run_script(args + ["--log_dir", str(tmp_path / name)], env={"OMP_NUM_THREADS": "2"}).returncode == 0
+            assert (
+                run_script(
+                    args + ["--log_dir", str(tmp_path / name)], env={"OMP_NUM_THREADS": "2"}
+                ).returncode
+                == 0
+            )
             logs.append(read_log(str(tmp_path / name)))
         assert logs[0] == logs[1]
     finally:
