@@ -6,14 +6,16 @@ One process (CPU, Apple MPS, or one GPU):
     python train_gpt.py --model tiny --device cpu --batch_size 8 --block_size 128 --total_batch_size 8192
 Eight GPUs on one node:
     torchrun --standalone --nproc_per_node=8 train_gpt.py
-Two nodes of eight GPUs (run on every node, same --rdzv_endpoint; --log_dir on storage both nodes share):
+Two nodes of eight GPUs (run on every node, same --rdzv_endpoint; --log_dir on storage both share):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=gpt2 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 train_gpt.py --log_dir /shared/log
 Continue the newest checkpoint in --log_dir, or sample from one:
     python train_gpt.py --resume auto
     python train_gpt.py --resume log/model_19073.pt --sample "Hello, I'm a language model,"
 
-The data comes from `python prepare.py`; every flag is in `python train_gpt.py --help`.
+The data comes from `python prepare.py`; every flag is in `python train_gpt.py --help`. This file
+imports prepare.py (the token format and the helpers every tool shares) and hellaswag.py (the
+evaluation); csrc/ holds the CUDA half of the model's ops.
 """
 
 import gc
@@ -28,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import namedtuple
+from collections import deque, namedtuple
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -40,16 +42,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hellaswag
 from prepare import (
     EOT_TOKEN,
     GPT2_VOCAB_SIZE,
+    USER_ERROR_EXIT,
     UserError,
     atomic_write,
     config_parser,
     format_duration,
     gpt2_encoding,
     gpt2_files,
+    one_line,
     read_manifest,
+    warn,
 )
 
 # -----------------------------------------------------------------------------
@@ -72,33 +78,26 @@ MODEL_PRESETS = {
     "d36": dict(n_layer=36, n_head=20, n_embd=1280),  # GPT-2 774M
     "d48": dict(n_layer=48, n_head=25, n_embd=1600),  # GPT-2 1.5B
 }
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, by their hub names
 
 
 @dataclass
 class TrainConfig:
     # data and output
-    data_dir: str = (
-        "edu_fineweb10B"  # folder of *_train_*.npy / *_val_*.npy token shards (prepare.py)
-    )
+    data_dir: str = "edu_fineweb10B"  # folder of *_train_*.npy / *_val_*.npy shards (prepare.py)
     log_dir: str = "log"  # log.txt, run.json and the model_*.pt checkpoints go here
     shuffle: bool = False  # permute the order of train shards each epoch (seeded, reproducible)
     # model
-    model: Optional[str] = (
-        None  # model preset: tiny, d12 (124M, the default), d24 (350M), d36 (774M), d48 (1.5B)
-    )
+    model: Optional[str] = None  # preset: tiny, d12 (124M, default), d24, d36, d48 (1.5B)
     n_layer: Optional[int] = None  # override the preset's number of blocks
     n_head: Optional[int] = None  # override the preset's attention heads
     n_embd: Optional[int] = None  # override the preset's width
-    block_size: Optional[int] = (
-        None  # sequence length T (default: the preset's context, 1024 for GPT-2)
-    )
+    block_size: Optional[int] = None  # sequence length T (default: the preset's context, 1024)
     vocab_size: Optional[int] = None  # override the embedding rows (default 50304)
-    init_from: str = ""  # start from OpenAI's GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local HF folder
+    init_from: str = ""  # start from OpenAI's GPT-2 (gpt2 ... gpt2-xl) or a local HF folder
     # batch and schedule
     batch_size: int = 64  # micro-batch B, sequences per forward pass per process
-    total_batch_size: int = (
-        524288  # tokens per optimizer step, across processes and accumulation steps
-    )
+    total_batch_size: int = 524288  # tokens per optimizer step, across processes and accumulation
     max_steps: int = 19073  # optimizer steps (19073 x 524288 tokens = one pass over 10B tokens)
     warmup_steps: int = 715  # linear learning-rate warmup steps
     max_lr: float = 6e-4  # peak learning rate, reached after warmup
@@ -106,42 +105,35 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay, applied to 2-D weights only
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
     # evaluation, sampling, checkpoints
-    val_every: int = (
-        250  # validation loss every this many steps, and after the last step (0: last step only)
-    )
-    val_steps: int = (
-        20  # validation batches of total_batch_size tokens (the same tokens however it is split)
-    )
-    hellaswag_every: int = (
-        250  # HellaSwag accuracy every this many steps and after the last step (0: never)
-    )
-    hellaswag_dir: str = (
-        ""  # folder holding hellaswag_val.jsonl (default: hellaswag.py's cache folder)
-    )
+    val_every: int = 250  # validation loss every this many steps and after the last (0: last only)
+    val_steps: int = 20  # validation batches of total_batch_size tokens (the same for any split)
+    hellaswag_every: int = 250  # HellaSwag every this many steps and after the last (0: never)
+    hellaswag_dir: str = ""  # folder of hellaswag_val.jsonl (default: hellaswag.py's cache)
     sample_every: int = 250  # print sample completions every this many steps (0: never)
-    sample: str = ""  # with --resume: print completions of this prompt and exit instead of training
+    sample: str = ""  # with --resume: print completions of this prompt and exit
     num_samples: int = 4  # completions per sampling
     sample_length: int = 32  # new tokens per completion
     checkpoint_every: int = (
-        5000  # checkpoint every this many steps, and after the last step (0: last step only)
+        5000  # checkpoint every this many steps and after the last (0: last only)
     )
     keep_checkpoints: int = 3  # keep the newest this many checkpoints (0: keep all)
-    resume: str = (
-        ""  # 'auto' continues the newest valid checkpoint in log_dir; or a checkpoint path
-    )
-    branch: bool = False  # with --resume PATH older than log_dir's newest: continue it, moving the later ones aside
-    export: str = (
-        ""  # with --resume: write the checkpoint as a Hugging Face GPT-2 folder here, and exit
-    )
+    resume: str = ""  # 'auto': the newest valid checkpoint in log_dir; or a checkpoint path
+    branch: bool = False  # continue a --resume PATH older than log_dir's newest (see README)
+    export: str = ""  # with --resume: write the checkpoint as a Hugging Face GPT-2 folder, and exit
     # hardware
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16
     compile: Optional[bool] = None  # torch.compile the model (default: on CUDA, off on CPU and MPS)
     kernels: str = "auto"  # auto, cuda (the arcana_kernels extension) or torch (PyTorch ops)
     seed: int = 1337  # seed for initialization, data shuffling and sampling
 
 
-DTYPES = ["auto", "float32", "bfloat16", "float16"]  # --dtype, here and in hellaswag.py and bench.py
+DTYPES = [
+    "auto",
+    "float32",
+    "bfloat16",
+    "float16",
+]  # --dtype, here and in hellaswag.py and bench.py
 KERNELS = ["auto", "cuda", "torch"]  # --kernels, likewise
 
 
@@ -157,29 +149,25 @@ def parse_config(argv=None):
 
 
 def model_config(cfg, base=None, source=None):
-    """The model's shape: --model's preset with the shape flags over it, refusing shapes that cannot work. Resuming,
-    or starting from pretrained weights, the shape is theirs (base, from source), and a flag may not differ."""
-    flags = {
-        k: v for k, v in asdict(cfg).items() if k in GPTConfig.__annotations__ and v is not None
-    }
+    """The model's shape: --model's preset with the shape flags over it, refusing shapes that cannot
+    work. Resuming, or starting from pretrained weights, the shape is theirs (base, a dict, from
+    source), and a flag may not differ from it."""
+    flags = {}
+    for name in GPTConfig.__annotations__:
+        if getattr(cfg, name) is not None:
+            flags[name] = getattr(cfg, name)
     if base is not None:
-        stated = {**(MODEL_PRESETS[cfg.model] if cfg.model else {}), **flags}
-        diff = ", ".join(f"{k}={base[k]} (flags: {v})" for k, v in stated.items() if base[k] != v)
-        if diff:
-            hint = ", or use another --log_dir for a new run" if cfg.resume == "auto" else ""
-            raise UserError(
-                f"{source} has a different model: {diff}; leave out --model and the shape flags (the "
-                f"shape comes with the weights){hint}"
-            )
+        check_shape_flags(cfg, flags, base, source)
         return GPTConfig(**base)
-    mc = GPTConfig(**{**MODEL_PRESETS[cfg.model or "d12"], **flags})
+    preset = MODEL_PRESETS[cfg.model or "d12"]
+    mc = GPTConfig(**{**preset, **flags})
     for name, value in asdict(mc).items():
         if value < 1:
             raise UserError(f"--{name} {value} must be at least 1")
     if mc.n_embd % mc.n_head:
         raise UserError(
-            f"--n_embd {mc.n_embd} is not divisible by --n_head {mc.n_head}; pick values that divide "
-            f"evenly (the head size is n_embd / n_head)"
+            f"--n_embd {mc.n_embd} is not divisible by --n_head {mc.n_head}; pick values that "
+            f"divide evenly (the head size is n_embd / n_head)"
         )
     if mc.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(
@@ -188,19 +176,39 @@ def model_config(cfg, base=None, source=None):
     return mc
 
 
+def check_shape_flags(cfg, flags, base, source):
+    """Refuse a preset or shape flag that differs from the shape of the weights in source."""
+    stated = dict(MODEL_PRESETS[cfg.model]) if cfg.model else {}
+    stated.update(flags)
+    differences = []
+    for name, value in stated.items():
+        if base[name] != value:
+            differences.append(f"{name}={base[name]} (flags: {value})")
+    if not differences:
+        return
+    hint = ""
+    if cfg.resume == "auto":
+        hint = ", or use another --log_dir for a new run"
+    raise UserError(
+        f"{source} has a different model: {', '.join(differences)}; leave out --model and the "
+        f"shape flags (the shape comes with the weights){hint}"
+    )
+
+
 def check_flags(cfg):
     """Refuse sizes and counts that cannot work (every mode: training, --sample, --export)."""
-    for name in (
+    at_least_one = (
         "batch_size",
         "total_batch_size",
         "max_steps",
         "val_steps",
         "num_samples",
         "sample_length",
-    ):
+    )
+    for name in at_least_one:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)} must be at least 1")
-    for name in (
+    not_negative = (
         "warmup_steps",
         "grad_clip",
         "min_lr",
@@ -210,14 +218,16 @@ def check_flags(cfg):
         "sample_every",
         "checkpoint_every",
         "keep_checkpoints",
-    ):
+    )
+    for name in not_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)} must not be negative")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}")
     if cfg.init_from and cfg.resume:
         raise UserError(
-            "--init_from starts a run from pretrained weights and --resume continues one: pass one of them"
+            "--init_from starts a run from pretrained weights and --resume continues one: "
+            "pass one of them"
         )
 
 
@@ -226,8 +236,8 @@ def check_flags(cfg):
 
 
 class TorchOps:
-    """The hot ops the model calls, in PyTorch: the reference in tests, the fallback on CPU and MPS, the baseline
-    in benchmarks. csrc.CudaOps runs the same ops on the project's kernels."""
+    """The hot ops the model calls, in PyTorch: the reference in tests, the fallback on CPU and
+    MPS, the baseline in benchmarks. csrc.CudaOps runs the same ops on the project's kernels."""
 
     name = "torch"
 
@@ -235,39 +245,28 @@ class TorchOps:
         return F.layer_norm(x, (x.size(-1),), ln.weight, ln.bias, ln.eps)
 
     def add_layer_norm(self, x, y, ln):
-        """The residual add x + y and the LayerNorm after it: (new residual stream, its normalization)."""
+        """The residual add x + y and the LayerNorm after it: (new stream, its normalization)."""
         r = x + y
         return r, self.layer_norm(r, ln)
 
     def linear_gelu(self, x, fc):
-        return F.gelu(
-            F.linear(x, fc.weight, fc.bias), approximate="tanh"
-        )  # GPT-2's tanh approximation
+        return F.gelu(F.linear(x, fc.weight, fc.bias), approximate="tanh")  # GPT-2's tanh GELU
 
     def attention(self, qkv, n_head):
         """Causal self-attention from c_attn's packed output (B, T, 3C); returns (B, T, C)."""
         B, T, C3 = qkv.shape
-        q, k, v = (
-            qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
-        )  # (B, nh, T, hs)
+        C = C3 // 3
+        qkv = qkv.view(B, T, 3, n_head, C // n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs) each
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return y.transpose(1, 2).reshape(B, T, C3 // 3)
+        return y.transpose(1, 2).reshape(B, T, C)
 
     def lm_head_loss(self, h, weight, targets):
         """(logits h @ weight.T, their mean cross-entropy against targets; -1 = no target)."""
         logits = F.linear(h, weight)  # (B, T, vocab)
-        loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-        )
+        flat_logits = logits.view(-1, logits.size(-1)).float()
+        loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-
-HF_CONV1D = (
-    "attn.c_attn.weight",
-    "attn.c_proj.weight",
-    "mlp.c_fc.weight",
-    "mlp.c_proj.weight",
-)  # (in, out) there
 
 
 class CausalSelfAttention(nn.Module):
@@ -276,10 +275,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True  # scaled init, see GPT._init_weights
-        self.n_head, self.ops = config.n_head, ops
+        self.n_head = config.n_head
+        self.ops = ops
 
-    def forward(self, h):
-        return self.c_proj(self.ops.attention(self.c_attn(h), self.n_head))  # (B, T, C)
+    def forward(self, x_norm):
+        qkv = self.c_attn(x_norm)  # (B, T, 3C)
+        return self.c_proj(self.ops.attention(qkv, self.n_head))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -290,26 +291,37 @@ class MLP(nn.Module):
         self.c_proj.residual_projection = True
         self.ops = ops
 
-    def forward(self, h):
-        return self.c_proj(self.ops.linear_gelu(h, self.c_fc))  # (B, T, 4C) -> (B, T, C)
+    def forward(self, x_norm):
+        return self.c_proj(self.ops.linear_gelu(x_norm, self.c_fc))  # (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
+    """GPT-2's pre-LayerNorm block:
+
+        x = x + attn(ln_1(x))
+        x = x + mlp(ln_2(x))
+
+    Each residual add is fused with the LayerNorm that follows it (ops.add_layer_norm returns the
+    new stream and its normalization in one pass). So the MLP's output is added at the start of
+    the next block, fused with that block's ln_1 (or after the last block with ln_f): a block
+    takes and returns the residual stream x with one branch output not yet added to it (the first
+    block, none). So every block applies only its own LayerNorms."""
+
     def __init__(self, config, ops):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(
-            config.n_embd
-        )  # applied before the block: by GPT.forward or the block before
+        self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, ops)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config, ops)
         self.ops = ops
 
-    def forward(self, x, h, ln_next):
-        """GPT-2's block, x + attn(ln_1(x)) then x + mlp(ln_2(x)), with each residual add fused with the LayerNorm
-        after it: h = ln_1(x) comes from the caller, and the result is (x, ln_next(x)) for the next block."""
-        x, h = self.ops.add_layer_norm(x, self.attn(h), self.ln_2)
-        return self.ops.add_layer_norm(x, self.mlp(h), ln_next)
+    def forward(self, x, branch=None):
+        if branch is None:  # the first block: nothing to add to the embeddings
+            x_norm = self.ops.layer_norm(x, self.ln_1)
+        else:
+            x, x_norm = self.ops.add_layer_norm(x, branch, self.ln_1)  # x += branch; ln_1(x)
+        x, x_norm = self.ops.add_layer_norm(x, self.attn(x_norm), self.ln_2)  # x += attn; ln_2(x)
+        return x, self.mlp(x_norm)  # the MLP's output is the next block's branch
 
 
 class GPT(nn.Module):
@@ -326,18 +338,14 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = (
-            self.lm_head.weight
-        )  # tied input and output embedding, as GPT-2
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embedding
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "residual_projection", False):
-                std *= (
-                    2 * self.config.n_layer
-                ) ** -0.5  # each block adds two projections to the residual stream
+                std *= (2 * self.config.n_layer) ** -0.5  # two projections per block add to x
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -346,11 +354,16 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())  # the tied wte/lm_head weight counts once
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx, targets=None):
-        """idx (B, T) -> (logits (B, T, vocab), loss). loss is None without targets; logits are None where the
-        fused loss (CudaOps with targets) never makes them."""
+        """idx (B, T) -> (logits (B, T, vocab), loss). loss is None without targets; logits are
+        None where the fused loss (CudaOps with targets) never makes them.
+
+        x = wte(idx) + wpe(pos), the blocks, then ln_f(x); the last block's MLP output is added
+        to x in the fused add before ln_f."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
@@ -358,33 +371,33 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        blocks = self.transformer.h
-        h = self.ops.layer_norm(x, blocks[0].ln_1)
-        for i, block in enumerate(blocks):
-            x, h = block(x, h, blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f)
+        branch = None  # the output of a block's MLP, not yet added to x
+        for block in self.transformer.h:
+            x, branch = block(x, branch)
+        x, x_norm = self.ops.add_layer_norm(x, branch, self.transformer.ln_f)
         if targets is None:
-            return self.lm_head(h), None  # (B, T, vocab)
-        return self.ops.lm_head_loss(h, self.lm_head.weight, targets)
+            return self.lm_head(x_norm), None  # (B, T, vocab)
+        return self.ops.lm_head_loss(x_norm, self.lm_head.weight, targets)
 
     def configure_optimizer(self, weight_decay, learning_rate, device_type):
-        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm gains."""
+        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and gains."""
         params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(
-            groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda"
-        )
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, top_k=50, generator=None):
         """Extend idx (B, T) by max_new_tokens tokens, each sampled from the top_k most likely."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
-            probs = F.softmax(
-                logits[:, -1, :GPT2_VOCAB_SIZE].float(), dim=-1
-            )  # padding rows are never tokens
+            logits = logits[:, -1, :GPT2_VOCAB_SIZE]  # the padding rows are never tokens
+            probs = F.softmax(logits.float(), dim=-1)
             topk_probs, topk_idx = torch.topk(probs, top_k, dim=-1)
             choice = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, torch.gather(topk_idx, -1, choice)), dim=1)
@@ -392,70 +405,105 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, ops=None):
-        """OpenAI's GPT-2 from a local Hugging Face directory (config.json and model.safetensors or
-        pytorch_model.bin), or by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) where the hub is reachable."""
-        path = name_or_dir
-        if not os.path.isdir(path):
-            if name_or_dir not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-                raise UserError(
-                    f"{name_or_dir!r} is neither a folder nor one of gpt2, gpt2-medium, gpt2-large, "
-                    f"gpt2-xl"
-                )
-            try:
-                from huggingface_hub import snapshot_download
-
-                path = snapshot_download(
-                    name_or_dir, allow_patterns=["config.json", "model.safetensors"]
-                )
-            except Exception as e:
-                raise UserError(
-                    f"cannot fetch {name_or_dir} from the Hugging Face hub ({type(e).__name__}); download "
-                    f"it where there is network and pass its folder instead"
-                ) from None
-        try:
-            with open(os.path.join(path, "config.json")) as f:
-                hf = json.load(f)
-            config = GPTConfig(
-                hf["n_positions"], hf["vocab_size"], hf["n_layer"], hf["n_head"], hf["n_embd"]
-            )
-            if os.path.isfile(os.path.join(path, "model.safetensors")):
-                from safetensors.torch import load_file
-
-                sd = load_file(os.path.join(path, "model.safetensors"))
-            else:
-                sd = torch.load(
-                    os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True
-                )
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(
-                f"{path} is not a Hugging Face GPT-2 folder ({type(e).__name__}: {e})"
-            ) from None
-        sd = {
-            k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v.t()
-            if k.endswith(HF_CONV1D)
-            else v
-            for k, v in sd.items()
-            if not k.endswith((".attn.bias", ".attn.masked_bias"))
-        }  # mask buffers
-        sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))  # tied
+        """OpenAI's GPT-2 from a local Hugging Face folder, or by name where the hub is reachable."""
+        config, state = load_hf_weights(name_or_dir)
         model = cls(config, ops)
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise UserError(
-                f"{path}: the weights do not fit a GPT-2 model: {' '.join(str(e).split())}"
-            ) from None
+        load_weights(model, state, name_or_dir)
         return model
 
 
+# Hugging Face stores these as Conv1D weights, (in, out); nn.Linear's are (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_weights(name_or_dir):
+    """(GPTConfig, state dict in this file's names) of OpenAI's GPT-2 from a local Hugging Face
+    folder (config.json and model.safetensors or pytorch_model.bin), or by name (gpt2 ... gpt2-xl)
+    where the hub is reachable."""
+    path = name_or_dir
+    if not os.path.isdir(path):
+        path = download_pretrained(name_or_dir)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        config = GPTConfig(
+            hf["n_positions"], hf["vocab_size"], hf["n_layer"], hf["n_head"], hf["n_embd"]
+        )
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            from safetensors.torch import load_file
+
+            hf_state = load_file(os.path.join(path, "model.safetensors"))
+        else:
+            bin_path = os.path.join(path, "pytorch_model.bin")
+            hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(
+            f"{path} is not a Hugging Face GPT-2 folder ({type(e).__name__}: {one_line(e)})"
+        ) from None
+    return config, state_from_hf(hf_state)
+
+
+def download_pretrained(name):
+    """The local folder of a hub model (config.json and model.safetensors), fetched if need be."""
+    if name not in PRETRAINED:
+        raise UserError(f"{name!r} is neither a folder nor one of {', '.join(PRETRAINED)}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:
+        raise UserError(
+            f"cannot fetch {name} from the Hugging Face hub ({type(e).__name__}); download it "
+            f"where there is network and pass its folder instead"
+        ) from None
+
+
+def state_from_hf(hf_state):
+    """A Hugging Face GPT-2 state dict in this file's names and layout."""
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of older transformers versions
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # GPT2Model's keys, saved without the LM head
+        if name.endswith(HF_CONV1D):
+            tensor = tensor.t()
+        state[name] = tensor
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
+    return state
+
+
+def state_to_hf(state):
+    """This file's state dict in Hugging Face GPT-2's names and layout, without vocabulary padding."""
+    hf_state = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue  # the same tensor as wte (tied)
+        if name == "transformer.wte.weight":
+            tensor = tensor[:GPT2_VOCAB_SIZE]  # drop the padding rows
+        if name.endswith(HF_CONV1D):
+            tensor = tensor.t()
+        hf_state[name] = tensor.contiguous()
+    return hf_state
+
+
+def load_weights(model, state, source):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{source}: the weights do not fit a GPT-2 model: {one_line(e)}") from None
+
+
 def select_ops(kernels, device_type):
-    """--kernels auto|cuda|torch on this device -> the ops object the model calls. The CUDA ops live beside their
-    kernels: importing the csrc package loads the compiled extension and registers their Python half."""
+    """--kernels auto|cuda|torch on this device -> the ops object the model calls. The CUDA ops
+    live beside their kernels: importing the csrc package loads the compiled extension and
+    registers their Python half."""
     if kernels == "torch" or (kernels == "auto" and device_type != "cuda"):
         return TorchOps()
     if device_type != "cuda":
         raise UserError(
-            f"--kernels cuda needs a CUDA device, but this run uses {device_type}; use --kernels torch"
+            f"--kernels cuda needs a CUDA device, but this run uses {device_type}; "
+            f"use --kernels torch"
         )
     try:
         import csrc
@@ -463,8 +511,8 @@ def select_ops(kernels, device_type):
         if kernels == "auto":
             return TorchOps()
         raise UserError(
-            f"--kernels cuda: the arcana_kernels extension is not built ({e}); build it with `python "
-            f"setup.py build_ext --inplace`, or use --kernels torch"
+            f"--kernels cuda: the arcana_kernels extension is not built ({e}); build it with "
+            f"`python setup.py build_ext --inplace`, or use --kernels torch"
         ) from None
     return csrc.CudaOps(TorchOps())
 
@@ -584,23 +632,27 @@ class ShardLoader:
 # runtime: device, processes, precision
 
 
-# rank: this process among all; local_rank: on its node (its GPU); world_size: processes in all; device: e.g. cuda:3;
-# device_type: cuda, cpu or mps; master: rank 0, the one that logs and checkpoints; ddp: launched by torchrun
+# rank: this process among all; local_rank: on its node (its GPU); world_size: processes in all;
+# device: e.g. cuda:3; device_type: cuda, cpu or mps; master: rank 0, the one that logs and
+# checkpoints; ddp: launched by torchrun
 Runtime = namedtuple("Runtime", "rank local_rank world_size device device_type master ddp")
 
 
 def resolve_device(name, local_rank):
     """--device (auto, cpu, cuda, cuda:N, mps) -> (device, device type)."""
     mps = torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    name = f"cuda:{local_rank}" if name == "cuda" else name
+    if name == "auto" and torch.cuda.is_available():
+        name = "cuda"
+    elif name == "auto":
+        name = "mps" if mps else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"  # each process of a node on its own GPU
     if not re.fullmatch(r"cpu|mps|cuda:\d+", name):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and int(name[5:]) >= torch.cuda.device_count():
         raise UserError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
-            f"--device cpu (or auto)"
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use --device cpu (or auto)"
         )
     if name == "mps" and not mps:
         raise UserError(
@@ -611,7 +663,8 @@ def resolve_device(name, local_rank):
 
 def setup_runtime(device_name):
     ddp = "RANK" in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device, device_type = resolve_device(device_name, local_rank)
     if ddp:
@@ -626,38 +679,34 @@ def setup_runtime(device_name):
 
 
 def end_distributed():
-    """Destroy the process group while Python is fully alive. DDP keeps it in reference cycles, so collect them
-    first: a gloo worker thread that lets go of its last tensors during interpreter shutdown aborts the process."""
+    """Destroy the process group while Python is fully alive. DDP keeps it in reference cycles,
+    so collect them first: a gloo worker thread that lets go of its last tensors during
+    interpreter shutdown aborts the process."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
 
 
 def resolve_dtype(name, device_type):
-    if name == "auto":
-        return (
-            torch.bfloat16
-            if device_type == "cuda" and torch.cuda.is_bf16_supported()
-            else torch.float32
-        )
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast_context(device_type, dtype):
-    """Mixed precision for the matmuls when dtype is 16-bit; weights and optimizer state stay float32."""
-    return (
-        nullcontext()
-        if dtype == torch.float32
-        else torch.autocast(device_type=device_type, dtype=dtype)
-    )
+    """Mixed precision for the matmuls when dtype is 16-bit; weights and optimizer state stay
+    float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def device_name(rt):
-    return (
-        torch.cuda.get_device_name(rt.device)
-        if rt.device_type == "cuda"
-        else platform.processor() or platform.machine()
-    )
+    if rt.device_type == "cuda":
+        return torch.cuda.get_device_name(rt.device)
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device_type):
@@ -689,12 +738,17 @@ def peak_flops(rt, dtype):
     """The device's bf16/fp16 dense peak, or None where unknown (no MFU is shown then)."""
     if rt.device_type != "cuda" or dtype == torch.float32:
         return None
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name(rt)), None)
+    name = device_name(rt)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
 
 
 def flops_per_token(model, T):
-    """Training FLOPs per token: 6 per weight that multiplies (all but the position embedding), plus causal
-    attention's 6 * n_layer * n_embd * T (half of the full T x T score and value matmuls)."""
+    """Training FLOPs per token: 6 per weight that multiplies (all but the position embedding),
+    plus causal attention's 6 * n_layer * n_embd * T (half of the full T x T score and value
+    matmuls)."""
     c = model.config
     return 6 * model.num_params(non_embedding=True) + 6 * c.n_layer * c.n_embd * T
 
@@ -704,22 +758,28 @@ def flops_per_token(model, T):
 
 
 def batch_to_device(x, y, device):
-    """A loader batch on the run's device. A CPU batch bound for a GPU is pinned first: a copy from pinned memory
-    is queued behind the GPU's work, where one from pageable memory may wait for it."""
-    pin = device.startswith("cuda")
-    return [(t.pin_memory() if pin else t).to(device, non_blocking=pin) for t in (x, y)]
+    """A loader batch on the run's device. A CPU batch bound for a GPU is pinned first: a copy
+    from pinned memory is queued behind the GPU's work, where one from pageable memory may wait
+    for it."""
+    if not device.startswith("cuda"):
+        return x.to(device), y.to(device)
+    return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+        device, non_blocking=True
+    )
 
 
 @torch.no_grad()
 def evaluate_val(model, loader, micro_batches, rt, amp):
-    """Mean loss over the first micro_batches windows of each rank in the val shards (always the same tokens)."""
+    """Mean loss over the first micro_batches windows of each rank in the val shards (always the
+    same tokens)."""
     model.eval()
     loader.load_state_dict({"epoch": 0, "index": 0, "pos": 0})
     total = torch.zeros((), device=rt.device)
     for _ in range(micro_batches):
         x, y = batch_to_device(*loader.next_batch(), rt.device)
         with amp:
-            total += model(x, y)[1].float()
+            _, loss = model(x, y)
+        total += loss.float()
     model.train()
     if rt.ddp:
         dist.all_reduce(total)
@@ -728,12 +788,10 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
 
 def print_samples(model, prompt, num_samples, length, rt, amp, seed):
     enc = gpt2_encoding()
-    idx = torch.tensor(enc.encode_ordinary(prompt) or [EOT_TOKEN], device=rt.device).repeat(
-        num_samples, 1
-    )
-    generator = torch.Generator(device=rt.device).manual_seed(
-        seed
-    )  # its own stream: training RNG untouched
+    tokens = enc.encode_ordinary(prompt) or [EOT_TOKEN]
+    idx = torch.tensor(tokens, device=rt.device).repeat(num_samples, 1)
+    generator = torch.Generator(device=rt.device)  # its own stream: the training RNG is untouched
+    generator.manual_seed(seed)
     model.eval()
     with amp:
         out = model.generate(idx, length, generator=generator)
@@ -742,32 +800,64 @@ def print_samples(model, prompt, num_samples, length, rt, amp, seed):
         print(f"sample {i}: {enc.decode(row)!r}")
 
 
+def set_up_hellaswag(cfg, rt, T):
+    """The HellaSwag file every process evaluates on, or None when it is off for this run. It is
+    downloaded once per node where missing; every process must have it, or none uses it."""
+    if cfg.hellaswag_every == 0:
+        return None
+    notice = "a process of this run has no copy"
+    path = None
+    try:
+        path = hellaswag.ensure_data("val", cfg.hellaswag_dir or None, rt.local_rank == 0, rt.ddp)
+    except UserError as e:
+        notice = e
+    everyone = torch.tensor(float(path is not None), device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+    if not everyone.item():
+        if rt.master:
+            print(f"notice: HellaSwag is off for this run: {notice}")
+        return None
+    hellaswag.render_file(path, T)  # a bad file is refused now, not at the first evaluation
+    return path
+
+
+def sampling_every(cfg, rt):
+    """--sample_every, or 0 when there is no tokenizer: sampling is a nicety, so the run goes on
+    without it, and says so now, not at step 250."""
+    if not rt.master or cfg.sample_every == 0:
+        return 0
+    try:
+        gpt2_encoding()
+    except UserError as e:
+        warn(f"{e}; sampling is off for this run")
+        return 0
+    return cfg.sample_every
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
 
 def list_checkpoints(log_dir):
     """(step, path) of every model_NNNNN.pt in log_dir, newest first; temp files are not listed."""
-    found = [
-        re.fullmatch(r".*model_(\d+)\.pt", p)
-        for p in glob.glob(os.path.join(log_dir, "model_*.pt"))
-    ]
-    return sorted(((int(m[1]), m[0]) for m in found if m), reverse=True)
+    found = []
+    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
+        match = re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path))
+        if match:
+            found.append((int(match[1]), path))
+    return sorted(found, reverse=True)
 
 
 def load_checkpoint(path):
     """A checkpoint dict, or a UserError saying why it does not load."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        ckpt = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=True
-        )  # a node's processes share it
-    except (
-        Exception
-    ) as e:  # a truncated zip, unpickling errors, random bytes: many types, one message
+    try:  # memory-mapped: the processes of a node share one copy
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated zip, unpickling errors, random bytes: one message
         raise UserError(
-            f"checkpoint {path} does not load ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+            f"checkpoint {path} does not load ({type(e).__name__}: {one_line(e)[:300]}); "
             f"it may be truncated or not an ArcanaGPT checkpoint"
         ) from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "step"} <= set(ckpt):
@@ -778,20 +868,21 @@ def load_checkpoint(path):
 
 
 def resolve_resume(cfg, needed_by=None, master=True):
-    """(path, checkpoint) to resume from, or (None, None) for a fresh run, which needed_by (a flag that reads a
-    checkpoint: --sample, --export) refuses."""
+    """(path, checkpoint) to resume from, or (None, None) for a fresh run, which needed_by (a flag
+    that reads a checkpoint: --sample, --export) refuses."""
     if cfg.resume not in ("", "auto"):
         return cfg.resume, load_checkpoint(cfg.resume)
-    for _, path in list_checkpoints(cfg.log_dir) if cfg.resume else []:
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            if master:
-                print(f"warning: skipping {e}", file=sys.stderr)
+    if cfg.resume == "auto":
+        for _, path in list_checkpoints(cfg.log_dir):
+            try:
+                return path, load_checkpoint(path)
+            except UserError as e:
+                if master:
+                    warn(f"skipping {e}")
     if needed_by:
         raise UserError(
-            f"{needed_by} needs a checkpoint: pass --resume PATH, or --resume auto with a --log_dir "
-            f"holding one"
+            f"{needed_by} needs a checkpoint: pass --resume PATH, or --resume auto with a "
+            f"--log_dir holding one"
         )
     if cfg.resume and master:
         print(f"--resume auto: no valid checkpoint in {cfg.log_dir}; starting from scratch")
@@ -799,15 +890,183 @@ def resolve_resume(cfg, needed_by=None, master=True):
 
 
 def model_from_checkpoint(path, device="cpu", ops=None):
-    """(GPT with the checkpoint's weights on device, the checkpoint dict): for sampling and evaluation."""
+    """(GPT with the checkpoint's weights on device, the checkpoint dict): for sampling and
+    evaluation."""
     ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt["model_config"]), ops)
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
 
 
+def save_checkpoint(path, state):
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except (UserError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise UserError(
+            f"cannot write checkpoint {path} ({one_line(e)[:200]}); free some disk space, "
+            f"then continue with --resume auto"
+        ) from None
+
+
+def sample_from_checkpoint(cfg):
+    """`--sample PROMPT --resume PATH|auto`: print completions and return."""
+    path, ckpt = resolve_resume(cfg, "--sample")
+    rt = setup_runtime(cfg.device)
+    mc = model_config(cfg, ckpt["model_config"], path)
+    model = GPT(mc, select_ops(cfg.kernels, rt.device_type))
+    model.load_state_dict(ckpt["model"])
+    print(f"{path}: step {ckpt['step']}, val loss {ckpt.get('val_loss')}")
+    amp = autocast_context(rt.device_type, resolve_dtype(cfg.dtype, rt.device_type))
+    model.to(rt.device)
+    print_samples(model, cfg.sample, cfg.num_samples, cfg.sample_length, rt, amp, cfg.seed)
+
+
+def hf_config(mc):
+    """The config.json of a Hugging Face GPT-2 with this shape (GPT-2's own vocabulary)."""
+    return dict(
+        architectures=["GPT2LMHeadModel"],
+        model_type="gpt2",
+        vocab_size=GPT2_VOCAB_SIZE,
+        n_positions=mc.block_size,
+        n_ctx=mc.block_size,
+        n_embd=mc.n_embd,
+        n_layer=mc.n_layer,
+        n_head=mc.n_head,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=EOT_TOKEN,
+        eos_token_id=EOT_TOKEN,
+        tie_word_embeddings=True,
+    )
+
+
+def export_hf(cfg):
+    """`--export DIR --resume PATH|auto`: the checkpoint as a Hugging Face GPT-2 folder
+    (config.json, model.safetensors, GPT-2's tokenizer files), which transformers,
+    lm-evaluation-harness and GPT.from_pretrained read."""
+    from safetensors.torch import save
+
+    path, ckpt = resolve_resume(cfg, "--export")
+    config = hf_config(GPTConfig(**ckpt["model_config"]))
+    weights = save(state_to_hf(ckpt["model"]), {"format": "pt"})
+    folder = cfg.export
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--export {folder}: cannot make that folder ({e.strerror}); choose another"
+        ) from None
+    config_json = json.dumps(config, indent=2).encode()
+    atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config_json))
+    atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(weights))
+    if gpt2_files():  # GPT-2's tokenizer under the names transformers reads: no network needed
+        for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            shutil.copyfile(os.path.join(gpt2_files(), ours), os.path.join(folder, theirs))
+    print(
+        f"wrote {path} (step {ckpt['step']}) to {folder}/ as a Hugging Face GPT-2 model; "
+        f"evaluate it with lm_eval --model hf --model_args pretrained={folder} --tasks hellaswag"
+    )
+
+
 # -----------------------------------------------------------------------------
-# logging
+# the log folder: one history per folder, run metadata, the summary before step 0
+
+
+def holds_a_run(log_dir):
+    """Whether log_dir holds checkpoints or a non-empty log.txt."""
+    log_txt = os.path.join(log_dir, "log.txt")
+    has_log = os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0
+    return has_log or bool(list_checkpoints(log_dir))
+
+
+def check_log_dir(cfg, resume_path, ckpt):
+    """Refuse a run that would mix with another history in --log_dir (on every process, before
+    any work). Returns the checkpoints newer than the one resumed (damaged ones --resume auto
+    skipped, or those --branch leaves)."""
+    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
+        raise UserError(
+            f"--log_dir {cfg.log_dir} is a file, not a folder; choose another --log_dir"
+        )
+    if ckpt is None:
+        if cfg.resume != "auto" and holds_a_run(cfg.log_dir):
+            raise UserError(
+                f"--log_dir {cfg.log_dir} already holds a run (log.txt or model_*.pt); pass "
+                f"--resume auto to continue it, or choose another --log_dir"
+            )
+        return [path for _, path in list_checkpoints(cfg.log_dir)]
+    resume_dir = os.path.dirname(os.path.abspath(resume_path))
+    if resume_dir != os.path.abspath(cfg.log_dir):
+        if holds_a_run(cfg.log_dir):
+            raise UserError(
+                f"--log_dir {cfg.log_dir} holds another run; continue {resume_path} in its own "
+                f"folder or in an empty --log_dir"
+            )
+        return []
+    later = [path for step, path in list_checkpoints(cfg.log_dir) if step > ckpt["step"]]
+    if later and cfg.resume != "auto" and not cfg.branch:
+        names = ", ".join(os.path.basename(p) for p in later)
+        raise UserError(
+            f"{resume_path} is at step {ckpt['step']}, but {cfg.log_dir} holds later "
+            f"checkpoints ({names}); pass --branch to continue it as a second history (the "
+            f"later checkpoints move aside), or --resume auto to continue the newest"
+        )
+    return later
+
+
+def set_up_log_dir(cfg, resume_path, ckpt, later):
+    """The master's side of check_log_dir: later checkpoints (and the log of the history they
+    belong to) are moved into a set_aside_* folder, never deleted; the log keeps what the
+    resumed checkpoint had logged."""
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    for tmp in glob.glob(os.path.join(cfg.log_dir, "*.tmp")):  # left by interrupted writes
+        os.remove(tmp)
+    log = os.path.join(cfg.log_dir, "log.txt")
+    old_log = ckpt is None and os.path.isfile(log) and os.path.getsize(log) > 0
+    if later or old_log:
+        set_aside(cfg.log_dir, later, ckpt)
+    if ckpt is not None:
+        keep_log_until(os.path.join(os.path.dirname(resume_path), "log.txt"), log, ckpt["step"])
+
+
+def set_aside(log_dir, later, ckpt):
+    """Move the checkpoints in later, and the log (a copy of it when a checkpoint is resumed),
+    into a new set_aside_* folder."""
+    log = os.path.join(log_dir, "log.txt")
+    aside = os.path.join(log_dir, time.strftime("set_aside_%Y%m%d_%H%M%S"))
+    os.makedirs(aside)
+    for path in later:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    if ckpt is None:
+        what = "the old log"
+        if later:
+            what += " and the checkpoints that do not load"
+        if os.path.exists(log):
+            os.replace(log, os.path.join(aside, "log.txt"))
+    else:
+        what = f"the checkpoints after step {ckpt['step']} and a copy of the log"
+        if os.path.exists(log):
+            shutil.copy2(log, os.path.join(aside, "log.txt"))
+    print(f"moved {what} to {aside}")
+
+
+def keep_log_until(source, log, step):
+    """Write to log the lines of source that belong to the first `step` steps: the train lines
+    before step, and the evaluations of the model after step steps."""
+    if not os.path.exists(source):
+        return
+    kept = []
+    with open(source) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) != 3 or not parts[0].isdigit():
+                continue
+            line_step, stream = int(parts[0]), parts[1]
+            if line_step < step or (line_step == step and stream != "train"):
+                kept.append(line)
+    atomic_write(log, lambda f: f.write("".join(kept).encode()))
 
 
 def git_commit():
@@ -824,6 +1083,101 @@ def git_commit():
         return None
 
 
+def write_run_json(run, resume_path, start_step):
+    """log_dir/run.json: the config, model, hardware, versions and commit of this run."""
+    rt = run.rt
+    meta = {
+        "config": asdict(run.cfg),
+        "model_config": asdict(run.mc),
+        "resumed_from": resume_path,
+        "start_step": start_step,
+        "tokens_per_step": run.cfg.total_batch_size,
+        "grad_accum_steps": run.grad_accum,
+        "world_size": rt.world_size,
+        "device": rt.device,
+        "device_name": device_name(rt),
+        "dtype": dtype_name(run.dtype),
+        "kernels": run.raw_model.ops.name,
+        "compile": run.compiled,
+        "parameters": run.raw_model.num_params(),
+        "git_commit": git_commit(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    data = json.dumps(meta, indent=2).encode()
+    atomic_write(os.path.join(run.cfg.log_dir, "run.json"), lambda f: f.write(data))
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def print_summary(run, resume_path, start_step):
+    """What the run will do, printed before step 0, with warnings about its data."""
+    cfg, rt, mc = run.cfg, run.rt, run.mc
+    B, T = cfg.batch_size, mc.block_size
+    total = cfg.max_steps * cfg.total_batch_size
+    capacity = run.train_loader.capacity
+    source = f"{cfg.init_from}, " if cfg.init_from else ""
+    print(
+        f"model: {source}{run.raw_model.num_params():,} parameters ({mc.n_layer} layers, "
+        f"{mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})"
+    )
+    print(
+        f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x "
+        f"{rt.world_size} process(es) x {run.grad_accum} accumulation steps; "
+        f"{total:,} tokens in all"
+    )
+    print(
+        f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), "
+        f"{dtype_name(run.dtype)}, kernels {run.raw_model.ops.name}, "
+        f"compile {'on' if run.compiled else 'off'}"
+    )
+    print(
+        f"data: {cfg.data_dir}: {len(run.train_loader.shards)} train shard(s), {capacity:,} "
+        f"tokens per pass; val {run.val_loader.capacity:,} tokens"
+    )
+    every = cfg.checkpoint_every or cfg.max_steps
+    resuming = ""
+    if resume_path:
+        resuming = f"; resuming {resume_path} after step {start_step}"
+    print(
+        f"out: {os.path.join(cfg.log_dir, 'log.txt')} and checkpoints model_NNNNN.pt there, "
+        f"every {every} steps and after the last{resuming}"
+    )
+    manifest = read_manifest(cfg.data_dir)  # None for shards another tool wrote
+    if manifest and not manifest["complete"]:
+        warn(
+            f"{cfg.data_dir}/manifest.json says prepare.py has not finished: the run trains on "
+            f"the shards written so far (the same prepare.py command finishes them)"
+        )
+    if start_step >= cfg.max_steps:
+        print(
+            f"notice: the checkpoint is at step {start_step}, --max_steps {cfg.max_steps}: "
+            f"nothing to train"
+        )
+    if total > capacity:
+        warn(
+            f"the run reads {total:,} tokens and the train shards hold {capacity:,}: it wraps "
+            f"around the data {total / capacity:.1f} times"
+        )
+
+
+def log(run, step, stream, value, extra=""):
+    """A line of log.txt in build-nanogpt's `{step} {stream} {value}` format, and for people on
+    stdout (the master process only)."""
+    if not run.rt.master:
+        return
+    with open(os.path.join(run.cfg.log_dir, "log.txt"), "a") as f:
+        f.write(f"{step} {stream} {value}\n")
+    print(f"step:{step}/{run.cfg.max_steps} {stream}:{value}{extra}", flush=True)
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -832,31 +1186,36 @@ def learning_rate(step, cfg):
     """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    decay_ratio = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (cfg.max_lr - cfg.min_lr)
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    decay_ratio = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
+    return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
 
 
 def forward_backward(model, ddp_model, loader, grad_accum, device, amp, scaler=None):
-    """Gradients of one optimizer step's mean loss over grad_accum micro-batches, accumulated in .grad; under DDP
-    (ddp_model given) they are synchronized on the last micro-batch only. Returns the mean loss."""
+    """Gradients of one optimizer step's mean loss over grad_accum micro-batches, accumulated in
+    .grad; under DDP (ddp_model given) they are synchronized on the last micro-batch only.
+    Returns the mean loss."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
         x, y = batch_to_device(*loader.next_batch(), device)
-        sync = ddp_model is None or micro_step == grad_accum - 1
-        with nullcontext() if sync else ddp_model.no_sync():
+        last = micro_step == grad_accum - 1
+        sync = nullcontext() if ddp_model is None or last else ddp_model.no_sync()
+        with sync:
             with amp:
-                loss = (
-                    model(x, y)[1].float() / grad_accum
-                )  # the mean over the step, not a sum of means
+                _, loss = model(x, y)
+            loss = loss.float() / grad_accum  # the mean over the step, not a sum of means
             loss_accum += loss.detach()
-            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler is not None:
+                loss = scaler.scale(loss)
+            loss.backward()
     return loss_accum
 
 
 @contextmanager
 def stop_requests():
-    """SIGINT/SIGTERM ask the run to finish its step, checkpoint and exit 0; a second signal aborts. Yields the list
-    of signals received."""
+    """SIGINT/SIGTERM ask the run to finish its step, checkpoint and exit 0; a second signal
+    aborts. Yields the list of signals received."""
     requested = []
 
     def handle(signum, frame):
@@ -864,8 +1223,8 @@ def stop_requests():
         for sig in previous:
             signal.signal(sig, signal.SIG_DFL)
         print(
-            f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (a second SIGINT "
-            f"or SIGTERM aborts at once)",
+            f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+            f"(a second SIGINT or SIGTERM aborts at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -878,470 +1237,274 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
-def sample_from_checkpoint(cfg):
-    """`--sample PROMPT --resume PATH|auto`: print completions and return."""
-    path, ckpt = resolve_resume(cfg, "--sample")
-    rt = setup_runtime(cfg.device)
-    model = GPT(
-        model_config(cfg, ckpt["model_config"], path), select_ops(cfg.kernels, rt.device_type)
-    )
-    model.load_state_dict(ckpt["model"])
-    print(f"{path}: step {ckpt['step']}, val loss {ckpt.get('val_loss')}")
-    print_samples(
-        model.to(rt.device),
-        cfg.sample,
-        cfg.num_samples,
-        cfg.sample_length,
-        rt,
-        autocast_context(rt.device_type, resolve_dtype(cfg.dtype, rt.device_type)),
-        cfg.seed,
-    )
-
-
-def export_hf(cfg):
-    """`--export DIR --resume PATH|auto`: the checkpoint as a Hugging Face GPT-2 folder (config.json,
-    model.safetensors, GPT-2's tokenizer files), which transformers, lm-evaluation-harness and
-    GPT.from_pretrained read. The padding rows of the vocabulary are dropped."""
-    from safetensors.torch import save
-
-    path, ckpt = resolve_resume(cfg, "--export")
-    c = GPTConfig(**ckpt["model_config"])
-    sd = {
-        k: (
-            v[:GPT2_VOCAB_SIZE]
-            if k == "transformer.wte.weight"
-            else v.t()
-            if k.endswith(HF_CONV1D)
-            else v
-        ).contiguous()
-        for k, v in ckpt["model"].items()
-        if k != "lm_head.weight"
-    }  # lm_head is wte, tied
-    config = dict(
-        architectures=["GPT2LMHeadModel"],
-        model_type="gpt2",
-        vocab_size=GPT2_VOCAB_SIZE,
-        n_positions=c.block_size,
-        n_ctx=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        activation_function="gelu_new",
-        layer_norm_epsilon=1e-5,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=EOT_TOKEN,
-        eos_token_id=EOT_TOKEN,
-        tie_word_embeddings=True,
-    )
-    try:
-        os.makedirs(cfg.export, exist_ok=True)
-    except OSError as e:
+def accumulation_steps(cfg, T, world_size):
+    """Micro-batches per process and step: --total_batch_size in batch_size x T x world_size."""
+    micro = cfg.batch_size * T * world_size
+    if cfg.total_batch_size % micro:
+        suggestion = micro * max(1, round(cfg.total_batch_size / micro))
         raise UserError(
-            f"--export {cfg.export}: cannot make that folder ({e.strerror}); choose another"
-        ) from None
-    atomic_write(
-        os.path.join(cfg.export, "config.json"),
-        lambda f: f.write(json.dumps(config, indent=2).encode()),
-    )
-    atomic_write(
-        os.path.join(cfg.export, "model.safetensors"), lambda f: f.write(save(sd, {"format": "pt"}))
-    )
-    if (
-        gpt2_files()
-    ):  # GPT-2's tokenizer under the names transformers reads, so the folder needs no network
-        for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-            shutil.copyfile(os.path.join(gpt2_files(), ours), os.path.join(cfg.export, theirs))
-    print(
-        f"wrote {path} (step {ckpt['step']}) to {cfg.export}/ as a Hugging Face GPT-2 model; evaluate it with "
-        f"lm_eval --model hf --model_args pretrained={cfg.export} --tasks hellaswag"
-    )
-
-
-def check_log_dir(cfg, resume_path, ckpt):
-    """Refuse a run that would mix with another history in --log_dir (on every process, before any work). Returns
-    the checkpoints newer than the one resumed (damaged ones --resume auto skipped, or those --branch leaves)."""
-    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
-        raise UserError(
-            f"--log_dir {cfg.log_dir} is a file, not a folder; choose another --log_dir"
+            f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * "
+            f"block_size * processes = {cfg.batch_size} * {T} * {world_size} = {micro}; "
+            f"use e.g. {suggestion}"
         )
-    log_txt = os.path.join(cfg.log_dir, "log.txt")
-    holds_run = (
-        list_checkpoints(cfg.log_dir) or os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0
-    )
-    if ckpt is None:
-        if holds_run and cfg.resume != "auto":
+    return cfg.total_batch_size // micro
+
+
+def initial_weights(cfg, ckpt, resume_path):
+    """(the model's shape, the weights to start from or None): the checkpoint's, OpenAI's GPT-2
+    (--init_from, its position embeddings cropped to a shorter --block_size), or a new model."""
+    if ckpt is not None:
+        return model_config(cfg, ckpt["model_config"], resume_path), ckpt["model"]
+    if not cfg.init_from:
+        return model_config(cfg), None
+    config, state = load_hf_weights(cfg.init_from)
+    if cfg.block_size:
+        if cfg.block_size > config.block_size:
             raise UserError(
-                f"--log_dir {cfg.log_dir} already holds a run (log.txt or model_*.pt); pass --resume auto "
-                f"to continue it, or choose another --log_dir"
+                f"--block_size {cfg.block_size} is longer than {cfg.init_from}'s context "
+                f"{config.block_size}"
             )
-        return [path for _, path in list_checkpoints(cfg.log_dir)]
-    if os.path.dirname(os.path.abspath(resume_path)) != os.path.abspath(cfg.log_dir):
-        if holds_run:
-            raise UserError(
-                f"--log_dir {cfg.log_dir} holds another run; continue {resume_path} in its own folder or "
-                f"in an empty --log_dir"
+        config.block_size = cfg.block_size
+        wpe = state["transformer.wpe.weight"]
+        state["transformer.wpe.weight"] = wpe[: cfg.block_size].clone()  # the first positions
+    return model_config(cfg, asdict(config), cfg.init_from), state
+
+
+def wrap_model(raw_model, rt, compile_model):
+    """(the model the steps call, the DDP wrapper or None): DDP under torchrun, then
+    torch.compile (compiling the DDP wrapper lets it overlap gradient sync with backward)."""
+    ddp_model = None
+    model = raw_model
+    if rt.ddp:
+        # gradient_as_bucket_view: after the all-reduce .grad is a view into DDP's bucket, not a
+        # copy. Safe here: grads are set to None (never detach_()ed), and clipping and AdamW only
+        # read or scale .grad in place.
+        device_ids = [rt.local_rank] if rt.device_type == "cuda" else None
+        ddp_model = DDP(raw_model, device_ids=device_ids, gradient_as_bucket_view=True)
+        model = ddp_model
+    if compile_model:
+        model = torch.compile(model)
+    return model, ddp_model
+
+
+@dataclass
+class Run:
+    """What a training run works with, built once before step 0."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    mc: GPTConfig
+    raw_model: GPT  # the weights: sampling, checkpoints, the gradient norm
+    model: nn.Module  # what the steps call: raw_model, or its DDP and torch.compile wrappers
+    ddp_model: Optional[DDP]
+    compiled: bool
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16 loss scaling; a no-op for other dtypes
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    dtype: torch.dtype
+    amp: object  # the autocast context of the forward passes
+    grad_accum: int
+    hellaswag_path: Optional[str]
+    sample_every: int
+
+
+def start_run(cfg, rt, mc, weights, ckpt):
+    """The model, optimizer, loaders and evaluations of a run, on this process."""
+    T = mc.block_size
+    grad_accum = accumulation_steps(cfg, T, rt.world_size)
+    dtype = resolve_dtype(cfg.dtype, rt.device_type)
+    if rt.device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
+    train_shards = find_shards(cfg.data_dir, "train")
+    val_shards = find_shards(cfg.data_dir, "val")
+    B, rank, world = cfg.batch_size, rt.rank, rt.world_size
+    train_loader = ShardLoader(train_shards, B, T, rank, world, cfg.shuffle, cfg.seed)
+    val_loader = ShardLoader(val_shards, B, T, rank, world)
+
+    torch.manual_seed(cfg.seed)
+    raw_model = GPT(mc, select_ops(cfg.kernels, rt.device_type))
+    if weights is not None:
+        load_weights(raw_model, weights, cfg.init_from or "the checkpoint")
+    raw_model.to(rt.device)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=dtype == torch.float16)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["train_loader"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+    compiled = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
+    model, ddp_model = wrap_model(raw_model, rt, compiled)
+    return Run(
+        cfg=cfg,
+        rt=rt,
+        mc=mc,
+        raw_model=raw_model,
+        model=model,
+        ddp_model=ddp_model,
+        compiled=compiled,
+        optimizer=optimizer,
+        scaler=scaler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        dtype=dtype,
+        amp=autocast_context(rt.device_type, dtype),
+        grad_accum=grad_accum,
+        hellaswag_path=set_up_hellaswag(cfg, rt, T),
+        sample_every=sampling_every(cfg, rt),
+    )
+
+
+def due(run, step, every):
+    return step == run.cfg.max_steps or (every > 0 and step % every == 0)
+
+
+def evaluate(run, step):
+    """The evaluations due for the model after `step` steps; returns the val loss, if measured."""
+    cfg, rt = run.cfg, run.rt
+    val_loss = None
+    if due(run, step, cfg.val_every):
+        micro_batches = cfg.val_steps * run.grad_accum
+        val_loss = evaluate_val(run.model, run.val_loader, micro_batches, rt, run.amp)
+        log(run, step, "val", f"{val_loss:.4f}")
+    if run.hellaswag_path and due(run, step, cfg.hellaswag_every):
+        run.model.eval()
+        with run.amp:
+            s = hellaswag.score(
+                run.model, run.hellaswag_path, run.mc.block_size, rt.device, rt.rank, rt.world_size
             )
-        return []
-    later = [path for step, path in list_checkpoints(cfg.log_dir) if step > ckpt["step"]]
-    if later and cfg.resume != "auto" and not cfg.branch:
-        raise UserError(
-            f"{resume_path} is at step {ckpt['step']}, but {cfg.log_dir} holds later checkpoints "
-            f"({', '.join(os.path.basename(p) for p in later)}): continuing it starts a second history. "
-            f"Pass --branch to do that (the later checkpoints and the old log.txt move into a folder "
-            f"beside them), or --resume auto to continue the newest"
+        run.model.train()
+        acc = f" acc:{s.correct / s.total:.4f} ({s.total} examples)"
+        log(run, step, "hella", f"{s.correct_norm / s.total:.4f}", acc)
+    if run.sample_every > 0 and step > 0 and due(run, step, run.sample_every):
+        prompt = "Hello, I'm a language model,"
+        print_samples(
+            run.raw_model, prompt, cfg.num_samples, cfg.sample_length, rt, run.amp, cfg.seed + step
         )
-    return later
+    return val_loss
 
 
-def set_up_log_dir(cfg, resume_path, ckpt, later):
-    """The master's side of check_log_dir: later checkpoints (and the log of the history they belong to) are moved
-    into a set_aside_* folder, never deleted; the log keeps what the resumed checkpoint had logged."""
-    os.makedirs(cfg.log_dir, exist_ok=True)
-    for tmp in glob.glob(
-        os.path.join(cfg.log_dir, "*.tmp")
-    ):  # left by checkpoint writes a kill interrupted
-        os.remove(tmp)
-    log = os.path.join(cfg.log_dir, "log.txt")
-    if later or (ckpt is None and os.path.isfile(log) and os.path.getsize(log) > 0):
-        aside = os.path.join(cfg.log_dir, time.strftime("set_aside_%Y%m%d_%H%M%S"))
-        os.makedirs(aside)
-        for path in later:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
-        if os.path.exists(log):
-            (os.replace if ckpt is None else shutil.copy2)(log, os.path.join(aside, "log.txt"))
-        what = (
-            ("the old log" + (" and the checkpoints that do not load" if later else ""))
-            if ckpt is None
-            else f"the checkpoints after step {ckpt['step']} and a copy of the log"
-        )
-        print(f"moved {what} to {aside}")
-    source = os.path.join(os.path.dirname(resume_path or ""), "log.txt")
-    if ckpt is not None and os.path.exists(
-        source
-    ):  # keep the train lines before the checkpoint, evaluations at it
-        with open(source) as f:
-            kept = [
-                line
-                for line in f
-                if len(parts := line.split()) == 3
-                and parts[0].isdigit()
-                and (
-                    int(parts[0]) < ckpt["step"]
-                    or int(parts[0]) == ckpt["step"]
-                    and parts[1] != "train"
-                )
-            ]
-        atomic_write(log, lambda f: f.write("".join(kept).encode()))
+def checkpoint(run, step, val_loss):
+    """Save the run after `step` steps as log_dir/model_{step}.pt, keeping the newest
+    --keep_checkpoints; returns its path."""
+    cfg = run.cfg
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+    state = {
+        "model": run.raw_model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "config": asdict(cfg),
+        "model_config": asdict(run.mc),
+        "step": step,
+        "val_loss": val_loss,
+        "train_loader": run.train_loader.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "world_size": run.rt.world_size,
+    }
+    save_checkpoint(path, state)
+    print(f"saved {path}")
+    if cfg.keep_checkpoints:
+        for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints :]:
+            os.remove(old)
+    return path
 
 
-def save_checkpoint(path, state):
-    try:
-        atomic_write(path, lambda f: torch.save(state, f))
-    except (UserError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise UserError(
-            f"cannot write checkpoint {path} ({' '.join(str(e).split())[:200]}); free some disk space, "
-            f"then continue with --resume auto"
-        ) from None
+def compute_gradients(run, stop):
+    """The clipped gradients of one step: (the mean loss over all processes, the gradient norm,
+    whether any process was asked to stop; all stop together)."""
+    rt = run.rt
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = forward_backward(
+        run.model, run.ddp_model, run.train_loader, run.grad_accum, rt.device, run.amp, run.scaler
+    )
+    stats = torch.stack([loss, torch.tensor(float(len(stop) > 0), device=rt.device)])
+    if rt.ddp:
+        dist.all_reduce(stats)
+    run.scaler.unscale_(run.optimizer)
+    max_norm = run.cfg.grad_clip or float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
+    return stats[0].item() / rt.world_size, norm.item(), stats[1].item() > 0
+
+
+def diverged(run, loss, norm):
+    """A non-finite loss, or gradient norm (with float16 the scaler skips such a step instead)."""
+    return not math.isfinite(loss) or (not run.scaler.is_enabled() and not math.isfinite(norm))
+
+
+def update(run, step):
+    """The optimizer step at this step's learning rate; returns the learning rate."""
+    lr = learning_rate(step, run.cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.scaler.step(run.optimizer)  # skipped by a float16 scaler when a gradient is not finite
+    run.scaler.update()
+    return lr
 
 
 def train(cfg):
     """Run training as configured; returns the process exit code."""
     rt = setup_runtime(cfg.device)
-    ops = select_ops(cfg.kernels, rt.device_type)
     resume_path, ckpt = resolve_resume(cfg, master=rt.master)
-    pretrained = GPT.from_pretrained(cfg.init_from, ops) if cfg.init_from else None
-    if pretrained and cfg.block_size:  # a shorter context: keep the first position embeddings
-        if cfg.block_size > pretrained.config.block_size:
-            raise UserError(
-                f"--block_size {cfg.block_size} is longer than {cfg.init_from}'s context "
-                f"{pretrained.config.block_size}"
-            )
-        pretrained.config.block_size = cfg.block_size
-        wpe = pretrained.transformer.wpe
-        wpe.weight = nn.Parameter(wpe.weight[: cfg.block_size].detach().clone())
-    base = ckpt["model_config"] if ckpt else asdict(pretrained.config) if pretrained else None
-    mc = model_config(cfg, base, resume_path or cfg.init_from)
-    B, T = cfg.batch_size, mc.block_size
-    micro = B * T * rt.world_size
-    if cfg.total_batch_size % micro:
-        raise UserError(
-            f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
-            f"processes = {B} * {T} * {rt.world_size} = {micro}; use e.g. "
-            f"{micro * max(1, round(cfg.total_batch_size / micro))}"
-        )
-    grad_accum = cfg.total_batch_size // micro
-    dtype = resolve_dtype(cfg.dtype, rt.device_type)
-    amp = autocast_context(rt.device_type, dtype)
-    if rt.device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
+    mc, weights = initial_weights(cfg, ckpt, resume_path)
     later = check_log_dir(cfg, resume_path, ckpt)
-    manifest = read_manifest(cfg.data_dir)  # None for shards another tool wrote
-    train_loader = ShardLoader(
-        find_shards(cfg.data_dir, "train"), B, T, rt.rank, rt.world_size, cfg.shuffle, cfg.seed
-    )
-    val_loader = ShardLoader(find_shards(cfg.data_dir, "val"), B, T, rt.rank, rt.world_size)
-
-    torch.manual_seed(cfg.seed)
-    raw_model = (pretrained or GPT(mc, ops)).to(rt.device)
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
-    scaler = torch.amp.GradScaler(
-        rt.device_type, enabled=dtype == torch.float16
-    )  # a no-op unless float16
+    run = start_run(cfg, rt, mc, weights, ckpt)
     start_step = 0
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["train_loader"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
         if ckpt["world_size"] != rt.world_size and rt.master:
-            print(
-                f"warning: {resume_path} was written by {ckpt['world_size']} processes, this run has "
-                f"{rt.world_size}: the data order from here on differs from the original run",
-                file=sys.stderr,
+            warn(
+                f"{resume_path} was written by {ckpt['world_size']} processes, this run has "
+                f"{rt.world_size}: the data order from here on differs from the original run"
             )
-    # gradient_as_bucket_view: after the all-reduce .grad is a view into DDP's bucket rather than a copy of it. Safe
-    # here: grads are set to None (never detach_()ed), and clipping and AdamW only read or scale .grad in place.
-    ddp_model = (
-        DDP(
-            raw_model,
-            device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-            gradient_as_bucket_view=True,
-        )
-        if rt.ddp
-        else None
-    )
-    model = ddp_model or raw_model
-    compile_model = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
-    if compile_model:
-        model = torch.compile(
-            model
-        )  # compiling the DDP wrapper lets it overlap gradient sync with backward
-
-    log_txt = os.path.join(cfg.log_dir, "log.txt")
-
-    def log(step, stream, value, extra=""):
-        """A line of log.txt in build-nanogpt's `{step} {stream} {value}` format, and for people on stdout."""
-        if rt.master:
-            with open(log_txt, "a") as f:
-                f.write(f"{step} {stream} {value}\n")
-            print(f"step:{step}/{cfg.max_steps} {stream}:{value}{extra}", flush=True)
-
     if rt.master:
         set_up_log_dir(cfg, resume_path, ckpt, later)
-        run = {
-            "config": asdict(cfg),
-            "model_config": asdict(mc),
-            "resumed_from": resume_path,
-            "start_step": start_step,
-            "tokens_per_step": cfg.total_batch_size,
-            "grad_accum_steps": grad_accum,
-            "world_size": rt.world_size,
-            "device": rt.device,
-            "device_name": device_name(rt),
-            "dtype": str(dtype)[6:],
-            "kernels": ops.name,
-            "compile": compile_model,
-            "parameters": raw_model.num_params(),
-            "git_commit": git_commit(),
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "numpy": np.__version__,
-                "cuda": torch.version.cuda,
-            },
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write(
-            os.path.join(cfg.log_dir, "run.json"),
-            lambda f: f.write(json.dumps(run, indent=2).encode()),
-        )
-        total = cfg.max_steps * cfg.total_batch_size
-        print(
-            f"model: {cfg.init_from + ', ' if cfg.init_from else ''}{raw_model.num_params():,} parameters "
-            f"({mc.n_layer} layers, {mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})"
-        )
-        print(
-            f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x {rt.world_size} process(es) "
-            f"x {grad_accum} accumulation steps; {total:,} tokens in all"
-        )
-        print(
-            f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), {str(dtype)[6:]}, kernels "
-            f"{ops.name}, compile {'on' if compile_model else 'off'}"
-        )
-        print(
-            f"data: {cfg.data_dir}: {len(train_loader.shards)} train shard(s), {train_loader.capacity:,} tokens per "
-            f"pass; val {val_loader.capacity:,} tokens"
-        )
-        print(
-            f"out: {log_txt} and checkpoints model_NNNNN.pt there, every {cfg.checkpoint_every or cfg.max_steps} "
-            f"steps and after the last"
-            + (f"; resuming {resume_path} after step {start_step}" if ckpt else "")
-        )
-        if manifest and not manifest["complete"]:
-            print(
-                f"warning: {cfg.data_dir}/manifest.json says prepare.py has not finished: the run trains on the "
-                f"shards written so far (the same prepare.py command finishes them)",
-                file=sys.stderr,
-            )
-        if start_step >= cfg.max_steps:
-            print(
-                f"notice: the checkpoint is at step {start_step}, --max_steps {cfg.max_steps}: nothing to train"
-            )
-        if total > train_loader.capacity:
-            print(
-                f"warning: the run reads {total:,} tokens and the train shards hold {train_loader.capacity:,}: it "
-                f"wraps around the data {total / train_loader.capacity:.1f} times",
-                file=sys.stderr,
-            )
-
-    hellaswag_path = None
-    if cfg.hellaswag_every > 0:
-        import hellaswag
-
-        notice = "a process of this run has no copy"
-        try:  # downloaded once per node where it is missing; every process must have it, or none uses it
-            hellaswag_path = hellaswag.ensure_data(
-                "val", cfg.hellaswag_dir or None, rt.local_rank == 0, rt.ddp
-            )
-        except UserError as e:
-            notice = e
-        everyone = torch.tensor(float(hellaswag_path is not None), device=rt.device)
-        if rt.ddp:
-            dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
-        if everyone.item():
-            hellaswag.render_file(
-                hellaswag_path, T
-            )  # a bad file is refused now, not at the first evaluation
-        else:
-            hellaswag_path = None
-            if rt.master:
-                print(f"notice: HellaSwag is off for this run: {notice}")
-    sample_every = cfg.sample_every
-    if rt.master and sample_every > 0:
-        try:  # sampling is a nicety: without a tokenizer the run goes on, and says so now, not at step 250
-            gpt2_encoding()
-        except UserError as e:
-            print(f"warning: {e}; sampling is off for this run", file=sys.stderr)
-            sample_every = 0
-
-    def due(step, every):
-        return step == cfg.max_steps or (every > 0 and step % every == 0)
-
-    def evaluate(step):
-        """The evaluations due for the model after `step` steps; returns the val loss, if measured."""
-        val_loss = None
-        if due(step, cfg.val_every):
-            val_loss = evaluate_val(model, val_loader, cfg.val_steps * grad_accum, rt, amp)
-            log(step, "val", f"{val_loss:.4f}")
-        if hellaswag_path and due(step, cfg.hellaswag_every):
-            model.eval()
-            with amp:
-                s = hellaswag.score(model, hellaswag_path, T, rt.device, rt.rank, rt.world_size)
-            model.train()
-            log(
-                step,
-                "hella",
-                f"{s.correct_norm / s.total:.4f}",
-                f" acc:{s.correct / s.total:.4f} ({s.total} examples)",
-            )
-        if rt.master and sample_every > 0 and step > 0 and due(step, sample_every):
-            print_samples(
-                raw_model,
-                "Hello, I'm a language model,",
-                cfg.num_samples,
-                cfg.sample_length,
-                rt,
-                amp,
-                cfg.seed + step,
-            )
-        return val_loss
-
+        write_run_json(run, resume_path, start_step)
+        print_summary(run, resume_path, start_step)
     if ckpt is None:
-        evaluate(
-            0
-        )  # the model before training (a resumed run has these of its checkpoint's step already)
-    peak = peak_flops(rt, dtype)
-    flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
-    step_times, last_checkpoint = [], resume_path
+        evaluate(run, 0)  # the model before training (a resumed run has its checkpoint's)
+
+    peak = peak_flops(rt, run.dtype)
+    flops_step = flops_per_token(run.raw_model, mc.block_size) * cfg.total_batch_size
+    step_times = deque(maxlen=50)  # for the time left
+    last_checkpoint = resume_path
     with stop_requests() as stop:
         for step in range(start_step, cfg.max_steps):
             synchronize(rt.device_type)
             t0 = time.time()
-            optimizer.zero_grad(set_to_none=True)
-            loss_accum = forward_backward(
-                model, ddp_model, train_loader, grad_accum, rt.device, amp, scaler
-            )
-            stats = torch.stack([loss_accum, torch.tensor(float(len(stop) > 0), device=rt.device)])
-            if rt.ddp:
-                dist.all_reduce(
-                    stats
-                )  # the mean loss, and whether any process was asked to stop: all stop together
-            loss_value, stopping = stats[0].item() / rt.world_size, stats[1].item() > 0
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), cfg.grad_clip or float("inf")
-            ).item()
-            if not math.isfinite(loss_value) or (
-                not scaler.is_enabled() and not math.isfinite(norm)
-            ):
+            loss, norm, stopping = compute_gradients(run, stop)
+            if diverged(run, loss, norm):
                 if rt.master:
-                    print(
-                        f"error: step {step}: loss {loss_value}, gradient norm {norm}: training diverged. Stopping "
-                        f"without a checkpoint; the last good one is {last_checkpoint or '(none)'}: resume from it "
-                        f"with a lower --max_lr or a longer --warmup_steps",
-                        file=sys.stderr,
-                    )
+                    report_divergence(step, loss, norm, last_checkpoint)
                 return 1
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.step(optimizer)  # skipped by a float16 scaler when a gradient is not finite
-            scaler.update()
+            lr = update(run, step)
             synchronize(rt.device_type)
             dt = time.time() - t0
-            step_times = (step_times + [dt])[-50:]
-            mfu = f" mfu:{100 * flops_step / dt / (peak * rt.world_size):.1f}%" if peak else ""
-            eta = format_duration(sum(step_times) / len(step_times) * (cfg.max_steps - step - 1))
-            log(
-                step,
-                "train",
-                f"{loss_value:.6f}",
-                f" lr:{lr:.4e} norm:{norm:.4f} dt:{dt * 1000:.1f}ms "
-                f"tok/s:{cfg.total_batch_size / dt:,.0f}{mfu} eta:{eta}",
-            )
 
-            step += 1  # evaluations and checkpoints belong to the model after this many steps
-            val_loss = evaluate(step)
-            if rt.master and (stopping or due(step, cfg.checkpoint_every)):
-                last_checkpoint = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-                save_checkpoint(
-                    last_checkpoint,
-                    {
-                        "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "config": asdict(cfg),
-                        "model_config": asdict(mc),
-                        "step": step,
-                        "val_loss": val_loss,
-                        "train_loader": train_loader.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "world_size": rt.world_size,
-                    },
-                )
-                print(f"saved {last_checkpoint}")
-                for _, old in (
-                    list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints :]
-                    if cfg.keep_checkpoints
-                    else []
-                ):
-                    os.remove(old)
+            step_times.append(dt)
+            eta = sum(step_times) / len(step_times) * (cfg.max_steps - step - 1)
+            extra = f" lr:{lr:.4e} norm:{norm:.4f} dt:{dt * 1000:.1f}ms"
+            extra += f" tok/s:{cfg.total_batch_size / dt:,.0f}"
+            if peak:
+                extra += f" mfu:{100 * flops_step / dt / (peak * rt.world_size):.1f}%"
+            extra += f" eta:{format_duration(eta)}"
+            log(run, step, "train", f"{loss:.6f}", extra)
+
+            trained = step + 1  # evaluations and checkpoints belong to the model after this step
+            val_loss = evaluate(run, trained)
+            if rt.master and (stopping or due(run, trained, cfg.checkpoint_every)):
+                last_checkpoint = checkpoint(run, trained, val_loss)
             if stopping:
                 break
     return 0
+
+
+def report_divergence(step, loss, norm, last_checkpoint):
+    print(
+        f"error: step {step}: loss {loss}, gradient norm {norm}: training diverged. Stopping "
+        f"without a checkpoint; the last good one is {last_checkpoint or '(none)'}: resume from "
+        f"it with a lower --max_lr or a longer --warmup_steps",
+        file=sys.stderr,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -1352,13 +1515,16 @@ def main(argv=None):
     cfg = parse_config(argv)
     try:
         check_flags(cfg)
-        if cfg.sample or cfg.export:
-            (sample_from_checkpoint if cfg.sample else export_hf)(cfg)
+        if cfg.sample:
+            sample_from_checkpoint(cfg)
+            return 0
+        if cfg.export:
+            export_hf(cfg)
             return 0
         return train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     finally:
         end_distributed()
 
