@@ -18,8 +18,10 @@ imports prepare.py (the token format and the helpers every tool shares) and hell
 evaluation); csrc/ holds the CUDA half of the model's ops.
 """
 
+import argparse
 import gc
 import glob
+import hashlib
 import json
 import math
 import os
@@ -32,7 +34,7 @@ import sys
 import time
 from collections import deque, namedtuple
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -55,6 +57,7 @@ from prepare import (
     gpt2_files,
     one_line,
     read_manifest,
+    sha256_of,
     warn,
 )
 
@@ -137,7 +140,33 @@ DTYPES = [
 KERNELS = ["auto", "cuda", "torch"]  # --kernels, likewise
 
 
+# Resuming, these come from the checkpoint's config unless given on the command line: what the
+# run trains on, how, and when it evaluates (the model's shape always comes with its weights).
+RUN_SETTINGS = (
+    "data_dir",
+    "shuffle",
+    "seed",
+    "batch_size",
+    "total_batch_size",
+    "max_steps",
+    "warmup_steps",
+    "max_lr",
+    "min_lr",
+    "weight_decay",
+    "grad_clip",
+    "val_every",
+    "val_steps",
+    "hellaswag_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "dtype",
+)
+DATA_ORDER = ("shuffle", "seed")  # with --data_dir, the tokens a run reads: never changed on resume
+
+
 def parse_config(argv=None):
+    """(the TrainConfig of the command line, the names of the flags it gives)."""
     parser = config_parser(
         TrainConfig,
         __doc__,
@@ -145,7 +174,10 @@ def parse_config(argv=None):
         dtype=dict(choices=DTYPES),
         kernels=dict(choices=KERNELS),
     )
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    for action in parser._actions:  # parsed again without defaults: only the flags given remain
+        action.default = argparse.SUPPRESS
+    return cfg, set(vars(parser.parse_args(argv)))
 
 
 def model_config(cfg, base=None, source=None):
@@ -205,6 +237,9 @@ def check_flags(cfg):
         "num_samples",
         "sample_length",
     )
+    for name, kind in TrainConfig.__annotations__.items():
+        if kind is float and not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name} {getattr(cfg, name)} is not a finite number")
     for name in at_least_one:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)} must be at least 1")
@@ -436,7 +471,7 @@ def load_hf_weights(name_or_dir):
         else:
             bin_path = os.path.join(path, "pytorch_model.bin")
             hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # a missing file, a truncated one (SafetensorError), a bad config
         raise UserError(
             f"{path} is not a Hugging Face GPT-2 folder ({type(e).__name__}: {one_line(e)})"
         ) from None
@@ -522,20 +557,53 @@ def select_ops(kernels, device_type):
 
 
 def find_shards(data_dir, split):
-    """The sorted *.npy shards in data_dir whose names contain split ('train' or 'val')."""
-    shards = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.npy")))
+    """The shards of split ('train' or 'val') in data_dir, in order: those its manifest.json
+    lists, where prepare.py wrote it, else every *_{split}_*.npy file sorted by name."""
+    if os.path.isfile(data_dir):
+        raise UserError(
+            f"--data_dir {data_dir} is a file; pass the folder of token shards prepare.py wrote"
+        )
+    manifest = read_manifest(data_dir) if os.path.isdir(data_dir) else None
+    if manifest is None:
+        shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    else:
+        shards = []
+        for shard in manifest["shards"]:
+            if shard["split"] == split:
+                shards.append(os.path.join(data_dir, shard["name"]))
     if not shards:
         raise UserError(
-            f"--data_dir {data_dir} has no *_{split}_*.npy shards; run `python prepare.py --out_dir "
-            f"{data_dir}` first (or point --data_dir at the folder it wrote)"
+            f"--data_dir {data_dir} has no *_{split}_*.npy shards; run `python prepare.py "
+            f"--out_dir {data_dir}` first (or point --data_dir at the folder it wrote)"
         )
     return shards
+
+
+def unlisted_shards(data_dir, shards):
+    """The *_train_* and *_val_* files in data_dir that a run does not read (not in shards)."""
+    found = set()
+    for split in ("train", "val"):
+        found.update(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    return sorted(os.path.basename(path) for path in found - set(shards))
+
+
+def data_identity(data_dir):
+    """The shards a run reads, by name and size: the same data in another folder matches."""
+    identity = {}
+    for split in ("train", "val"):
+        shards = find_shards(data_dir, split)
+        identity[split] = [[os.path.basename(path), os.path.getsize(path)] for path in shards]
+    return identity
 
 
 def open_shard(path):
     """Memory-map one token shard (never loaded whole), checking that it is a 1-D array of integers."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(
+            f"shard {path} is missing; run prepare.py again (the same command writes it again)"
+        ) from None
     except (ValueError, OSError, EOFError) as e:
         raise UserError(
             f"shard {path} is corrupt or truncated ({e}); delete it and run prepare.py again"
@@ -853,6 +921,7 @@ def load_checkpoint(path):
     """A checkpoint dict, or a UserError saying why it does not load."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist or is not a file")
+    verify_checksum(path)
     try:  # memory-mapped: the processes of a node share one copy
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated zip, unpickling errors, random bytes: one message
@@ -898,9 +967,48 @@ def model_from_checkpoint(path, device="cpu", ops=None):
     return model.to(device), ckpt
 
 
-def save_checkpoint(path, state):
+class HashingWriter:
+    """A file for writing that also feeds every byte written to a hash."""
+
+    def __init__(self, file, digest):
+        self.file = file
+        self.digest = digest
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
+def verify_checksum(path):
+    """Refuse a checkpoint whose bytes differ from the sha256 recorded beside it when it was
+    written (path.sha256, in sha256sum's format). One without the record is taken as it is."""
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        with open(path + ".sha256") as f:
+            recorded = f.read().split()[:1]
+    except FileNotFoundError:
+        return
+    if recorded != [sha256_of(path)]:
+        raise UserError(
+            f"checkpoint {path} does not match the sha256 recorded when it was written "
+            f"({path}.sha256): it has been damaged since"
+        )
+
+
+def save_checkpoint(path, state):
+    """torch.save(state) to path atomically, with the sha256 of its bytes recorded in
+    path.sha256 before the checkpoint takes its name."""
+
+    def write(f):
+        digest = hashlib.sha256()
+        torch.save(state, HashingWriter(f, digest))
+        line = f"{digest.hexdigest()}  {os.path.basename(path)}\n".encode()
+        atomic_write(path + ".sha256", lambda g: g.write(line))
+
+    try:
+        atomic_write(path, write)
     except (UserError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         raise UserError(
             f"cannot write checkpoint {path} ({one_line(e)[:200]}); free some disk space, "
@@ -943,16 +1051,47 @@ def hf_config(mc):
     )
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+
+
+def check_export_folder(folder):
+    """Refuse an --export folder that holds anything but an earlier export of ours (config.json
+    marked "arcanagpt"): writing there would pair our weights with another model's files."""
+    if not os.path.exists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise UserError(f"--export {folder} is a file; choose a new or empty folder")
+    names = set(os.listdir(folder))
+    ours = set(EXPORT_FILES) | {name + ".tmp" for name in EXPORT_FILES}  # with interrupted writes
+    others = sorted(names - ours)
+    if not names:
+        return
+    if not others and "config.json" in names:
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                if "arcanagpt" in json.load(f):
+                    return
+        except (OSError, ValueError):
+            pass  # not readable as ours
+    shown = ", ".join((others or sorted(names))[:3])
+    raise UserError(
+        f"--export {folder} holds files of another model ({shown}); export into a new or empty "
+        f"folder, or one holding an earlier --export"
+    )
+
+
 def export_hf(cfg):
     """`--export DIR --resume PATH|auto`: the checkpoint as a Hugging Face GPT-2 folder
     (config.json, model.safetensors, GPT-2's tokenizer files), which transformers,
     lm-evaluation-harness and GPT.from_pretrained read."""
     from safetensors.torch import save
 
+    folder = cfg.export
+    check_export_folder(folder)
     path, ckpt = resolve_resume(cfg, "--export")
     config = hf_config(GPTConfig(**ckpt["model_config"]))
+    config["arcanagpt"] = {"checkpoint": os.path.abspath(path), "step": ckpt["step"]}
     weights = save(state_to_hf(ckpt["model"]), {"format": "pt"})
-    folder = cfg.export
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -966,8 +1105,9 @@ def export_hf(cfg):
         for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
             shutil.copyfile(os.path.join(gpt2_files(), ours), os.path.join(folder, theirs))
     print(
-        f"wrote {path} (step {ckpt['step']}) to {folder}/ as a Hugging Face GPT-2 model; "
-        f"evaluate it with lm_eval --model hf --model_args pretrained={folder} --tasks hellaswag"
+        f"wrote {path} (step {ckpt['step']}) to {os.path.join(folder, '')} as a Hugging Face "
+        f"GPT-2 model; evaluate it with lm_eval --model hf --model_args pretrained={folder} "
+        f"--tasks hellaswag"
     )
 
 
@@ -1016,13 +1156,24 @@ def check_log_dir(cfg, resume_path, ckpt):
     return later
 
 
+# The temporary files of this file's atomic writes into --log_dir (prepare.atomic_write's names).
+OUR_TEMP_FILES = re.compile(r"(model_\d+\.pt|model_\d+\.pt\.sha256|log\.txt|run\.json)\.tmp")
+
+
 def set_up_log_dir(cfg, resume_path, ckpt, later):
     """The master's side of check_log_dir: later checkpoints (and the log of the history they
     belong to) are moved into a set_aside_* folder, never deleted; the log keeps what the
     resumed checkpoint had logged."""
-    os.makedirs(cfg.log_dir, exist_ok=True)
-    for tmp in glob.glob(os.path.join(cfg.log_dir, "*.tmp")):  # left by interrupted writes
-        os.remove(tmp)
+    try:
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        for name in os.listdir(cfg.log_dir):
+            if OUR_TEMP_FILES.fullmatch(name):  # left by writes a kill interrupted
+                os.remove(os.path.join(cfg.log_dir, name))
+    except OSError as e:
+        raise UserError(
+            f"--log_dir {cfg.log_dir}: cannot write there ({e.strerror}); choose a folder you "
+            f"can write to"
+        ) from None
     log = os.path.join(cfg.log_dir, "log.txt")
     old_log = ckpt is None and os.path.isfile(log) and os.path.getsize(log) > 0
     if later or old_log:
@@ -1032,23 +1183,28 @@ def set_up_log_dir(cfg, resume_path, ckpt, later):
 
 
 def set_aside(log_dir, later, ckpt):
-    """Move the checkpoints in later, and the log (a copy of it when a checkpoint is resumed),
-    into a new set_aside_* folder."""
-    log = os.path.join(log_dir, "log.txt")
+    """Move the checkpoints in later, the log and run.json (copies of them when a checkpoint is
+    resumed) into a new set_aside_* folder."""
     aside = os.path.join(log_dir, time.strftime("set_aside_%Y%m%d_%H%M%S"))
     os.makedirs(aside)
     for path in later:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
-    if ckpt is None:
-        what = "the old log"
-        if later:
-            what += " and the checkpoints that do not load"
-        if os.path.exists(log):
-            os.replace(log, os.path.join(aside, "log.txt"))
-    else:
+        for name in (path, path + ".sha256"):
+            if os.path.exists(name):
+                os.replace(name, os.path.join(aside, os.path.basename(name)))
+    for name in ("log.txt", "run.json"):
+        source = os.path.join(log_dir, name)
+        if not os.path.exists(source):
+            continue
+        if ckpt is None:
+            os.replace(source, os.path.join(aside, name))  # a new run starts a new log
+        else:
+            shutil.copy2(source, os.path.join(aside, name))  # the log goes on from the checkpoint
+    if ckpt is not None:
         what = f"the checkpoints after step {ckpt['step']} and a copy of the log"
-        if os.path.exists(log):
-            shutil.copy2(log, os.path.join(aside, "log.txt"))
+    elif later:
+        what = "the old log and the checkpoints that do not load"
+    else:
+        what = "the old log"
     print(f"moved {what} to {aside}")
 
 
@@ -1083,14 +1239,16 @@ def git_commit():
         return None
 
 
-def write_run_json(run, resume_path, start_step):
-    """log_dir/run.json: the config, model, hardware, versions and commit of this run."""
+def write_run_json(run):
+    """log_dir/run.json: the config, model, hardware, versions and commit of this run; a resumed
+    run keeps what the run.json before it held under "earlier"."""
     rt = run.rt
+    path = os.path.join(run.cfg.log_dir, "run.json")
     meta = {
         "config": asdict(run.cfg),
         "model_config": asdict(run.mc),
-        "resumed_from": resume_path,
-        "start_step": start_step,
+        "resumed_from": run.resume_path,
+        "start_step": run.start_step,
         "tokens_per_step": run.cfg.total_batch_size,
         "grad_accum_steps": run.grad_accum,
         "world_size": rt.world_size,
@@ -1109,29 +1267,34 @@ def write_run_json(run, resume_path, start_step):
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if run.resume_path and os.path.exists(path):
+        with open(path) as f:
+            meta["earlier"] = json.load(f)
     data = json.dumps(meta, indent=2).encode()
-    atomic_write(os.path.join(run.cfg.log_dir, "run.json"), lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def print_summary(run, resume_path, start_step):
+def print_summary(run):
     """What the run will do, printed before step 0, with warnings about its data."""
     cfg, rt, mc = run.cfg, run.rt, run.mc
     B, T = cfg.batch_size, mc.block_size
-    total = cfg.max_steps * cfg.total_batch_size
-    capacity = run.train_loader.capacity
     source = f"{cfg.init_from}, " if cfg.init_from else ""
     print(
         f"model: {source}{run.raw_model.num_params():,} parameters ({mc.n_layer} layers, "
         f"{mc.n_head} heads, width {mc.n_embd}, context {T}, vocabulary {mc.vocab_size})"
     )
+    if run.resume_path:
+        print(f"settings: data, batch, schedule and evaluations as in {run.resume_path}")
+    if run.changed:
+        print(f"settings given anew: {', '.join(run.changed)}")
     print(
         f"steps: {cfg.max_steps:,} of {cfg.total_batch_size:,} tokens = {B} x {T} x "
         f"{rt.world_size} process(es) x {run.grad_accum} accumulation steps; "
-        f"{total:,} tokens in all"
+        f"{cfg.max_steps * cfg.total_batch_size:,} tokens in all"
     )
     print(
         f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), "
@@ -1139,32 +1302,53 @@ def print_summary(run, resume_path, start_step):
         f"compile {'on' if run.compiled else 'off'}"
     )
     print(
-        f"data: {cfg.data_dir}: {len(run.train_loader.shards)} train shard(s), {capacity:,} "
-        f"tokens per pass; val {run.val_loader.capacity:,} tokens"
+        f"data: {cfg.data_dir}: {len(run.train_loader.shards)} train shard(s), "
+        f"{run.train_loader.capacity:,} tokens per pass; val {run.val_loader.capacity:,} tokens"
     )
     every = cfg.checkpoint_every or cfg.max_steps
     resuming = ""
-    if resume_path:
-        resuming = f"; resuming {resume_path} after step {start_step}"
+    if run.resume_path:
+        resuming = f"; resuming {run.resume_path} after step {run.start_step}"
     print(
         f"out: {os.path.join(cfg.log_dir, 'log.txt')} and checkpoints model_NNNNN.pt there, "
         f"every {every} steps and after the last{resuming}"
     )
+    if run.start_step >= cfg.max_steps:
+        print(
+            f"notice: the checkpoint is at step {run.start_step}, --max_steps {cfg.max_steps}: "
+            f"nothing to train"
+        )
+    warn_about_data(run)
+
+
+def warn_about_data(run):
+    """Warnings about the shards: unfinished, left out, or read more than once."""
+    cfg = run.cfg
     manifest = read_manifest(cfg.data_dir)  # None for shards another tool wrote
     if manifest and not manifest["complete"]:
         warn(
             f"{cfg.data_dir}/manifest.json says prepare.py has not finished: the run trains on "
             f"the shards written so far (the same prepare.py command finishes them)"
         )
-    if start_step >= cfg.max_steps:
-        print(
-            f"notice: the checkpoint is at step {start_step}, --max_steps {cfg.max_steps}: "
-            f"nothing to train"
-        )
-    if total > capacity:
+    if manifest:
+        unlisted = unlisted_shards(cfg.data_dir, run.train_loader.shards + run.val_loader.shards)
+        if unlisted:
+            warn(
+                f"{cfg.data_dir} holds {len(unlisted)} shard file(s) its manifest.json does not "
+                f"list, which the run leaves out: {', '.join(unlisted)}"
+            )
+    tokens, capacity = cfg.max_steps * cfg.total_batch_size, run.train_loader.capacity
+    if tokens > capacity:
         warn(
-            f"the run reads {total:,} tokens and the train shards hold {capacity:,}: it wraps "
-            f"around the data {total / capacity:.1f} times"
+            f"the run reads {tokens:,} tokens and the train shards hold {capacity:,}: it wraps "
+            f"around the data {tokens / capacity:.1f} times"
+        )
+    tokens, capacity = cfg.val_steps * cfg.total_batch_size, run.val_loader.capacity
+    if tokens > capacity:
+        warn(
+            f"each validation reads {tokens:,} tokens (--val_steps {cfg.val_steps}) and the val "
+            f"shards hold {capacity:,}: it reads them {tokens / capacity:.1f} times; lower "
+            f"--val_steps to {max(1, capacity // cfg.total_batch_size)}"
         )
 
 
@@ -1250,6 +1434,36 @@ def accumulation_steps(cfg, T, world_size):
     return cfg.total_batch_size // micro
 
 
+def resumed_config(cfg, given, ckpt, path):
+    """The config of a resumed run: the checkpoint's run settings (RUN_SETTINGS), with those
+    given on the command line over them. Returns (config, the changed ones as `--flag new (was
+    old)`)."""
+    saved = ckpt["config"]
+    restored, changed = {}, []
+    for name in RUN_SETTINGS:
+        if name not in saved:
+            continue  # a setting newer than the checkpoint
+        old, new = saved[name], getattr(cfg, name)
+        if name not in given:
+            restored[name] = old
+        elif new != old:
+            check_resume_change(name, old, new, ckpt, path)
+            changed.append(f"--{name} {new} (was {old})")
+    cfg = replace(cfg, **restored)
+    check_flags(cfg)
+    return cfg, changed
+
+
+def check_resume_change(name, old, new, ckpt, path):
+    """Refuse a flag that would make a resumed run read other tokens than the run it continues."""
+    other_data = name == "data_dir" and ckpt.get("data") != data_identity(new)
+    if name in DATA_ORDER or other_data:
+        raise UserError(
+            f"--{name} {new} differs from {old} in {path}: the run would read other tokens "
+            f"from here on; leave --{name} out to continue it, or start a new run"
+        )
+
+
 def initial_weights(cfg, ckpt, resume_path):
     """(the model's shape, the weights to start from or None): the checkpoint's, OpenAI's GPT-2
     (--init_from, its position embeddings cropped to a shorter --block_size), or a new model."""
@@ -1307,9 +1521,13 @@ class Run:
     grad_accum: int
     hellaswag_path: Optional[str]
     sample_every: int
+    data: dict  # the shards it reads, by name and size (data_identity)
+    start_step: int  # steps done before this process started: the checkpoint's step, or 0
+    resume_path: Optional[str]  # the checkpoint it continues
+    changed: list  # the run settings given anew on resuming, as `--flag new (was old)`
 
 
-def start_run(cfg, rt, mc, weights, ckpt):
+def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
     """The model, optimizer, loaders and evaluations of a run, on this process."""
     T = mc.block_size
     grad_accum = accumulation_steps(cfg, T, rt.world_size)
@@ -1353,6 +1571,10 @@ def start_run(cfg, rt, mc, weights, ckpt):
         grad_accum=grad_accum,
         hellaswag_path=set_up_hellaswag(cfg, rt, T),
         sample_every=sampling_every(cfg, rt),
+        data=data_identity(cfg.data_dir),
+        start_step=ckpt["step"] if ckpt else 0,
+        resume_path=resume_path,
+        changed=changed,
     )
 
 
@@ -1400,13 +1622,20 @@ def checkpoint(run, step, val_loss):
         "train_loader": run.train_loader.state_dict(),
         "scaler": run.scaler.state_dict(),
         "world_size": run.rt.world_size,
+        "data": run.data,
     }
     save_checkpoint(path, state)
     print(f"saved {path}")
     if cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints :]:
-            os.remove(old)
+            remove_checkpoint(old)
     return path
+
+
+def remove_checkpoint(path):
+    os.remove(path)
+    if os.path.exists(path + ".sha256"):
+        os.remove(path + ".sha256")
 
 
 def compute_gradients(run, stop):
@@ -1441,25 +1670,30 @@ def update(run, step):
     return lr
 
 
-def train(cfg):
-    """Run training as configured; returns the process exit code."""
+def weights_finite(run):
+    """Whether every weight is finite, on every process (checked before each checkpoint)."""
+    maxima = torch.stack([p.detach().abs().max() for p in run.raw_model.parameters()])
+    finite = torch.isfinite(maxima).all().float()
+    if run.rt.ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.item() == 1
+
+
+def train(cfg, given=()):
+    """Run training as configured (given: the flags the command line gave); returns the process
+    exit code."""
     rt = setup_runtime(cfg.device)
     resume_path, ckpt = resolve_resume(cfg, master=rt.master)
+    changed = []
+    if ckpt is not None:
+        cfg, changed = resumed_config(cfg, given, ckpt, resume_path)
     mc, weights = initial_weights(cfg, ckpt, resume_path)
     later = check_log_dir(cfg, resume_path, ckpt)
-    run = start_run(cfg, rt, mc, weights, ckpt)
-    start_step = 0
-    if ckpt is not None:
-        start_step = ckpt["step"]
-        if ckpt["world_size"] != rt.world_size and rt.master:
-            warn(
-                f"{resume_path} was written by {ckpt['world_size']} processes, this run has "
-                f"{rt.world_size}: the data order from here on differs from the original run"
-            )
+    run = start_run(cfg, rt, mc, weights, ckpt, resume_path, changed)
     if rt.master:
         set_up_log_dir(cfg, resume_path, ckpt, later)
-        write_run_json(run, resume_path, start_step)
-        print_summary(run, resume_path, start_step)
+        write_run_json(run)
+        print_summary(run)
     if ckpt is None:
         evaluate(run, 0)  # the model before training (a resumed run has its checkpoint's)
 
@@ -1468,13 +1702,14 @@ def train(cfg):
     step_times = deque(maxlen=50)  # for the time left
     last_checkpoint = resume_path
     with stop_requests() as stop:
-        for step in range(start_step, cfg.max_steps):
+        for step in range(run.start_step, cfg.max_steps):
             synchronize(rt.device_type)
             t0 = time.time()
             loss, norm, stopping = compute_gradients(run, stop)
             if diverged(run, loss, norm):
-                if rt.master:
-                    report_divergence(step, loss, norm, last_checkpoint)
+                report_divergence(
+                    rt, f"step {step}: loss {loss}, gradient norm {norm}", last_checkpoint
+                )
                 return 1
             lr = update(run, step)
             synchronize(rt.device_type)
@@ -1491,20 +1726,27 @@ def train(cfg):
 
             trained = step + 1  # evaluations and checkpoints belong to the model after this step
             val_loss = evaluate(run, trained)
-            if rt.master and (stopping or due(run, trained, cfg.checkpoint_every)):
-                last_checkpoint = checkpoint(run, trained, val_loss)
+            if stopping or due(run, trained, cfg.checkpoint_every):
+                if not weights_finite(run):  # a checkpoint is never written of broken weights
+                    report_divergence(
+                        rt, f"step {step}: the updated weights are not finite", last_checkpoint
+                    )
+                    return 1
+                if rt.master:
+                    last_checkpoint = checkpoint(run, trained, val_loss)
             if stopping:
                 break
     return 0
 
 
-def report_divergence(step, loss, norm, last_checkpoint):
-    print(
-        f"error: step {step}: loss {loss}, gradient norm {norm}: training diverged. Stopping "
-        f"without a checkpoint; the last good one is {last_checkpoint or '(none)'}: resume from "
-        f"it with a lower --max_lr or a longer --warmup_steps",
-        file=sys.stderr,
-    )
+def report_divergence(rt, what, last_checkpoint):
+    if rt.master:
+        print(
+            f"error: {what}: training diverged. Stopping without a checkpoint; the last good one "
+            f"is {last_checkpoint or '(none)'}: resume from it with a lower --max_lr or a longer "
+            f"--warmup_steps",
+            file=sys.stderr,
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -1512,7 +1754,7 @@ def report_divergence(step, loss, norm, last_checkpoint):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg, given = parse_config(argv)
     try:
         check_flags(cfg)
         if cfg.sample:
@@ -1521,7 +1763,7 @@ def main(argv=None):
         if cfg.export:
             export_hf(cfg)
             return 0
-        return train(cfg)
+        return train(cfg, given)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
+from prepare import sha256_of
 from train_gpt import GPT, GPTConfig, ShardLoader, TorchOps, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +227,10 @@ def test_weight_decay_groups():
 
 def test_learning_rate_schedule():
     cfg = TrainConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
-    lr = lambda step: train_gpt.learning_rate(step, cfg)
+
+    def lr(step):
+        return train_gpt.learning_rate(step, cfg)
+
     assert lr(0) == pytest.approx(6e-5)  # (0 + 1) / 10 of the peak
     assert lr(4) == pytest.approx(3e-4)
     assert lr(9) == pytest.approx(6e-4)
@@ -471,9 +475,13 @@ def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
     assert sorted(os.listdir(log_dir)) == [
         "log.txt",
         "model_00004.pt",
+        "model_00004.pt.sha256",
         "model_00006.pt",
+        "model_00006.pt.sha256",
         "run.json",
     ]
+    digest, name = open(os.path.join(log_dir, "model_00006.pt.sha256")).read().split()
+    assert name == "model_00006.pt" and digest == sha256_of(os.path.join(log_dir, name))
     with open(os.path.join(log_dir, "run.json")) as f:
         meta = json.load(f)
     assert (
@@ -603,7 +611,8 @@ def test_half_written_checkpoint_is_ignored(data_dir, tmp_path, capsys):
     assert sorted(os.path.basename(p) for p in aside) == [
         "log.txt",
         "model_00009.pt",
-    ]  # the log: a copy
+        "run.json",
+    ]  # the log and run.json: copies
 
 
 def test_non_finite_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
@@ -920,7 +929,13 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
         and "moved the old log and the checkpoints that do not load to" in out
     )
     aside = glob.glob(os.path.join(log_dir, "set_aside_*"))
-    assert len(aside) == 1 and sorted(os.listdir(aside[0])) == ["log.txt", "model_00001.pt"]
+    assert len(aside) == 1
+    assert sorted(os.listdir(aside[0])) == [
+        "log.txt",
+        "model_00001.pt",
+        "model_00001.pt.sha256",
+        "run.json",
+    ]
     with open(os.path.join(log_dir, "log.txt")) as f, open(os.path.join(aside[0], "log.txt")) as g:
         new, old = f.read(), g.read()
     assert new == old and new.startswith("0 train ")  # the same deterministic run, logged again
@@ -962,6 +977,8 @@ def test_an_older_checkpoint_is_continued_only_as_a_branch(data_dir, tmp_path, c
     assert len(aside) == 1 and sorted(os.listdir(aside[0])) == [
         "log.txt",
         "model_00006.pt",
+        "model_00006.pt.sha256",
+        "run.json",
     ]  # moved, not deleted
     assert [s for s, _, _ in read_log(aside[0], "train")] == list(
         range(6)
@@ -1032,8 +1049,12 @@ def test_data_problems_are_named_at_start(tmp_path, capsys):
         "--keep_checkpoints",
         "0",
     ]
+    shards = [
+        {"name": name, "split": "val" if "_val_" in name else "train"}
+        for name in sorted(os.listdir(small))
+    ]
     with open(os.path.join(small, "manifest.json"), "w") as f:
-        json.dump({"settings": {}, "shards": [], "complete": False}, f)
+        json.dump({"settings": {}, "shards": shards, "complete": False}, f)
     assert train_gpt.main(args + ["--max_steps", "12"]) == 0
     err = capsys.readouterr().err
     assert (
@@ -1045,6 +1066,11 @@ def test_data_problems_are_named_at_start(tmp_path, capsys):
         os.path.join(small, "tok_train_000002.npy")
     )  # the checkpoint at step 5 reads the second shard
     resume = ["--max_steps", "14", "--resume", os.path.join(log_dir, "model_00005.pt"), "--branch"]
+    assert train_gpt.main(args + resume) == 2
+    assert "tok_train_000002.npy is missing; run prepare.py again" in capsys.readouterr().err
+    with open(os.path.join(small, "manifest.json"), "w") as f:
+        kept = [s for s in shards if s["name"] != "tok_train_000002.npy"]
+        json.dump({"settings": {}, "shards": kept, "complete": False}, f)
     assert train_gpt.main(args + resume) == 2
     assert "reading shard 2 of its data, but" in capsys.readouterr().err
     assert not glob.glob(os.path.join(log_dir, "set_aside_*"))  # refused before anything moved
