@@ -314,16 +314,16 @@ def test_summary_of_run_without_evals(tmp_path):
 
 def test_missing_file_and_folder_without_log(tmp_path, capsys):
     missing = str(tmp_path / "nope" / "log.txt")
-    assert plot.main([missing]) == 1
+    assert plot.main([missing]) == plot.USER_ERROR_EXIT
     assert missing in error_line(capsys)
-    assert plot.main([str(tmp_path)]) == 1
+    assert plot.main([str(tmp_path)]) == plot.USER_ERROR_EXIT
     assert os.path.join(str(tmp_path), "log.txt") in error_line(capsys)
 
 
 @pytest.mark.parametrize("tail", ["", "\n\n", "0 tra"])
 def test_empty_log(tmp_path, capsys, tail):
     log = write_log(tmp_path, [], tail=tail)
-    assert plot.main([log]) == 1
+    assert plot.main([log]) == plot.USER_ERROR_EXIT
     err = error_line(capsys)
     assert log in err and "--watch" in err
     assert not (tmp_path / "plot.png").exists()
@@ -347,16 +347,16 @@ def test_bad_flags(tmp_path, capsys, argv, expected):
 
 def test_bad_out(tmp_path, capsys):
     log = write_log(tmp_path, ["0 train 10.9"])
-    assert plot.main([log, "-o", str(tmp_path / "plot.jpg")]) == 1
+    assert plot.main([log, "-o", str(tmp_path / "plot.jpg")]) == plot.USER_ERROR_EXIT
     assert ".png" in error_line(capsys)
-    assert plot.main([log, "-o", str(tmp_path / "no" / "plot.png")]) == 1
+    assert plot.main([log, "-o", str(tmp_path / "no" / "plot.png")]) == plot.USER_ERROR_EXIT
     assert "cannot write" in error_line(capsys)
     assert os.listdir(tmp_path) == ["log.txt"]
 
 
 def test_tokens_without_tokens_per_step(tmp_path, capsys):
     log = write_log(tmp_path / "log", fake_run(steps=20))
-    assert plot.main([log, "--x", "tokens"]) == 1
+    assert plot.main([log, "--x", "tokens"]) == plot.USER_ERROR_EXIT
     err = error_line(capsys)
     assert "run.json" in err and "--tokens_per_step" in err
 
@@ -368,13 +368,13 @@ def test_bad_run_json(tmp_path, capsys, text, expected):
     log = write_log(tmp_path / "log", fake_run(steps=20), tokens_per_step=1)
     (tmp_path / "log" / "run.json").write_text(text)
     assert plot.main([log]) == 0  # the step axis does not need it
-    assert plot.main([log, "--x", "tokens"]) == 1
+    assert plot.main([log, "--x", "tokens"]) == plot.USER_ERROR_EXIT
     assert expected in error_line(capsys)
 
 
 def test_unknown_stream_requested(tmp_path, capsys):
     log = write_log(tmp_path / "log", fake_run(steps=20, extra_stream="lr"))
-    assert plot.main([log, "--streams", "lrr"]) == 1
+    assert plot.main([log, "--streams", "lrr"]) == plot.USER_ERROR_EXIT
     err = error_line(capsys)
     assert "lrr" in err and "the logs have lr" in err
 
@@ -433,10 +433,10 @@ def test_watch_ends_when_the_log_goes(tmp_path):
 
 
 def test_watch_fails_at_start(tmp_path, capsys):
-    assert plot.main([str(tmp_path / "log.txt"), "--watch", "1"]) == 1
+    assert plot.main([str(tmp_path / "log.txt"), "--watch", "1"]) == plot.USER_ERROR_EXIT
     assert "no such file" in error_line(capsys)
     log = write_log(tmp_path / "log", fake_run(steps=20))
     assert (
-        plot.main([log, "--watch", "1", "--x", "tokens"]) == 1
+        plot.main([log, "--watch", "1", "--x", "tokens"]) == plot.USER_ERROR_EXIT
     )  # a first drawing that fails ends the watch
     assert "--tokens_per_step" in error_line(capsys)
