@@ -15,8 +15,8 @@ context + " " + ending for each, and the cross-entropy of every ending token is 
     acc       the model's choice is the ending with the lowest summed loss
     acc_norm  ... with the lowest mean loss per token (train_gpt.py logs it as `hella`)
 
-OpenAI's GPT-2 124M scores acc_norm 0.2955 on the 10,042 val examples this way; GPT-3 124M
-scored 0.337.
+OpenAI's GPT-2 124M scores acc_norm 0.2945 on the 10,042 val examples this way (plot.py draws it
+as the baseline); GPT-3 Small (125M) scored 0.337 in its paper.
 
 This file imports prepare.py, and train_gpt.py only inside the functions that build a model
 (train_gpt.py imports this file).

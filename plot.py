@@ -32,7 +32,8 @@ from prepare import USER_ERROR_EXIT, UserError, atomic_write, one_line
 
 # OpenAI's GPT-2 checkpoints evaluated on our own data: val loss on the FineWeb-edu val shard (the
 # same tokens the val stream is measured on), known for 124M only, and HellaSwag acc_norm on the
-# 10,042 validation examples, the metric the hella stream logs.
+# 10,042 validation examples, the metric the hella stream logs. README.md and hellaswag.py quote
+# these.
 GPT2_VAL_LOSS = {"124M": 3.2924}
 GPT2_HELLASWAG = {"124M": 0.2945, "350M": 0.3752, "774M": 0.4320, "1558M": 0.4889}
 # GPT-3 zero-shot HellaSwag from the GPT-3 paper (Brown et al. 2020), per model size. GPT-3 has no
