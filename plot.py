@@ -8,8 +8,10 @@ Plot ArcanaGPT training logs: loss and HellaSwag against OpenAI's GPT-2 and GPT-
     python plot.py log/log.txt --streams lr,grad_norm  # a panel per stream named ('all': every one)
 
 Reads the `{step} {stream} {value}` log.txt of train_gpt.py or build-nanogpt (streams train, val,
-hella = HellaSwag acc_norm; others via --streams). The PNG, drawn without a display, is 700 x 500
-pixels a panel: 1400 x 500 for two.
+hella = HellaSwag acc_norm; others via --streams). Each run has its colour: its train loss faint,
+with a centred mean over it, and its val loss marked, in a darker shade. The PNG, drawn without a
+display, is 700 x 500 pixels a panel: 1400 x 500 for loss and HellaSwag (700 x 500 while no log
+has HellaSwag lines).
 
 This file imports prepare.py only (for UserError and atomic_write).
 """
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -56,6 +59,7 @@ RUN_COLORS = (
     "tab:gray",
 )
 MAX_WARNINGS_PER_LOG = 10  # a corrupted file should not bury the summary under thousands of them
+MAX_SMOOTH = 100  # the widest default window of the train loss's mean, in points
 
 
 # -----------------------------------------------------------------------------
@@ -203,6 +207,17 @@ def smooth(values, window):
     return np.where(n > 0, (sums[end] - sums[start]) / np.maximum(n, 1), np.nan)
 
 
+def default_window(points):
+    """The train loss's window for a run of this many points: a twentieth of them, 1 to 100. A
+    fixed 100 would flatten a short run's whole curve."""
+    return min(MAX_SMOOTH, max(1, points // 20))
+
+
+def darker(color):
+    """A darker shade of a run's colour, for its val loss beside its train loss."""
+    return tuple(0.6 * c for c in to_rgb(color))
+
+
 def _human_count(x, _pos=None):
     """Tick label for token counts: 0, 500M, 1.5B, ..."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -212,17 +227,20 @@ def _human_count(x, _pos=None):
 
 
 def draw_stream(ax, log, stream, color, smooth_window, x_unit, name_stream):
-    """One stream of one run: the train loss faint behind its centred mean; evaluations (val,
-    hella) are sparse, so each one is marked. name_stream puts the stream's name in the legend
-    after the run's."""
+    """One stream of one run: the train loss faint behind its centred mean, val in a darker shade;
+    evaluations (val, hella) are sparse, so each one is marked. name_stream puts the stream's name
+    in the legend after the run's."""
     steps, values = log.streams[stream]
     xs = steps * log.tokens_per_step if x_unit == "tokens" else steps
     label = f"{log.label} {stream}" if name_stream else log.label
     if stream == "train":
+        window = smooth_window or default_window(len(values))
         ax.plot(xs, values, color=color, alpha=0.2, linewidth=0.6)
-        values = smooth(values, smooth_window)
-        if smooth_window > 1:
-            label += f" (mean of {smooth_window})"
+        values = smooth(values, window)
+        if window > 1:
+            label += f" (mean of {window})"
+    if stream == "val":
+        color = darker(color)
     marker = "o" if stream in ("val", "hella") else None
     ax.plot(xs, values, color=color, linewidth=1.4, marker=marker, markersize=3, label=label)
 
@@ -239,16 +257,16 @@ def plain_log_scale(ax):
     ax.yaxis.set_minor_formatter(plain if high / low <= 10 else NullFormatter())
 
 
-def build_figure(logs, size="124M", smooth_window=100, x_unit="steps", extra_streams=()):
-    """loss | HellaSwag | a panel per extra stream, side by side. size picks the baselines ("NONE"
-    hides them); x_unit "tokens" needs each log's tokens_per_step."""
+def build_figure(logs, size="124M", smooth_window=None, x_unit="steps", extra_streams=()):
+    """loss | HellaSwag (where a log has hella lines) | a panel per extra stream, side by side.
+    size picks the baselines ("NONE" hides them); smooth_window None fits the train loss's window
+    to each run; x_unit "tokens" needs each log's tokens_per_step."""
     gpt2, gpt3 = f"OpenAI GPT-2 {size}", f"GPT-3 {GPT3_NAME.get(size)}"
     loss_baselines = [(GPT2_VAL_LOSS, "tab:red", f"{gpt2} val")]
-    hella_baselines = [(GPT2_HELLASWAG, "tab:red", gpt2), (GPT3_HELLASWAG, "tab:green", gpt3)]
-    panels = [
-        ("loss", "loss (log scale)", ["train", "val"], loss_baselines),
-        ("HellaSwag", "acc_norm", ["hella"], hella_baselines),
-    ]
+    panels = [("loss", "loss (log scale)", ["train", "val"], loss_baselines)]
+    if any("hella" in log.streams for log in logs):
+        hella_baselines = [(GPT2_HELLASWAG, "tab:red", gpt2), (GPT3_HELLASWAG, "tab:green", gpt3)]
+        panels.append(("HellaSwag", "acc_norm", ["hella"], hella_baselines))
     for stream in extra_streams:
         panels.append((stream, stream, [stream], []))
     width = PANEL_WIDTH * len(panels)
@@ -309,9 +327,9 @@ def make_parser():
     p.add_argument(
         "--smooth",
         type=int,
-        default=100,
         metavar="N",
-        help="train loss: centred mean of N points, 1: none",
+        help=f"train loss: centred mean of N points, 1: none (default: a twentieth of a run's "
+        f"points, 1 to {MAX_SMOOTH})",
     )
     p.add_argument(
         "--x",
