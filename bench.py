@@ -1,19 +1,24 @@
 """
-ArcanaGPT benchmarks: each suite measures one thing and prints a table, with the goal and met/missed beside the
-number it judges; --record appends the run to bench/RESULTS.md. `python bench.py SUITE --help` lists its flags.
+ArcanaGPT benchmarks: each suite measures one thing and prints a table, with the goal and met/missed
+beside the number it judges; --record appends the run to bench/RESULTS.md. `python bench.py SUITE
+--help` lists its flags.
 
     python bench.py [all] [--record]  # every suite in turn (the GPU suites skip without a GPU)
-    python bench.py train             # whole optimizer steps: tokens/s, MFU, peak memory per kernels/compile choice
-    python bench.py kernels           # LayerNorm / GELU kernels vs PyTorch eager and torch.compile, GB/s (GPU)
-    python bench.py attention         # causal attention vs F.scaled_dot_product_attention's backends (GPU)
-    python bench.py cross_entropy     # the fused cross-entropy kernel vs PyTorch eager and torch.compile (GPU)
+    python bench.py train             # optimizer steps: tokens/s, MFU, memory per kernels/compile
+    python bench.py kernels           # LayerNorm / GELU kernels vs eager and compiled PyTorch, GB/s
+    python bench.py attention         # causal attention kernels vs each SDPA backend
+    python bench.py cross_entropy     # the fused cross-entropy kernel vs eager and compiled PyTorch
     python bench.py hellaswag         # hellaswag.py: examples/s scoring the val split
     python bench.py tokenize          # prepare.py: tokens/s with N processes vs one process
-    bench/gpu_check.sh OUTDIR         # on a GPU machine: build the kernels, run the GPU tests, record every suite
+    bench/gpu_check.sh OUTDIR         # on a GPU machine: build, GPU tests, record every suite
+
+kernels, attention and cross_entropy need a CUDA GPU. This file sits on top of the others: it
+imports train_gpt.py, hellaswag.py, prepare.py and plot.py (for its table).
 """
 
 import contextlib
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -34,70 +39,68 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hellaswag
 import prepare
 import train_gpt as tg
-from prepare import UserError
+from plot import table
+from prepare import USER_ERROR_EXIT, UserError, one_line
 
-REPS, WARMUP = (
-    20,
-    3,
-)  # timed runs of each measurement on a GPU (the median counts), after untimed ones
+# timed runs of each measurement on a GPU (the median counts), after untimed ones
+REPS, WARMUP = 20, 3
 
 # -----------------------------------------------------------------------------
-# what every suite shares (SUITES at the end): flags from its config dataclass, device, dtype, tables, the record
+# what every suite shares (SUITES at the end): flags from its config dataclass, device, dtype,
+# tables, the record
 
 
 def run(name, argv):
-    """One suite: flags, device, dtype, header; its setup and table, printed and, with --record, recorded."""
+    """One suite: flags, device, dtype, header; its setup and table, printed and, with --record,
+    recorded."""
     fn, cls, device, flags = SUITES[name]
     parser = prepare.config_parser(cls, fn.__doc__, **flags)
     parser.prog = f"bench.py {name}"
     parser.add_argument("--record", action="store_true", help="append this run to bench/RESULTS.md")
     args = vars(parser.parse_args(argv))
-    record, cfg = args.pop("record"), cls(**args)
-    for key, value in args.items():  # sizes, counts and repetitions; argparse checks the choices
-        if "choices" not in flags.get(key, {}) and any(
-            type(v) in (int, float) and v <= 0
-            for v in (value if isinstance(value, list) else [value])
-        ):
-            raise UserError(f"--{key} {value} must be positive")
+    record = args.pop("record")
+    check_positive(args, flags)
+    cfg = cls(**args)
     if device == "cuda" and not torch.cuda.is_available():
         print(f"{name}: needs a CUDA GPU; skipped")
         return
     rt = tg.setup_runtime(device)
-    dtype = tg.resolve_dtype(
-        "auto", rt.device_type
-    )  # bfloat16 on CUDA (autocast in train and hellaswag)
+    dtype = tg.resolve_dtype("auto", rt.device_type)  # bfloat16 on CUDA, as train and hellaswag
     where, commit = tg.device_name(rt), (tg.git_commit() or "unknown")[:12]
-    versions = (
-        f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}"
-    )
+    python = platform.python_version()
+    versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {python}"
     print(f"{name} on {where} ({rt.device}), {datetime.date.today()}, commit {commit}; {versions}")
     about, lines = fn(cfg, rt, dtype)
     print(about, "", *lines, sep="\n")
     if record:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
+        command = " ".join([name, *argv])
         entry = (
-            f"\n## {name}: {where}, {datetime.date.today()}, commit {commit}\n\n`python bench.py "
-            f"{' '.join([name, *argv])}`; {versions}; {about}\n\n```\n"
-            + "\n".join(lines)
-            + "\n```\n"
+            f"\n## {name}: {where}, {datetime.date.today()}, commit {commit}\n\n"
+            f"`python bench.py {command}`; {versions}; {about}\n\n```\n"
         )
-        old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-        prepare.atomic_write(
-            path, lambda f: f.write((old + entry).encode())
-        )  # a failure is one line
-        print(f"recorded in {path}")
+        entry += "\n".join(lines) + "\n```\n"
+        append_record(entry)
 
 
-def table(header, rows):
-    """Lines of a table: the first column left-aligned, the others right-aligned, each as wide as its widest cell."""
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return [
-        "  ".join(
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
-        ).rstrip()
-        for row in cells
-    ]
+def check_positive(args, flags):
+    """Refuse a size, count or repetition of 0 or less (argparse checks the choices)."""
+    for key, value in args.items():
+        if "choices" in flags.get(key, {}):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if type(v) in (int, float) and v <= 0:
+                raise UserError(f"--{key} {value} must be positive")
+
+
+def append_record(entry):
+    """Append a suite's entry to bench/RESULTS.md, atomically: a failure is one line."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "RESULTS.md")
+    old = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    prepare.atomic_write(path, lambda f: f.write((old + entry).encode()))
+    print(f"recorded in {path}")
 
 
 def goal(target, ok):
@@ -105,11 +108,13 @@ def goal(target, ok):
 
 
 # -----------------------------------------------------------------------------
-# GPU timing: CUDA-event medians with the L2 cache flushed, the copy-bandwidth ceiling, kernel variants
+# GPU timing: CUDA-event medians with the L2 cache flushed, the copy-bandwidth ceiling, kernel
+# variants
 
 
 def median_ms(fn):
-    """Median ms of fn() over REPS runs after WARMUP, each after zeroing 4x the L2 cache, as training reads HBM."""
+    """Median ms of fn() over REPS runs after WARMUP, each after zeroing 4x the L2 cache, as
+    training reads HBM."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     flush = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
     for _ in range(WARMUP):
@@ -128,7 +133,8 @@ def median_ms(fn):
 
 @contextlib.contextmanager
 def kernel_variant(v):
-    """The arcana ops run variant v inside the block (0 plain, 1 fast, 2 cross-entropy re-reading rows from L2)."""
+    """The arcana ops run variant v inside the block (0 plain, 1 fast, 2 cross-entropy re-reading
+    rows from L2)."""
     torch.ops.arcana._set_variant(v)
     try:
         yield
@@ -137,36 +143,33 @@ def kernel_variant(v):
 
 
 def bandwidth(cases, variants):
-    """(copy GB/s, table) of cases (name, goal as a share of copy or None, (arcana op, args), (torch fn, args)):
-    GB/s of the bytes the op reads and writes, for each arcana variant and torch eager and compiled."""
+    """(copy GB/s, table) of cases (name, goal as a share of copy or None, (arcana op, args),
+    (torch fn, args)): GB/s of the bytes the op reads and writes, for each arcana variant and
+    torch eager and compiled."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ceiling = 2 * src.nbytes / median_ms(lambda: dst.copy_(src)) / 1e6
+    ceiling = 2 * src.nbytes / median_ms(functools.partial(dst.copy_, src)) / 1e6
     rows = []
     for name, target, (op, args), (fn, inputs) in cases:
         out = op(*args)
-        nbytes = sum(
-            t.nbytes
-            for t in [*args, *(out if isinstance(out, tuple) else [out])]
-            if torch.is_tensor(t)
-        )
+        outs = out if isinstance(out, tuple) else (out,)
+        nbytes = sum(t.nbytes for t in (*args, *outs) if torch.is_tensor(t))
         times = {}
         for v in variants:
             with kernel_variant(v):
-                times[f"arcana v{v}"] = median_ms(lambda: op(*args))
-        times["eager"] = median_ms(lambda: fn(*inputs))
+                times[f"arcana v{v}"] = median_ms(functools.partial(op, *args))
+        times["eager"] = median_ms(functools.partial(fn, *inputs))
         compiled = torch.compile(fn)
         try:
-            times["compile"] = median_ms(lambda: compiled(*inputs))
+            times["compile"] = median_ms(functools.partial(compiled, *inputs))
         except Exception as e:
             print(f"{name}: torch.compile failed ({e!r:.160})")
         for impl, ms in times.items():
             gbs = nbytes / ms / 1e6
-            met = (
-                goal(f">= {target:.0%} of copy", gbs >= target * ceiling)
-                if target and impl == "arcana v1"
-                else ""
-            )
+            vs_compile = f"{times['compile'] / ms:.2f}x" if "compile" in times else "-"
+            met = ""
+            if target and impl == "arcana v1":
+                met = goal(f">= {target:.0%} of copy", gbs >= target * ceiling)
             rows.append(
                 [
                     name,
@@ -175,120 +178,121 @@ def bandwidth(cases, variants):
                     f"{gbs:.0f}",
                     f"{gbs / ceiling:.0%}",
                     f"{times['eager'] / ms:.2f}x",
-                    f"{times['compile'] / ms:.2f}x" if "compile" in times else "-",
+                    vs_compile,
                     met,
                 ]
             )
-    return ceiling, table(
-        ["op", "implementation", "us", "GB/s", "of copy", "vs eager", "vs compile", "goal"], rows
-    )
+    header = ["op", "implementation", "us", "GB/s", "of copy", "vs eager", "vs compile", "goal"]
+    return ceiling, table(header, rows)
 
 
 # -----------------------------------------------------------------------------
 # train: whole optimizer steps of train_gpt.py per kernels/compile configuration, on random tokens
 
-CONFIGS = ["torch", "torch+compile", "cuda", "cuda+compile"]
+# kernels[+compile]: each train_gpt.py --kernels choice but auto, with and without torch.compile
+CONFIGS = []
+for kernels in tg.KERNELS:
+    if kernels != "auto":
+        CONFIGS += [kernels, f"{kernels}+compile"]
 
 
 @dataclass
 class Train:
     model: str = "d12"  # model preset
     block_size: Optional[int] = None  # sequence length T; None: the preset's
-    batch_size: Optional[int] = (
-        None  # micro-batch B; None: the largest of 64, 32, ..., 1 that fits (4 off a GPU)
-    )
-    configs: Optional[list] = (
-        None  # kernels[+compile] configurations; None: all four on CUDA, torch ones elsewhere
-    )
-    steps: int = (
-        10  # timed optimizer steps per configuration, after 3 untimed ones; the median counts
-    )
+    batch_size: Optional[int] = None  # micro-batch; None: largest of 64, 32, ..., 1 to fit; CPU: 4
+    configs: Optional[list] = None  # kernels[+compile] setups; None: all four on CUDA, else torch's
+    steps: int = 10  # timed optimizer steps per configuration, after 3 untimed; the median counts
 
 
 def bench_train(cfg, rt, dtype):
-    """Whole optimizer steps on random tokens per configuration, at the largest micro-batch that fits: tokens/s,
-    MFU, peak memory. Goals (d12): fastest cuda >= 1.1x fastest torch, MFU >= 45%, less memory at the same B."""
+    """Whole optimizer steps on random tokens per configuration, at the largest micro-batch that
+    fits: tokens/s, MFU, peak memory. Goals (d12): fastest cuda >= 1.1x fastest torch, MFU >= 45%,
+    less memory at the same B."""
     mc = tg.model_config(tg.TrainConfig(model=cfg.model, block_size=cfg.block_size))
-    sizes = (
-        [cfg.batch_size]
-        if cfg.batch_size
-        else [64, 32, 16, 8, 4, 2, 1]
-        if rt.device_type == "cuda"
-        else [4]
-    )
+    if cfg.batch_size:
+        sizes = [cfg.batch_size]
+    elif rt.device_type == "cuda":
+        sizes = [64, 32, 16, 8, 4, 2, 1]
+    else:
+        sizes = [4]
+    configs = cfg.configs
+    if not configs and rt.device_type == "cuda":
+        configs = CONFIGS
+    elif not configs:
+        configs = [c for c in CONFIGS if c.startswith("torch")]
     results, notes = {}, []  # config -> (B, tokens/s, MFU, peak bytes, loss)
-    for name in cfg.configs or (CONFIGS if rt.device_type == "cuda" else CONFIGS[:2]):
-        ops = tg.select_ops(
-            name.split("+")[0], rt.device_type
-        )  # a UserError for cuda off a GPU or unbuilt
+    for name in configs:
+        # a UserError for cuda off a GPU or unbuilt
+        ops = tg.select_ops(name.split("+")[0], rt.device_type)
         for B in sizes:
             try:
-                results[name] = (
-                    B,
-                    *time_steps(mc, ops, name.endswith("+compile"), B, cfg.steps, rt, dtype),
-                )
+                measured = time_steps(mc, ops, name.endswith("+compile"), B, cfg.steps, rt, dtype)
+                results[name] = (B, *measured)
                 print(f"  {name} at B={B}: {results[name][1]:,.0f} tokens/s", flush=True)
-            except (
-                Exception
-            ) as e:  # torch.compile can wrap an out-of-memory error in its own exception types
+            except Exception as e:  # torch.compile can wrap an out-of-memory error in its own
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                     continue
                 notes.append(f"{name}: failed at B={B} ({e!r:.160})")
             break
         else:
             notes.append(f"{name}: no micro-batch of {sizes} fits in memory")
-    rows = [
-        [
-            name,
-            B,
-            f"{tok_s:,.0f}",
-            f"{mfu:.1%}" if mfu else "-",
-            f"{mem / 2**30:.2f} GiB" if mem else "-",
-            f"{loss:.4f}",
-        ]
-        for name, (B, tok_s, mfu, mem, loss) in results.items()
-    ]
+    rows = []
+    for name, (B, tok_s, mfu, mem, loss) in results.items():
+        shown_mfu = f"{mfu:.1%}" if mfu else "-"
+        shown_mem = f"{mem / 2**30:.2f} GiB" if mem else "-"
+        rows.append([name, B, f"{tok_s:,.0f}", shown_mfu, shown_mem, f"{loss:.4f}"])
     lines = table(["config", "B", "tokens/s", "MFU", "peak mem", "loss"], rows) + notes
-    runs = {k: {n: r for n, r in results.items() if n.startswith(k)} for k in ("torch", "cuda")}
-    if runs["torch"] and runs["cuda"]:
-        best_torch, best_cuda = (
-            max(runs[k], key=lambda n: runs[k][n][1]) for k in ("torch", "cuda")
-        )
-        speedup, mfu = (
-            runs["cuda"][best_cuda][1] / runs["torch"][best_torch][1],
-            runs["cuda"][best_cuda][2],
-        )
-        lines += [
-            "",
-            f"{best_cuda} {speedup:.2f}x the tokens/s of {best_torch} ({goal('>= 1.10x', speedup >= 1.1)})",
-        ]
-        lines += [f"{best_cuda} MFU {mfu:.1%} ({goal('>= 45%', mfu >= 0.45)})"] if mfu else []
-        for name, (B, _, _, memory, _) in runs["cuda"].items():
-            twin = "torch" + name.removeprefix("cuda")
-            if (
-                twin in runs["torch"]
-            ):  # each ran at the largest B that fits it: a twin at a smaller B did not fit B
-                twin_B, _, _, twin_memory, _ = runs["torch"][twin]
-                less = memory < twin_memory if B == twin_B else B > twin_B
-                lines.append(
-                    f"{name} at B={B} {memory / 2**30:.2f} GiB, {twin} at B={twin_B} "
-                    f"{twin_memory / 2**30:.2f} GiB ({goal('less memory at the same B', less)})"
-                )
+    lines += train_verdicts(results)
     peak = tg.peak_flops(rt, dtype)
-    return (
-        f"{dtype}, model {cfg.model} (T={mc.block_size}), median of {cfg.steps} steps after 3; ceiling: "
-        + (
-            f"{peak / 1e12:.0f} TFLOP/s, the datasheet bf16 dense peak"
-            if peak
-            else "none known (no MFU)"
+    ceiling = f"{peak / 1e12:.0f} TFLOP/s, the datasheet bf16 dense peak" if peak else None
+    about = (
+        f"{dtype}, model {cfg.model} (T={mc.block_size}), median of {cfg.steps} steps after 3; "
+        f"ceiling: {ceiling or 'none known (no MFU)'}"
+    )
+    return about, lines
+
+
+def fastest(results):
+    """The configuration of results with the most tokens/s."""
+    return max(results, key=lambda name: results[name][1])
+
+
+def train_verdicts(results):
+    """Lines judging the cuda configurations against the torch ones: speed, MFU, memory."""
+    torch_runs = {n: r for n, r in results.items() if n.startswith("torch")}
+    cuda_runs = {n: r for n, r in results.items() if n.startswith("cuda")}
+    if not torch_runs or not cuda_runs:
+        return []
+    best_torch, best_cuda = fastest(torch_runs), fastest(cuda_runs)
+    speedup = cuda_runs[best_cuda][1] / torch_runs[best_torch][1]
+    mfu = cuda_runs[best_cuda][2]
+    lines = [
+        "",
+        f"{best_cuda} {speedup:.2f}x the tokens/s of {best_torch} "
+        f"({goal('>= 1.10x', speedup >= 1.1)})",
+    ]
+    if mfu:
+        lines.append(f"{best_cuda} MFU {mfu:.1%} ({goal('>= 45%', mfu >= 0.45)})")
+    for name, (B, _, _, memory, _) in cuda_runs.items():
+        twin = "torch" + name.removeprefix("cuda")
+        if twin not in torch_runs:
+            continue
+        # each ran at the largest B that fits it: a twin at a smaller B did not fit B
+        twin_B, _, _, twin_memory, _ = torch_runs[twin]
+        less = memory < twin_memory if B == twin_B else B > twin_B
+        lines.append(
+            f"{name} at B={B} {memory / 2**30:.2f} GiB, {twin} at B={twin_B} "
+            f"{twin_memory / 2**30:.2f} GiB ({goal('less memory at the same B', less)})"
         )
-    ), lines
+    return lines
 
 
 def time_steps(mc, ops, compiled, B, steps, rt, dtype):
-    """(tokens/s of the median step, MFU or None, peak bytes or None, loss) of whole optimizer steps."""
+    """(tokens/s of the median step, MFU or None, peak bytes or None, loss) of whole optimizer
+    steps."""
     T = mc.block_size
-    torch._dynamo.reset()  # a fresh compilation per configuration and micro-batch: no recompile limit
+    torch._dynamo.reset()  # a fresh compilation per configuration and batch: no recompile limit
     gc.collect()  # what an attempt that ran out of memory left behind
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
@@ -304,9 +308,9 @@ def time_steps(mc, ops, compiled, B, steps, rt, dtype):
         fused=rt.device_type == "cuda",
     )
     # random windows already on the device: data loading is not timed
-    windows = [
-        torch.randint(0, prepare.GPT2_VOCAB_SIZE, (B, T + 1), device=rt.device) for _ in range(4)
-    ]
+    windows = []
+    for _ in range(4):
+        windows.append(torch.randint(0, prepare.GPT2_VOCAB_SIZE, (B, T + 1), device=rt.device))
     amp, times = tg.autocast_context(rt.device_type, dtype), []
     for step in range(3 + steps):
         tg.synchronize(rt.device_type)
@@ -319,13 +323,16 @@ def time_steps(mc, ops, compiled, B, steps, rt, dtype):
         optimizer.step()
         tg.synchronize(rt.device_type)
         times.append(time.perf_counter() - t0)
-    tok_s, peak = B * T / statistics.median(times[3:]), tg.peak_flops(rt, dtype)
+    tok_s = B * T / statistics.median(times[3:])
+    peak = tg.peak_flops(rt, dtype)
+    mfu = tg.flops_per_token(raw, T) * tok_s / peak if peak else None
     memory = torch.cuda.max_memory_allocated(rt.device) if rt.device_type == "cuda" else None
-    return tok_s, tg.flops_per_token(raw, T) * tok_s / peak if peak else None, memory, loss.item()
+    return tok_s, mfu, memory, loss.item()
 
 
 # -----------------------------------------------------------------------------
-# kernels: the LayerNorm and GELU kernels (csrc/layernorm.cu, csrc/gelu.cu) vs PyTorch eager and torch.compile
+# kernels: the LayerNorm and GELU kernels (csrc/layernorm.cu, csrc/gelu.cu) vs PyTorch eager and
+# torch.compile
 
 
 @dataclass
@@ -335,20 +342,20 @@ class Kernels:
 
 
 def bench_kernels(cfg, rt, dtype):
-    """LayerNorm, fused residual LayerNorm and GELU, forward and backward, vs PyTorch eager and torch.compile:
-    GB/s and share of the copy bandwidth. Goals: LayerNorm >= 80% of copy forward, >= 65% backward; GELU >= 85%."""
+    """LayerNorm, fused residual LayerNorm and GELU, forward and backward, vs PyTorch eager and
+    torch.compile: GB/s and share of the copy bandwidth. Goals: LayerNorm >= 80% of copy forward,
+    >= 65% backward; GELU >= 85%."""
     tg.select_ops("cuda", "cuda")  # loads the kernels, or says how to build them
     A, aten, N, C, eps = torch.ops.arcana, torch.ops.aten, cfg.rows, cfg.C, 1e-5
-    x, dr = (
-        torch.randn(N, C, device="cuda") for _ in range(2)
-    )  # the model's float32 residual stream, its gradient
-    y, dout = (
-        torch.randn(N, C, device="cuda", dtype=dtype) for _ in range(2)
-    )  # a branch's output; out's gradient
+    x = torch.randn(N, C, device="cuda")  # the model's float32 residual stream
+    dr = torch.randn(N, C, device="cuda")  # its gradient
+    y = torch.randn(N, C, device="cuda", dtype=dtype)  # a branch's output
+    dout = torch.randn(N, C, device="cuda", dtype=dtype)  # the LayerNorm output's gradient
     u, du = (torch.randn(N, 4 * C, device="cuda", dtype=dtype) for _ in range(2))
     w, b, fb = (torch.randn(n, device="cuda") for n in (C, C, 4 * C))
     _, mean, rstd = A.layer_norm_fwd(x, w, b, eps, dtype)  # (N,) float32 each
     r, _, mean_r, rstd_r = A.add_layer_norm_fwd(x, y, w, b, eps, dtype)
+    fb_cast = fb.to(dtype)  # c_fc's bias, as autocast adds it
 
     def ln(x):  # PyTorch under autocast: LayerNorm in float32, then the next Linear's cast
         return F.layer_norm(x, (C,), w, b, eps).to(dtype)
@@ -357,13 +364,13 @@ def bench_kernels(cfg, rt, dtype):
         r = x + y
         return r, ln(r)
 
-    def ln_bwd(
-        dout, x, mean, rstd, dr=None
-    ):  # and back: dout cast up, the branch's gradient cast down
+    def ln_bwd(dout, x, mean, rstd, dr=None):  # and back: dout cast up, the branch's cast down
         dx, dw, db = aten.native_layer_norm_backward(
             dout.float(), x, [C], mean[:, None], rstd[:, None], w, b, [True] * 3
         )
-        return (dx, dw, db) if dr is None else (dx + dr, dw, db, (dx + dr).to(dtype))
+        if dr is None:
+            return dx, dw, db
+        return dx + dr, dw, db, (dx + dr).to(dtype)
 
     def gelu(u, bias):
         return F.gelu(u + bias, approximate="tanh")
@@ -372,45 +379,41 @@ def bench_kernels(cfg, rt, dtype):
         dx = aten.gelu_backward(du, u + bias, approximate="tanh")
         return dx, dx.float().sum(0)
 
-    ceiling, lines = bandwidth(
-        [
-            ("layer_norm fwd", 0.80, (A.layer_norm_fwd, (x, w, b, eps, dtype)), (ln, (x,))),
-            (
-                "layer_norm bwd",
-                0.65,
-                (A.layer_norm_bwd, (dout, x, w, mean, rstd)),
-                (ln_bwd, (dout, x, mean, rstd)),
-            ),
-            (
-                "add_layer_norm fwd",
-                0.80,
-                (A.add_layer_norm_fwd, (x, y, w, b, eps, dtype)),
-                (add_ln, (x, y)),
-            ),
-            (
-                "add_layer_norm bwd",
-                0.65,
-                (A.layer_norm_bwd, (dout, r, w, mean_r, rstd_r, dr, dtype)),
-                (ln_bwd, (dout, r, mean_r, rstd_r, dr)),
-            ),
-            (
-                "gelu fwd",
-                0.85,
-                (A.gelu_fwd, (u, fb)),
-                (gelu, (u, fb.to(dtype))),
-            ),  # c_fc's bias, as autocast adds it
-            ("gelu bwd", 0.85, (A.gelu_bwd, (du, u, fb)), (gelu_bwd, (du, u, fb.to(dtype)))),
-        ],
-        variants=[1],
+    cases = [  # (name, goal, (kernel, its arguments), (PyTorch twin, its arguments))
+        ("layer_norm fwd", 0.80, (A.layer_norm_fwd, (x, w, b, eps, dtype)), (ln, (x,))),
+        (
+            "layer_norm bwd",
+            0.65,
+            (A.layer_norm_bwd, (dout, x, w, mean, rstd)),
+            (ln_bwd, (dout, x, mean, rstd)),
+        ),
+        (
+            "add_layer_norm fwd",
+            0.80,
+            (A.add_layer_norm_fwd, (x, y, w, b, eps, dtype)),
+            (add_ln, (x, y)),
+        ),
+        (
+            "add_layer_norm bwd",
+            0.65,
+            (A.layer_norm_bwd, (dout, r, w, mean_r, rstd_r, dr, dtype)),
+            (ln_bwd, (dout, r, mean_r, rstd_r, dr)),
+        ),
+        ("gelu fwd", 0.85, (A.gelu_fwd, (u, fb)), (gelu, (u, fb_cast))),
+        ("gelu bwd", 0.85, (A.gelu_bwd, (du, u, fb)), (gelu_bwd, (du, u, fb_cast))),
+    ]
+    ceiling, lines = bandwidth(cases, variants=[1])
+    about = (
+        f"rows={N} C={C}, as in the model under {dtype} autocast (float32 residual stream and "
+        f"weights, {dtype} branch outputs and LayerNorm outputs); {REPS} runs, L2 flushed; "
+        f"ceiling: copy {ceiling:.0f} GB/s"
     )
-    return (
-        f"rows={N} C={C}, as in the model under {dtype} autocast (float32 residual stream and weights, {dtype} "
-        f"branch outputs and LayerNorm outputs); {REPS} runs, L2 flushed; ceiling: copy {ceiling:.0f} GB/s"
-    ), lines
+    return about, lines
 
 
 # -----------------------------------------------------------------------------
-# attention: the causal attention kernels (csrc/attention.cu) against F.scaled_dot_product_attention's backends
+# attention: the causal attention kernels (csrc/attention.cu) against
+# F.scaled_dot_product_attention's backends
 
 SDPA_BACKENDS = {
     "default": None,
@@ -429,91 +432,70 @@ class Attention:
     T: tuple = (1024, 2048)  # sequence lengths
 
 
-def bench_attention(cfg, rt, dtype):
-    """Causal attention through the model's ops, the arcana kernels (fast and plain) vs each SDPA backend: TFLOP/s
-    forward, backward, both, and peak memory. Goal: arcana forward+backward >= 190 TFLOP/s at T=1024, D=64."""
-    arcana = tg.select_ops("cuda", "cuda")  # the kernels, or a message saying how to build them
-    impls = [(f"arcana v{v}", arcana, lambda v=v: kernel_variant(v)) for v in (1, 0)]
-    impls += [
-        (
-            f"sdpa {b}",
-            tg.TorchOps(),
-            lambda b=b: (
-                sdpa_kernel(SDPA_BACKENDS[b]) if SDPA_BACKENDS[b] else contextlib.nullcontext()
-            ),
-        )
-        for b in SDPA_BACKENDS
+def attention_forward_backward(ops, qkv, n_head, grad):
+    ops.attention(qkv.detach().requires_grad_(), n_head).backward(grad)
+
+
+def time_attention(ops, qkv, n_head, grad):
+    """(ms forward, backward, both; MiB of peak memory forward and backward) of one attention."""
+    x = qkv.detach().requires_grad_()
+    y = ops.attention(x, n_head)  # (B, T, C), kept for the backward-only runs
+    both = functools.partial(attention_forward_backward, ops, qkv, n_head, grad)
+    times = [
+        median_ms(torch.no_grad()(functools.partial(ops.attention, qkv, n_head))),
+        median_ms(functools.partial(torch.autograd.grad, y, x, grad, retain_graph=True)),
+        median_ms(both),
     ]
+    x = y = None  # the backward-only runs' graph, freed before measuring memory
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    both()
+    return times, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_attention(cfg, rt, dtype):
+    """Causal attention through the model's ops, the arcana kernels (fast and plain) vs each SDPA
+    backend: TFLOP/s forward, backward, both, and peak memory. Goal: arcana forward+backward >= 190
+    TFLOP/s at T=1024, D=64."""
+    arcana = tg.select_ops("cuda", "cuda")  # the kernels, or a message saying how to build them
+    impls = []  # (name, ops, the context it runs in)
+    for v in (1, 0):
+        impls.append((f"arcana v{v}", arcana, functools.partial(kernel_variant, v)))
+    for name, backend in SDPA_BACKENDS.items():
+        context = contextlib.nullcontext
+        if backend is not None:
+            context = functools.partial(sdpa_kernel, backend)
+        impls.append((f"sdpa {name}", tg.TorchOps(), context))
     rows, notes = [], []
     for T in cfg.T:
-        flops = (
-            4 * cfg.B * cfg.H * T * T * cfg.D / 2
-        )  # the causal forward's; the backward's is 2.5 times that
+        flops = 4 * cfg.B * cfg.H * T * T * cfg.D / 2  # the causal forward's; backward: 2.5x
         qkv = torch.randn(cfg.B, T, 3 * cfg.H * cfg.D, device="cuda", dtype=dtype)
         grad = torch.randn(cfg.B, T, cfg.H * cfg.D, device="cuda", dtype=dtype)
         for name, ops, context in impls:
-
-            def forward_backward():
-                ops.attention(qkv.detach().requires_grad_(), cfg.H).backward(grad)
-
             try:
                 with context():
-                    x = qkv.detach().requires_grad_()
-                    y = ops.attention(x, cfg.H)  # (B, T, C), kept for the backward-only runs
-                    times = [
-                        median_ms(torch.no_grad()(lambda: ops.attention(qkv, cfg.H))),
-                        median_ms(lambda: torch.autograd.grad(y, x, grad, retain_graph=True)),
-                        median_ms(forward_backward),
-                    ]  # forward, backward, both
-                    x = y = None  # the backward-only runs' graph, freed before measuring memory
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    forward_backward()
-                    mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-            except (
-                RuntimeError
-            ) as e:  # a backend without a kernel for these shapes, or out of memory
+                    times, mib = time_attention(ops, qkv, cfg.H, grad)
+            except RuntimeError as e:  # a backend without a kernel for these shapes, or no memory
                 notes.append(f"T={T} {name}: skipped ({e!r:.160})")
                 continue
             tflops = [k * flops / ms / 1e9 for k, ms in zip((1, 2.5, 3.5), times)]
             judged = name == "arcana v1" and T == 1024 and cfg.D == 64
-            rows.append(
-                [
-                    T,
-                    name,
-                    *itertools.chain(
-                        *((f"{ms:.3f}", f"{tf:.1f}") for ms, tf in zip(times, tflops))
-                    ),
-                    f"{mib:.0f}",
-                    goal(">= 190 TF/s f+b", tflops[2] >= 190) if judged else "",
-                ]
-            )
+            verdict = goal(">= 190 TF/s f+b", tflops[2] >= 190) if judged else ""
+            cells = itertools.chain(*((f"{ms:.3f}", f"{tf:.1f}") for ms, tf in zip(times, tflops)))
+            rows.append([T, name, *cells, f"{mib:.0f}", verdict])
     peak = tg.peak_flops(rt, dtype)
-    return (
-        f"B={cfg.B} H={cfg.H} D={cfg.D} {dtype}; median of {REPS} runs (CUDA events, L2 flushed before each); "
-        f"ceiling: "
-        + (f"{peak / 1e12:.0f} TFLOP/s, the datasheet dense bf16 peak" if peak else "none known"),
-        table(
-            [
-                "T",
-                "impl",
-                "fwd ms",
-                "fwd TF/s",
-                "bwd ms",
-                "bwd TF/s",
-                "f+b ms",
-                "f+b TF/s",
-                "f+b MiB",
-                "goal",
-            ],
-            rows,
-        )
-        + notes,
+    ceiling = f"{peak / 1e12:.0f} TFLOP/s, the datasheet dense bf16 peak" if peak else "none known"
+    about = (
+        f"B={cfg.B} H={cfg.H} D={cfg.D} {dtype}; median of {REPS} runs (CUDA events, L2 flushed "
+        f"before each); ceiling: {ceiling}"
     )
+    header = ["T", "impl", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "f+b ms", "f+b TF/s"]
+    return about, table(header + ["f+b MiB", "goal"], rows) + notes
 
 
 # -----------------------------------------------------------------------------
-# cross_entropy: the fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu) on one chunk of the loss
+# cross_entropy: the fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu) on one
+# chunk of the loss
 
 
 @dataclass
@@ -523,93 +505,83 @@ class CrossEntropy:
 
 
 def bench_cross_entropy(cfg, rt, dtype):
-    """The fused loss kernel on one chunk of logits (variants 1 fast, 2 re-reading rows from L2 instead of keeping
-    them in shared memory, 0 plain) vs its PyTorch twin, eager and compiled: GB/s, share of the copy bandwidth."""
+    """The fused loss kernel on one chunk of logits (variants 1 fast, 2 re-reading rows from L2
+    instead of keeping them in shared memory, 0 plain) vs its PyTorch twin, eager and compiled:
+    GB/s, share of the copy bandwidth."""
     tg.select_ops("cuda", "cuda")  # loads the kernels, or says how to build them
     import csrc  # the kernels' package, beside them: there only where they are built
 
     logits = (2 * torch.randn(cfg.rows, cfg.vocab, device="cuda")).to(dtype)
     targets = torch.randint(0, cfg.vocab, (cfg.rows,), device="cuda")
     targets[::8] = -1  # rows without a target, as padding makes
-    grad_scale = (
-        1.0 / (targets != -1).sum().float()
-    )  # a one-element GPU tensor, as the chunked loss passes it
+    # a one-element GPU tensor, as the chunked loss passes it
+    grad_scale = 1.0 / (targets != -1).sum().float()
     args = (logits, targets, grad_scale, True)
+    kernel = (torch.ops.arcana.cross_entropy_fwd_bwd, args)
     ceiling, lines = bandwidth(
-        [
-            (
-                "cross_entropy",
-                None,
-                (torch.ops.arcana.cross_entropy_fwd_bwd, args),
-                (csrc.cross_entropy_rows, args),
-            )
-        ],
-        variants=[1, 2, 0],
+        [("cross_entropy", None, kernel, (csrc.cross_entropy_rows, args))], variants=[1, 2, 0]
     )
-    return (
-        f"{cfg.rows} x {cfg.vocab} {dtype} logits; {REPS} runs, L2 flushed; ceiling: copy {ceiling:.0f} GB/s",
-        lines,
+    about = (
+        f"{cfg.rows} x {cfg.vocab} {dtype} logits; {REPS} runs, L2 flushed; ceiling: copy "
+        f"{ceiling:.0f} GB/s"
     )
+    return about, lines
 
 
 # -----------------------------------------------------------------------------
 # hellaswag: hellaswag.score's batched scoring, examples/s; text for the suites without data at hand
 
 WORDS = (
-    "the of and to a in is that for it as was with be by on not he this are or his from at which but have an they "
-    "you were her she there been one all we their has would when if so no will more can about out up what some "
-    "time into only other new years could people also first after water energy history students research"
+    "the of and to a in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there been one all we their has would when if so no will "
+    "more can about out up what some time into only other new years could people also first "
+    "after water energy history students research"
 ).split()
-ZIPF = [
-    1 / (rank + 1) for rank in range(len(WORDS))
-]  # generated text draws WORDS with these weights
+ZIPF = [1 / (rank + 1) for rank in range(len(WORDS))]  # generated text draws WORDS with these
 
 
 def sentence(rng, lo, hi):
-    return " ".join(rng.choices(WORDS, ZIPF, k=rng.randint(lo, hi))).capitalize() + rng.choice(
-        "...?!"
-    )
+    """A capitalized, punctuated sentence of lo to hi words drawn from WORDS."""
+    words = rng.choices(WORDS, ZIPF, k=rng.randint(lo, hi))
+    return " ".join(words).capitalize() + rng.choice("...?!")
+
+
+def write_synthetic_val(path):
+    """10,042 examples shaped like HellaSwag's val split: contexts of 15-110 words, endings of
+    3-39."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(10042):
+            ctx = sentence(rng, 15, 110)
+            endings = [sentence(rng, 3, 39) for _ in range(4)]
+            example = {"ind": i, "ctx": ctx, "label": i % 4, "endings": endings}
+            f.write(json.dumps(example) + "\n")
 
 
 @dataclass
 class HellaSwag:
-    model: str = (
-        "d12"  # model preset, randomly initialized: the speed does not depend on the weights
-    )
+    model: str = "d12"  # model preset, randomly initialized: the speed does not need the weights
     limit: Optional[int] = None  # examples to score; None: all of them on CUDA, 8 elsewhere
-    batch_size: Optional[int] = (
-        None  # examples per forward pass; None: hellaswag.py's for the device
-    )
+    batch_size: Optional[int] = None  # examples per forward pass; None: hellaswag.py's default
     compile: bool = False  # torch.compile the model
 
 
 def bench_hellaswag(cfg, rt, dtype):
-    """hellaswag.score's examples/s (median of 3 calls) on the cached val split, or synthetic examples whose token
-    counts spread like its, after a call that tokenizes (and compiles). Goal: the 10,042 in < 10 s (d12, H100)."""
+    """hellaswag.score's examples/s (median of 3 calls) on the cached val split, or synthetic
+    examples whose token counts spread like its, after a call that tokenizes (and compiles). Goal:
+    the 10,042 in < 10 s (d12, H100)."""
     ops = tg.select_ops("auto", rt.device_type)  # the kernels where they are built
     model = tg.GPT(tg.model_config(tg.TrainConfig(model=cfg.model)), ops).to(rt.device).eval()
     scored = torch.compile(model) if cfg.compile else model
+    limit = cfg.limit
+    if limit is None and rt.device_type != "cuda":
+        limit = 8
     times = []
     with tempfile.TemporaryDirectory() as tmp, tg.autocast_context(rt.device_type, dtype):
         data = hellaswag.find_data("val")
         path = data or os.path.join(tmp, "synthetic_val.jsonl")
         if data is None:
-            rng = random.Random(0)
-            with open(
-                path, "w"
-            ) as f:  # contexts of 15-110 words, endings of 3-39, as in the val split
-                f.writelines(
-                    json.dumps(
-                        {
-                            "ind": i,
-                            "ctx": sentence(rng, 15, 110),
-                            "label": i % 4,
-                            "endings": [sentence(rng, 3, 39) for _ in range(4)],
-                        }
-                    )
-                    + "\n"
-                    for i in range(10042)
-                )
+            write_synthetic_val(path)
         for _ in range(1 + 3):  # score() ends copying the losses to the host: the device is done
             t0 = time.perf_counter()
             s = hellaswag.score(
@@ -618,21 +590,24 @@ def bench_hellaswag(cfg, rt, dtype):
                 block_size=model.config.block_size,
                 device=rt.device,
                 batch_size=cfg.batch_size,
-                limit=cfg.limit or (None if rt.device_type == "cuda" else 8),
+                limit=limit,
             )
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:])
     rate, val_s = s.total / dt, 10042 * dt / s.total
-    lines = [
-        f"first call {times[0]:.2f} s (tokenizing{' and compiling' if cfg.compile else ''}); then {dt:.3f} s "
-        f"for {s.total} examples = {rate:,.{1 if rate >= 10 else 3}f} examples/s: the 10,042-example val split "
-        f"would take {val_s:,.1f} s"
-        + (f" ({goal('< 10 s', val_s < 10)})" if rt.device_type == "cuda" else "")
-    ]
-    return (
-        f"model {cfg.model} on {data or 'synthetic (val-shaped)'}, {dtype}, kernels {ops.name}, compile "
-        f"{cfg.compile}, batch_size {cfg.batch_size or 'hellaswag.py default'}"
-    ), lines
+    first = "tokenizing and compiling" if cfg.compile else "tokenizing"
+    digits = 1 if rate >= 10 else 3
+    line = (
+        f"first call {times[0]:.2f} s ({first}); then {dt:.3f} s for {s.total} examples = "
+        f"{rate:,.{digits}f} examples/s: the 10,042-example val split would take {val_s:,.1f} s"
+    )
+    if rt.device_type == "cuda":
+        line += f" ({goal('< 10 s', val_s < 10)})"
+    about = (
+        f"model {cfg.model} on {data or 'synthetic (val-shaped)'}, {dtype}, kernels {ops.name}, "
+        f"compile {cfg.compile}, batch_size {cfg.batch_size or 'hellaswag.py default'}"
+    )
+    return about, [line]
 
 
 # -----------------------------------------------------------------------------
@@ -641,85 +616,73 @@ def bench_hellaswag(cfg, rt, dtype):
 
 @dataclass
 class Tokenize:
-    mb: Optional[float] = (
-        None  # MB of text to tokenize; None: 32, or 8 per process when that is more
-    )
-    num_proc: Optional[list] = (
-        None  # worker process counts to measure; None: 1 and all cores but one
-    )
+    mb: Optional[float] = None  # MB of text to tokenize; None: 32, or 8 per process when more
+    num_proc: Optional[list] = None  # worker process counts to try; None: 1 and all cores but one
+
+
+def single_process_rate(enc, docs):
+    """Tokens/s of encode_ordinary in this process; +1 for each document's <|endoftext|>."""
+    t0 = time.perf_counter()
+    tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+    return tokens / (time.perf_counter() - t0)
+
+
+def pipeline_rate(source, out_dir, cache_dir, num_proc):
+    """Tokens/s of prepare.py's whole pipeline on the JSON-lines file source, quietly."""
+    argv = ["--input", source, "--out_dir", out_dir, "--num_proc", str(num_proc)]
+    argv += ["--shard_size", "1000000", "--cache_dir", cache_dir]
+    with open(os.devnull, "w") as null:  # no progress bar
+        with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return prepare.prepare(prepare.parse_args(argv))["tokens_per_s"]
 
 
 def bench_tokenize(cfg, rt, dtype):
-    """prepare.py's pipeline (reader, worker processes, shard writer) vs single-process tiktoken encode_ordinary on
-    the same documents of generated English-like text. Goal: pipeline >= 0.8 x processes x single-process."""
+    """prepare.py's pipeline (reader, worker processes, shard writer) vs single-process tiktoken
+    encode_ordinary on the same documents of generated English-like text. Goal: pipeline >= 0.8 x
+    processes x single-process."""
     cores = len(os.sched_getaffinity(0))
     counts = cfg.num_proc or sorted({1, max(1, cores - 1)})
     rng = random.Random(0)
-    text = "".join(
-        sentence(rng, 6, 30) + ("\n\n" if rng.random() < 0.15 else " ") for _ in range(40_000)
-    )  # ~4 MB
+    paragraphs = []  # ~4 MB
+    for _ in range(40_000):
+        paragraphs.append(sentence(rng, 6, 30) + ("\n\n" if rng.random() < 0.15 else " "))
+    text = "".join(paragraphs)
     target = int((cfg.mb or max(32.0, 8.0 * max(counts))) * 1e6)
     text = (text * (target // len(text) + 1))[:target]
-    docs = [
-        text[i : i + 4500] for i in range(0, len(text), 4500)
-    ]  # FineWeb-edu's average document length
+    # FineWeb-edu's average document length
+    docs = [text[i : i + 4500] for i in range(0, len(text), 4500)]
     sample = docs[:2000]  # 9 MB at most: enough for a steady single-process rate
     load, enc, rows = os.getloadavg()[0], prepare.gpt2_encoding(), []
-
-    def single():  # tokens/s of one process on the sample; +1 for the <|endoftext|> before each document
-        t0 = time.perf_counter()
-        return sum(len(enc.encode_ordinary(d)) + 1 for d in sample) / (time.perf_counter() - t0)
-
-    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null:
+    with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "docs.jsonl")
         with open(source, "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
         for n in counts:
             one = pipeline = 0.0
-            for r in range(
-                3
-            ):  # the best of 3; single-process and pipeline runs alternate, to see the same load
-                one = max(one, single())
-                pcfg = prepare.parse_args(
-                    [
-                        "--input",
-                        source,
-                        "--out_dir",
-                        os.path.join(tmp, f"out{n}_{r}"),
-                        "--num_proc",
-                        str(n),
-                        "--shard_size",
-                        "1000000",
-                        "--cache_dir",
-                        os.path.join(tmp, "hf_cache"),
-                    ]
-                )
-                with (
-                    contextlib.redirect_stdout(null),
-                    contextlib.redirect_stderr(null),
-                ):  # no progress bar
-                    pipeline = max(pipeline, prepare.prepare(pcfg)["tokens_per_s"])
+            # the best of 3; single-process and pipeline runs alternate, to see the same load
+            for r in range(3):
+                one = max(one, single_process_rate(enc, sample))
+                out_dir = os.path.join(tmp, f"out{n}_{r}")
+                rate = pipeline_rate(source, out_dir, os.path.join(tmp, "hf_cache"), n)
+                pipeline = max(pipeline, rate)
             ratio = pipeline / (n * one)
+            verdict = goal(">= 0.8", ratio >= 0.8)
             rows.append(
-                [
-                    n,
-                    f"{one:,.0f}",
-                    f"{pipeline:,.0f}",
-                    f"{n * one:,.0f}",
-                    f"{ratio:.2f}",
-                    goal(">= 0.8", ratio >= 0.8),
-                ]
+                [n, f"{one:,.0f}", f"{pipeline:,.0f}", f"{n * one:,.0f}", f"{ratio:.2f}", verdict]
             )
-    return (
-        f"{cores} cores, load average {load:.1f} at the start; {len(docs):,} documents, {target / 1e6:.1f} MB, "
-        f"shards of 1M tokens; best of 3; ceiling: processes x the single-process rate (on 9 MB at most)"
-    ), table(["procs", "single tok/s", "pipeline tok/s", "procs x single", "ratio", "goal"], rows)
+    about = (
+        f"{cores} cores, load average {load:.1f} at the start; {len(docs):,} documents, "
+        f"{target / 1e6:.1f} MB, shards of 1M tokens; best of 3; ceiling: processes x the "
+        f"single-process rate (on 9 MB at most)"
+    )
+    header = ["procs", "single tok/s", "pipeline tok/s", "procs x single", "ratio", "goal"]
+    return about, table(header, rows)
 
 
 # -----------------------------------------------------------------------------
 # entry point
 
-SUITES = {  # name -> (function, config dataclass, device: cuda, cpu or auto, argparse settings per field)
+SUITES = {  # name -> (function, config dataclass, device: cuda, cpu or auto, argparse settings)
     "train": (
         bench_train,
         Train,
@@ -752,7 +715,9 @@ def main(argv=None):
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
         return 0
-    name, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("all", argv)
+    name, rest = "all", argv
+    if argv and not argv[0].startswith("-"):
+        name, rest = argv[0], argv[1:]
     if name != "all" and name not in SUITES:
         print(
             f"error: unknown suite {name!r}; choose from: {', '.join(SUITES)} (or all)",
@@ -760,12 +725,12 @@ def main(argv=None):
         )
         return 2
     status = 0
-    for n in SUITES if name == "all" else [name]:
+    for suite in SUITES if name == "all" else [name]:
         try:
-            run(n, rest)
+            run(suite, rest)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            status = USER_ERROR_EXIT
     return status
 
 

