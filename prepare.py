@@ -218,14 +218,55 @@ def atomic_write(path, write):
         os.fsync(folder)  # the rename is durable now
         os.close(folder)
     except OSError as e:
-        fix = "free some space" if e.errno in DISK_FULL else "fix that"
+        if is_disk_full(e):
+            raise UserError(
+                f"cannot write {path}: the disk is full ({e.strerror or e}); free some space and "
+                f"run the same command again (what was finished is kept)"
+            ) from None
         raise UserError(
-            f"cannot write {path}: {e.strerror or e}; {fix} and run the same command again "
+            f"cannot write {path}: {e.strerror or e}; fix that and run the same command again "
             f"(what was finished is kept)"
         ) from None
     finally:
-        with contextlib.suppress(FileNotFoundError):  # what a failed write left
+        with contextlib.suppress(OSError):  # what a failed write left (none on a read-only disk)
             os.remove(path + ".tmp")
+
+
+def is_disk_full(error):
+    """Whether an OSError of a write means the disk (or quota) is full: ENOSPC, EDQUOT, or the
+    short write numpy reports without an errno ("300000 requested and 63424 written")."""
+    if error.errno in DISK_FULL:
+        return True
+    return error.errno is None and "requested and" in str(error)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, lock_name, flag, tool):
+    """Create folder (given as `flag`) and hold the lock file folder/lock_name while the block
+    runs: one `tool` at a time works in a folder, and a second one is refused with the pid and
+    host of the first. The kernel drops the lock when the process ends, however it ends, so a
+    killed run leaves no stale lock; it holds across the nodes of a shared filesystem whose
+    locks work there (NFS with lockd)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, lock_name), "a+")
+    except OSError as e:
+        raise UserError(
+            f"cannot write to {flag} {folder} ({e.strerror}); choose another {flag}"
+        ) from None
+    with lock:
+        try:  # a POSIX lock, which forked workers do not inherit
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(
+                f"{flag} {folder} is being written by another {tool} ({lock.read()}); wait for "
+                f"it to finish, or choose another {flag}"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
 
 
 def format_duration(seconds):
@@ -694,31 +735,10 @@ def sha256_of(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@contextlib.contextmanager
 def locked(out_dir):
-    """Create --out_dir and hold its lock while the run lasts: one run at a time writes into a
-    folder. The kernel drops the lock when the process ends, however it ends, so a killed run
-    leaves no stale lock."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, LOCK), "a+")
-    except OSError as e:
-        raise UserError(
-            f"cannot write to --out_dir {out_dir} ({e.strerror}); choose another --out_dir"
-        ) from None
-    with lock:
-        try:  # a POSIX lock, which forked workers do not inherit
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise UserError(
-                f"--out_dir {out_dir} is being written by another prepare.py ({lock.read()}); "
-                f"wait for it to finish, or choose another --out_dir"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        lock.flush()
-        yield
+    """Create --out_dir and hold its lock while the run lasts: one prepare.py at a time writes
+    into a folder."""
+    return folder_lock(out_dir, LOCK, "--out_dir", "prepare.py")
 
 
 def settings_of(cfg, files):
@@ -866,6 +886,8 @@ def prepare(cfg):
     """Run prepare.py with a Config; returns a summary dict. Raises UserError on bad input."""
     started, cfg = time.perf_counter(), resolve(cfg)
     files = expand_inputs(cfg.input) if cfg.input else None
+    if files:
+        check_inputs_outside(cfg.out_dir, files)
     settings = settings_of(cfg, files)
     with locked(cfg.out_dir):
         manifest, doomed = check_out_dir(cfg, settings)
@@ -882,6 +904,17 @@ def prepare(cfg):
         if cfg.overwrite and doomed:
             print(f"--overwrite: removed {len(doomed)} old files from {cfg.out_dir}/")
         return write_shards(cfg, manifest, sources, started)
+
+
+def check_inputs_outside(out_dir, files):
+    """Refuse input files inside --out_dir: the shards and manifest.json would mix with them."""
+    out = os.path.abspath(out_dir)
+    for path in files:
+        if os.path.commonpath([out, path]) == out:
+            raise UserError(
+                f"--input {path} is inside --out_dir {out_dir}; write the shards to another "
+                f"folder (--out_dir), apart from the text they are made of"
+            )
 
 
 def save_manifest(out_dir, manifest):

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import deque, namedtuple
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -52,6 +52,7 @@ from prepare import (
     UserError,
     atomic_write,
     config_parser,
+    folder_lock,
     format_duration,
     gpt2_encoding,
     gpt2_files,
@@ -588,12 +589,22 @@ def unlisted_shards(data_dir, shards):
 
 
 def data_identity(data_dir):
-    """The shards a run reads, by name and size: the same data in another folder matches."""
+    """The shards a run reads, each as its size and a hash of its first and last 64 KiB: the same
+    data in another folder matches, other data does not."""
     identity = {}
     for split in ("train", "val"):
-        shards = find_shards(data_dir, split)
-        identity[split] = [[os.path.basename(path), os.path.getsize(path)] for path in shards]
+        identity[split] = [shard_fingerprint(path) for path in find_shards(data_dir, split)]
     return identity
+
+
+def shard_fingerprint(path, edge=1 << 16):
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        digest.update(f.read(edge))
+        f.seek(max(0, size - edge))
+        digest.update(f.read(edge))
+    return [size, digest.hexdigest()]
 
 
 def open_shard(path):
@@ -1126,10 +1137,6 @@ def check_log_dir(cfg, resume_path, ckpt):
     """Refuse a run that would mix with another history in --log_dir (on every process, before
     any work). Returns the checkpoints newer than the one resumed (damaged ones --resume auto
     skipped, or those --branch leaves)."""
-    if os.path.exists(cfg.log_dir) and not os.path.isdir(cfg.log_dir):
-        raise UserError(
-            f"--log_dir {cfg.log_dir} is a file, not a folder; choose another --log_dir"
-        )
     if ckpt is None:
         if cfg.resume != "auto" and holds_a_run(cfg.log_dir):
             raise UserError(
@@ -1156,6 +1163,7 @@ def check_log_dir(cfg, resume_path, ckpt):
     return later
 
 
+LOG_DIR_LOCK = ".train_gpt.lock"  # held by a run's master process while it runs
 # The temporary files of this file's atomic writes into --log_dir (prepare.atomic_write's names).
 OUR_TEMP_FILES = re.compile(r"(model_\d+\.pt|model_\d+\.pt\.sha256|log\.txt|run\.json)\.tmp")
 
@@ -1679,6 +1687,34 @@ def weights_finite(run):
     return finite.item() == 1
 
 
+def agree(rt, ok):
+    """Whether ok holds on every process."""
+    flag = torch.tensor(float(ok), device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1
+
+
+@contextmanager
+def log_dir_lock(log_dir, rt):
+    """The master process holds --log_dir's lock while the run lasts (prepare.folder_lock): one
+    run at a time writes into a folder, and a second one is refused, naming the first."""
+    if os.path.isfile(log_dir):
+        raise UserError(f"--log_dir {log_dir} is a file, not a folder; choose another --log_dir")
+    with ExitStack() as stack:
+        refusal = None
+        if rt.master:
+            try:
+                stack.enter_context(folder_lock(log_dir, LOG_DIR_LOCK, "--log_dir", "train_gpt.py"))
+            except UserError as e:
+                refusal = e
+        if not agree(rt, refusal is None):
+            raise refusal or UserError(
+                f"--log_dir {log_dir} is being written by another train_gpt.py (see process 0)"
+            )
+        yield
+
+
 def train(cfg, given=()):
     """Run training as configured (given: the flags the command line gave); returns the process
     exit code."""
@@ -1688,19 +1724,26 @@ def train(cfg, given=()):
     if ckpt is not None:
         cfg, changed = resumed_config(cfg, given, ckpt, resume_path)
     mc, weights = initial_weights(cfg, ckpt, resume_path)
-    later = check_log_dir(cfg, resume_path, ckpt)
-    run = start_run(cfg, rt, mc, weights, ckpt, resume_path, changed)
-    if rt.master:
-        set_up_log_dir(cfg, resume_path, ckpt, later)
-        write_run_json(run)
-        print_summary(run)
-    if ckpt is None:
-        evaluate(run, 0)  # the model before training (a resumed run has its checkpoint's)
+    with log_dir_lock(cfg.log_dir, rt):
+        later = check_log_dir(cfg, resume_path, ckpt)
+        run = start_run(cfg, rt, mc, weights, ckpt, resume_path, changed)
+        if rt.master:
+            set_up_log_dir(cfg, resume_path, ckpt, later)
+            write_run_json(run)
+            print_summary(run)
+        if ckpt is None:
+            evaluate(run, 0)  # the model before training (a resumed run has its checkpoint's)
+        return train_loop(run)
 
+
+def train_loop(run):
+    """Train from run.start_step to --max_steps, evaluating and checkpointing as due; returns
+    the process exit code."""
+    cfg, rt = run.cfg, run.rt
     peak = peak_flops(rt, run.dtype)
-    flops_step = flops_per_token(run.raw_model, mc.block_size) * cfg.total_batch_size
+    flops_step = flops_per_token(run.raw_model, run.mc.block_size) * cfg.total_batch_size
     step_times = deque(maxlen=50)  # for the time left
-    last_checkpoint = resume_path
+    last_checkpoint = run.resume_path
     with stop_requests() as stop:
         for step in range(run.start_step, cfg.max_steps):
             synchronize(rt.device_type)
@@ -1767,8 +1810,25 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except RuntimeError as e:
+        if not lost_a_process(e):
+            raise
+        print(
+            f"error: process {dist.get_rank()}: another process of this run stopped "
+            f"({one_line(e)[:150]}); torchrun names it above; continue with --resume auto",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         end_distributed()
+
+
+def lost_a_process(error):
+    """Whether a RuntimeError under torchrun is a collective that lost its peer process."""
+    if not dist.is_initialized():
+        return False
+    lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(error, dist.DistError) or any(words in str(error) for words in lost)
 
 
 if __name__ == "__main__":

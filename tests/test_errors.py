@@ -1,12 +1,15 @@
 """Every error a user can cause, run as the user runs it: each tool ends with one `error:` line naming the problem,
 a non-zero exit code and no Python traceback."""
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [
@@ -45,6 +48,17 @@ def files(tmp_path_factory):
     (d / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
     (d / "notes.xyz").write_text("text")
     (d / "log.txt").write_text("")
+    os.makedirs(d / "texts")
+    (d / "texts" / "a.txt").write_text("some text")
+    os.makedirs(d / "bert")
+    (d / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    (d / "bert" / "vocab.txt").write_text("[PAD]")
+    os.makedirs(d / "cut_hf")  # a Hugging Face GPT-2 folder whose weights were cut short
+    config = dict(n_positions=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
+    (d / "cut_hf" / "config.json").write_text(json.dumps(config))
+    save_file({"wte.weight": torch.zeros(50257, 32)}, d / "cut_hf" / "model.safetensors")
+    with open(d / "cut_hf" / "model.safetensors", "r+b") as f:
+        f.truncate(100000)
     return d
 
 
@@ -99,6 +113,26 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
         TRAIN + ["--data_dir", "{d}/data", "--init_from", "nope"],
         "'nope' is neither a folder",
     ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--max_lr", "nan"],
+        "--max_lr nan is not a finite number",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/a_file"],
+        "--data_dir {d}/a_file is a file; pass the folder",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--init_from", "{d}/cut_hf"],
+        "cut_hf is not a Hugging Face GPT-2 folder",
+    ),
+    (
+        "train_gpt.py",
+        ["--export", "{d}/bert", "--resume", "{d}/random.pt"],
+        "--export {d}/bert holds files of another model (vocab.txt)",
+    ),
     ("train_gpt.py", ["--sample", "Hi", "--log_dir", "{d}/none"], "--sample needs a checkpoint"),
     (
         "train_gpt.py",
@@ -114,6 +148,7 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
     ("prepare.py", ["--input", "{d}/notes.xyz", "--out_dir", "{d}/out"], "notes.xyz"),
     ("prepare.py", ["--input", "{d}/docs.jsonl", "--out_dir", "{d}/out1"], "docs.jsonl line 2"),
     ("prepare.py", ["--input", "{d}/docs.jsonl", "--out_dir", "{d}/a_file"], "a_file"),
+    ("prepare.py", ["--input", "{d}/texts", "--out_dir", "{d}/texts"], "is inside --out_dir"),
     ("hellaswag.py", ["--checkpoint", "{d}/missing.pt", "--file", "{d}/docs.jsonl"], "missing.pt"),
     ("hellaswag.py", ["--file", "{d}/docs.jsonl"], "--checkpoint"),
     ("plot.py", ["{d}/missing/log.txt"], "missing"),

@@ -473,6 +473,7 @@ def test_training_run_logs_and_checkpoints(data_dir, tmp_path):
     train_losses = [float(v) for _, k, v in log if k == "train"]
     assert train_losses[-1] < train_losses[0]
     assert sorted(os.listdir(log_dir)) == [
+        ".train_gpt.lock",
         "log.txt",
         "model_00004.pt",
         "model_00004.pt.sha256",
@@ -1127,6 +1128,7 @@ def test_a_failed_checkpoint_write_is_one_line(data_dir, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot write checkpoint ")
     assert "free some disk space" in proc.stderr
     assert sorted(os.listdir(log_dir)) == [
+        ".train_gpt.lock",
         "log.txt",
         "run.json",
     ]  # no partial checkpoint, no temp file
