@@ -3,11 +3,11 @@ HellaSwag accuracy of a GPT-2 model, scored completion-style: the way GPT-2 repr
 compared.
 
     python hellaswag.py --download                       # fetch the val split into hellaswag/ once
-    python hellaswag.py --checkpoint log/model_19072.pt  # a train_gpt.py checkpoint, val split
+    python hellaswag.py --checkpoint log/model_19073.pt  # a train_gpt.py checkpoint, val split
     python hellaswag.py --model_dir gpt2/                # OpenAI's GPT-2 from a local HF folder
     python hellaswag.py --model gpt2 --json              # ... or from the hub; one JSON object out
-    python hellaswag.py --checkpoint log/model_19072.pt --file my_copy.jsonl --limit 1000
-    torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint log/model_19072.pt
+    python hellaswag.py --checkpoint log/model_19073.pt --file my_copy.jsonl --limit 1000
+    torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint log/model_19073.pt
 
 Each example is a context and 4 candidate endings, one of them right. The model reads
 context + " " + ending for each, and the cross-entropy of every ending token is measured (fp32):
@@ -42,6 +42,7 @@ from prepare import (
     EOT_TOKEN,
     GPT2_VOCAB_SIZE,
     USER_ERROR_EXIT,
+    Progress,
     UserError,
     config_parser,
     gpt2_encoding,
@@ -269,7 +270,7 @@ class Score:
 
 
 @torch.no_grad()
-def _ending_losses(model, data, indices, device, batch_size):
+def _ending_losses(model, data, indices, device, batch_size, show_progress=True):
     """(summed, mean) ending losses, each (len(indices), 4), from forward passes of one fixed shape
     (4 * batch_size, L): the last batch is filled with dummy rows, so a compiled model compiles
     once. Inputs and targets go to the device in one copy and the losses come back in one, so the
@@ -291,7 +292,9 @@ def _ending_losses(model, data, indices, device, batch_size):
     at = torch.from_numpy(row % R * L + col).to(device)  # flat (row, position) in batch logits
     targets = torch.from_numpy(rows[row, col + 1].astype(np.int64)).to(device)
     summed = torch.zeros(4 * n, dtype=torch.float32, device=device)
+    progress = Progress("HellaSwag batches", batches, show_progress)
     for b in range(batches):
+        progress.update(b)
         logits, _ = model(inputs[b * R : (b + 1) * R].long())  # (R, L, vocab), a fresh input
         s, e = bounds[b], bounds[b + 1]
         picked = logits.reshape(R * L, -1)[at[s:e]]  # (K, vocab)
@@ -319,7 +322,7 @@ def score(model, path, block_size, device="cpu", rank=0, world_size=1, batch_siz
     t0 = time.perf_counter()
     indices = np.arange(rank, len(data.labels), world_size)
     sum_loss, mean_loss = _ending_losses(
-        model, data, indices, device, batch_size or default_batch_size(device)
+        model, data, indices, device, batch_size or default_batch_size(device), rank == 0
     )
     labels = data.labels[indices]
     counts = torch.tensor(

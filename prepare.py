@@ -269,6 +269,23 @@ def folder_lock(folder, lock_name, flag, tool):
         yield
 
 
+class Progress:
+    """For a loop that can take minutes: `label: done/total (elapsed)` on stderr every `every`
+    seconds once it has run that long, so a short loop prints nothing. show=False (processes
+    other than the first) keeps it quiet."""
+
+    def __init__(self, label, total, show=True, every=10.0):
+        self.label, self.total, self.show, self.every = label, total, show, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if self.show and now - self.last >= self.every:
+            self.last = now
+            elapsed = format_duration(now - self.start)
+            print(f"{self.label}: {done}/{self.total} ({elapsed})", file=sys.stderr, flush=True)
+
+
 def format_duration(seconds):
     """3725 -> 1h02m, 184 -> 3m04s, 9 -> 9s."""
     s = int(round(seconds))

@@ -49,6 +49,7 @@ from prepare import (
     EOT_TOKEN,
     GPT2_VOCAB_SIZE,
     USER_ERROR_EXIT,
+    Progress,
     UserError,
     atomic_write,
     config_parser,
@@ -854,7 +855,9 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
     model.eval()
     loader.load_state_dict({"epoch": 0, "index": 0, "pos": 0})
     total = torch.zeros((), device=rt.device)
-    for _ in range(micro_batches):
+    progress = Progress("validation batches", micro_batches, rt.master)
+    for i in range(micro_batches):
+        progress.update(i)
         x, y = batch_to_device(*loader.next_batch(), rt.device)
         with amp:
             _, loss = model(x, y)

@@ -916,3 +916,21 @@ def test_out_dir_that_cannot_be_written(tmp_path, capsys):
         assert (
             err.startswith(f"error: cannot write to --out_dir {out} (") and err.count("\n") == 1
         ), err
+
+
+def test_progress_speaks_only_for_long_loops_on_the_first_process(capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(prepare.time, "perf_counter", lambda: clock[0])
+    shown = prepare.Progress("validation batches", 40, show=True, every=10.0)
+    quiet = prepare.Progress("validation batches", 40, show=False, every=10.0)
+    for done in range(40):
+        clock[0] += 1.0  # a second per batch
+        shown.update(done)
+        quiet.update(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "validation batches: 9/40 (10s)",
+        "validation batches: 19/40 (20s)",
+        "validation batches: 29/40 (30s)",
+        "validation batches: 39/40 (40s)",
+    ]
