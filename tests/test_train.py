@@ -386,9 +386,9 @@ def test_loader_ranks_read_disjoint_rows_and_wrap(tmp_path):
 
 def test_loader_reads_the_same_rows_per_step_for_any_process_count(tmp_path):
     # shards smaller than a step of 16 rows of 8 tokens, one of exactly one row, one too short for any
-    lengths = [40, 9, 150, 5, 77, 100, 33]
+    lengths = [40, 9, 150, 5, 77, 100, 41]
     shards = arange_shards(tmp_path / "d", lengths)
-    T, R, steps = 8, 16, 12  # 42 rows per pass: the 12 steps wrap around the data 4.6 times
+    T, R, steps = 8, 16, 12  # 49 rows per pass: the 12 steps wrap around 3.9 times, mid-step
     for shuffle in (False, True):
         loader = ShardLoader(shards, 1, T, shuffle=shuffle, seed=3)
         starts = stream_starts(lengths, T, [loader.order(e) for e in range(6)])
