@@ -643,43 +643,54 @@ def checked_length(path, chunk=1 << 26):
 
 
 class ShardLoader:
-    """Contiguous (B, T) windows from a list of token shards. Each micro-step takes one span of B*T*world_size
-    tokens and rank r reads window r of it, so the tokens of a step do not depend on how it is split across
-    processes. At the end of a shard the loader moves to the next (dropping the tail that does not fill a span),
-    and wraps around after the last."""
+    """(B, T) batches from a list of token shards, the same stream for any number of processes.
+
+    The stream is a sequence of rows, each T + 1 contiguous tokens inside one shard: row k of a shard starts at its
+    token k * T, so a shard of n tokens holds (n - 1) // T rows (the tokens after its last whole row are never
+    read). Rows run through the shards in order, then through the next epoch's order (permuted per epoch when
+    shuffling). Every micro-step takes the next B * world_size rows and rank r reads the B rows at r * B of them;
+    a step of grad_accum micro-steps thus reads the next total_batch_size / T rows, whatever the process count and
+    batch split, and a micro-batch may take rows from several shards. The position (epoch, index in the epoch's
+    order, row in that shard) is the same on every rank, so a run resumes on the same stream with another number
+    of processes."""
 
     def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
-        self.shards, self.B, self.T, self.rank = shards, B, T, rank
+        self.shards, self.B, self.T, self.rank, self.world_size = shards, B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
-        self.span = B * T * world_size
-        lengths = [
-            checked_length(path) for path in shards
-        ]  # every shard opened and checked up front
-        if max(lengths) < self.span + 1:
+        # every shard opened and checked up front; rows per shard in file order
+        self.rows = [max(checked_length(path) - 1, 0) // T for path in shards]
+        if not any(self.rows):
             raise UserError(
-                f"every shard in {os.path.dirname(shards[0]) or '.'} is shorter than one batch of "
-                f"batch_size * block_size * processes + 1 = {self.span + 1} tokens; lower --batch_size "
-                f"or --block_size, or prepare more data"
+                f"every shard in {os.path.dirname(shards[0]) or '.'} is shorter than one row of "
+                f"block_size + 1 = {T + 1} tokens; lower --block_size, or prepare more data"
             )
-        self.capacity = sum(
-            (n - 1) // self.span * self.span for n in lengths
-        )  # tokens read in one pass
-        self.load_state_dict({"epoch": 0, "index": 0, "pos": 0})
+        self.capacity = sum(self.rows) * T  # tokens read in one pass
+        self.path = self.tokens = None
+        self.load_state_dict({"epoch": 0, "index": 0, "row": 0})
 
     def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index, "pos": self.pos}
+        return {"epoch": self.epoch, "index": self.index, "row": self.row}
 
     def load_state_dict(self, state):
+        """Also reads the {"epoch", "index", "pos"} of older checkpoints: pos, a token offset, was always a multiple
+        of T there, so it names the same place as row pos // T."""
+        row = state["row"] if "row" in state else state["pos"] // self.T
+        folder = os.path.dirname(self.shards[0]) or "."
         if state["index"] >= len(self.shards):
             raise UserError(
-                f"the checkpoint was reading shard {state['index'] + 1} of its data, but "
-                f"{os.path.dirname(self.shards[0]) or '.'} has {len(self.shards)}; resume with the "
+                f"the checkpoint was reading shard {state['index'] + 1} of its data, but {folder} has "
+                f"{len(self.shards)}; resume with the --data_dir it was trained on"
+            )
+        order = self.order(state["epoch"])
+        if row > self.rows[order[state["index"]]]:
+            raise UserError(
+                f"the checkpoint was reading row {row} of shard {state['index'] + 1} of its data, but that "
+                f"shard of {folder} holds {self.rows[order[state['index']]]} rows; resume with the "
                 f"--data_dir it was trained on"
             )
-        self.epoch, self.index, self.pos = state["epoch"], state["index"], state["pos"]
-        self.tokens = open_shard(self.shards[self.order(self.epoch)[self.index]])
-        if self.pos + self.span + 1 > len(self.tokens):  # no window left in this shard
-            self._next_shard()
+        self.epoch, self.index, self.epoch_order = state["epoch"], state["index"], order
+        self.row = 0
+        self.advance(row)  # onto the next shard where this one has no row left
 
     def order(self, epoch):
         if not self.shuffle:
@@ -688,24 +699,36 @@ class ShardLoader:
             int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         ]
 
-    def _next_shard(self):
-        while True:
-            self.index, self.pos = self.index + 1, 0
+    def advance(self, n):
+        """Move n rows along the stream, onto a shard that has a row left."""
+        self.row += n
+        while self.row >= self.rows[self.epoch_order[self.index]]:
+            self.row -= self.rows[self.epoch_order[self.index]]
+            self.index += 1
             if self.index == len(self.shards):
                 self.epoch, self.index = self.epoch + 1, 0
-            self.tokens = open_shard(self.shards[self.order(self.epoch)[self.index]])
-            if len(self.tokens) >= self.span + 1:
-                return
+                self.epoch_order = self.order(self.epoch)
+
+    def read(self, n):
+        """The next n rows, (n, T + 1) int64, one strided view per shard they come from."""
+        parts = []
+        while n:
+            path = self.shards[self.epoch_order[self.index]]
+            if path != self.path:
+                self.path, self.tokens = path, open_shard(path)
+            take = min(n, self.rows[self.epoch_order[self.index]] - self.row)
+            span = self.tokens[self.row * self.T : (self.row + take) * self.T + 1]
+            parts.append(np.lib.stride_tricks.sliding_window_view(span, self.T + 1)[:: self.T])
+            self.advance(take)
+            n -= take
+        return torch.from_numpy(np.concatenate(parts, dtype=np.int64))
 
     def next_batch(self):
-        start = self.pos + self.rank * self.B * self.T
-        buf = torch.from_numpy(
-            np.asarray(self.tokens[start : start + self.B * self.T + 1], dtype=np.int64)
-        )
-        self.pos += self.span
-        if self.pos + self.span + 1 > len(self.tokens):
-            self._next_shard()
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        """This rank's B rows of the next B * world_size: (inputs, targets), each (B, T)."""
+        self.advance(self.rank * self.B)
+        rows = self.read(self.B)  # (B, T + 1)
+        self.advance((self.world_size - 1 - self.rank) * self.B)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
 # -----------------------------------------------------------------------------

@@ -335,35 +335,90 @@ def test_kernels_cuda_without_gpu_is_refused():
 # data
 
 
-def test_loader_ranks_read_disjoint_windows_and_wrap(tmp_path):
-    folder = tmp_path / "d"
-    os.makedirs(folder)
-    np.save(folder / "a_train_000001.npy", np.arange(0, 1000, dtype=np.uint16))
-    np.save(folder / "a_train_000002.npy", np.arange(1000, 1500, dtype=np.uint16))
-    shards = train_gpt.find_shards(str(folder), "train")
-    B, T, W = 2, 10, 3
-    loaders = [ShardLoader(shards, B, T, rank, W) for rank in range(W)]
-    seen = []
-    for _ in range(20):
-        batches = [loader.next_batch() for loader in loaders]
-        for x, y in batches:
-            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # targets are the next tokens
-        starts = [int(x[0, 0]) for x, _ in batches]
-        assert (
-            starts[1] - starts[0] == B * T and starts[2] - starts[1] == B * T
-        )  # disjoint, contiguous
-        seen.append(starts[0])
-    # shard 1 holds 16 spans of 60 (+1) tokens, shard 2 holds 8; then it wraps to shard 1
-    assert seen[:3] == [0, 60, 120] and seen[16] == 1000 and seen[19] == 1180
-    assert ShardLoader(shards, B, T, 0, W).state_dict() == {"epoch": 0, "index": 0, "pos": 0}
-    assert [loaders[0].next_batch()[0][0, 0].item() for _ in range(5)] == [
-        1240,
-        1300,
-        1360,
-        1420,
-        0,
+def arange_shards(folder, lengths):
+    """Train shards of consecutive token ids, shard i starting at 1000 * i: a row is known by its first token."""
+    os.makedirs(folder, exist_ok=True)
+    for i, n in enumerate(lengths):
+        np.save(folder / f"a_train_{i:06d}.npy", np.arange(1000 * i, 1000 * i + n, dtype=np.uint16))
+    return train_gpt.find_shards(str(folder), "train")
+
+
+def stream_starts(lengths, T, orders):
+    """The first tokens of the stream's rows, by the rule written out: (n - 1) // T rows of T + 1 tokens per shard,
+    row k at token k * T, shards in each epoch's order."""
+    return [
+        1000 * i + k * T for order in orders for i in order for k in range((lengths[i] - 1) // T)
     ]
-    assert loaders[0].state_dict()["epoch"] == 1
+
+
+def read_steps(shards, B, T, W, steps, rows_per_step, state=None, **kwargs):
+    """The first tokens of the rows each step reads, W processes of micro-batch B, in (micro-step, rank) order."""
+    loaders = [ShardLoader(shards, B, T, rank, W, **kwargs) for rank in range(W)]
+    for loader in loaders:
+        loader.load_state_dict(state or loader.state_dict())
+    out = []
+    for _ in range(steps):
+        step = []
+        for _ in range(rows_per_step // (B * W)):
+            for x, y in [loader.next_batch() for loader in loaders]:
+                assert x.shape == y.shape == (B, T)
+                assert torch.equal(x, x[:, :1] + torch.arange(T)) and torch.equal(y, x + 1)
+                step += x[:, 0].tolist()
+        out.append(step)
+    assert all(loader.state_dict() == loaders[0].state_dict() for loader in loaders)
+    return out, loaders[0].state_dict()
+
+
+def test_loader_ranks_read_disjoint_rows_and_wrap(tmp_path):
+    shards = arange_shards(tmp_path / "d", [1000, 500])  # 99 rows of 10 (+1) tokens, then 49
+    B, T, W = 2, 10, 3
+    assert ShardLoader(shards, B, T, 0, W).state_dict() == {"epoch": 0, "index": 0, "row": 0}
+    loaders = [ShardLoader(shards, B, T, rank, W) for rank in range(W)]
+    starts = stream_starts([1000, 500], T, [[0, 1]] * 2)
+    for m in range(30):  # 180 rows: through both shards (148 rows) and on into the second epoch
+        for rank, loader in enumerate(loaders):
+            x, y = loader.next_batch()
+            assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the next tokens
+            first = (m * W + rank) * B  # rank r reads the B rows at r * B of the micro-step's B * W
+            assert x[:, 0].tolist() == starts[first : first + B]
+            assert torch.equal(x, x[:, :1] + torch.arange(T)) and torch.equal(y, x + 1)
+    # micro-step 16 reads rows 96..101: rank 1's batch is the last row of shard 1 and the first of shard 2
+    assert starts[98:100] == [980, 1000] and starts[148] == 0
+    assert loaders[0].state_dict() == {"epoch": 1, "index": 0, "row": 180 - 148}
+    assert ShardLoader(shards, B, T).capacity == (99 + 49) * T
+
+
+def test_loader_reads_the_same_rows_per_step_for_any_process_count(tmp_path):
+    # shards smaller than a step of 16 rows of 8 tokens, one of exactly one row, one too short for any
+    lengths = [40, 9, 150, 5, 77, 100, 41]
+    shards = arange_shards(tmp_path / "d", lengths)
+    T, R, steps = 8, 16, 12  # 49 rows per pass: the 12 steps wrap around 3.9 times, mid-step
+    for shuffle in (False, True):
+        loader = ShardLoader(shards, 1, T, shuffle=shuffle, seed=3)
+        starts = stream_starts(lengths, T, [loader.order(e) for e in range(6)])
+        want = [starts[s * R : (s + 1) * R] for s in range(steps)]
+        for W, B in [(1, 16), (1, 1), (1, 4), (2, 8), (2, 1), (2, 4), (4, 4), (4, 2), (4, 1)]:
+            got, _ = read_steps(shards, B, T, W, steps, R, shuffle=shuffle, seed=3)
+            assert got == want, (W, B, shuffle)
+
+
+def test_loader_state_continues_at_another_process_count(tmp_path):
+    lengths = [40, 150, 77, 100, 33]
+    shards = arange_shards(tmp_path / "d", lengths)
+    T, R = 8, 16
+    want, _ = read_steps(shards, 16, T, 1, 9, R, shuffle=True, seed=1)
+    for (W1, B1), (W2, B2) in [((2, 2), (4, 1)), ((4, 4), (1, 2)), ((1, 16), (2, 8))]:
+        first, state = read_steps(shards, B1, T, W1, 4, R, shuffle=True, seed=1)
+        saved = copy.deepcopy(state)
+        rest, _ = read_steps(shards, B2, T, W2, 5, R, saved, shuffle=True, seed=1)
+        assert first + rest == want, (W1, B1, W2, B2)
+    # an older checkpoint's token offset (a multiple of T) continues at the same row
+    old = {"epoch": 0, "index": 1, "pos": 3 * T}
+    assert (
+        read_steps(shards, 2, T, 2, 1, R, old)[0]
+        == read_steps(shards, 2, T, 2, 1, R, {"epoch": 0, "index": 1, "row": 3})[0]
+    )
+    assert read_steps(shards, 2, T, 2, 1, R, old)[0][0][0] == 1000 + 3 * T
 
 
 def test_loader_state_round_trip_and_shuffle(tmp_path):
@@ -379,7 +434,7 @@ def test_loader_state_round_trip_and_shuffle(tmp_path):
         a.next_batch()
     b = ShardLoader(shards, 2, 8, shuffle=True, seed=5)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
-    for _ in range(50):
+    for _ in range(150):  # 300 rows: on through the 248 of a pass, into the next epoch's order
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
     orders = [ShardLoader(shards, 2, 8, shuffle=True, seed=5).order(e) for e in range(3)]
     assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len({tuple(o) for o in orders}) > 1
@@ -395,9 +450,15 @@ def test_loader_errors(tmp_path):
             train_gpt.UserError, match="has no \\*_train_\\*.npy shards; run `python prepare.py"
         ):
             train_gpt.find_shards(str(folder), "train")
-    np.save(tmp_path / "x_train_000001.npy", np.zeros(10, dtype=np.uint16))
-    with pytest.raises(train_gpt.UserError, match="shorter than one batch"):
+    np.save(tmp_path / "x_train_000001.npy", np.zeros(8, dtype=np.uint16))
+    with pytest.raises(train_gpt.UserError, match="shorter than one row of block_size \\+ 1 = 9"):
         ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
+    # a state past the shards, or past the rows of its shard: another --data_dir than the checkpoint's
+    np.save(tmp_path / "x_train_000001.npy", np.zeros(81, dtype=np.uint16))  # 10 rows
+    loader = ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
+    for state in ({"epoch": 0, "index": 1, "row": 0}, {"epoch": 0, "index": 0, "row": 11}):
+        with pytest.raises(train_gpt.UserError, match="resume with the --data_dir it was trained"):
+            loader.load_state_dict(state)
     # ids GPT-2's tokenizer cannot produce, deep in a shard: found at start, with the shard and the offset
     for name, dtype, bad in [
         ("x_train_000002.npy", np.uint16, 50257),
