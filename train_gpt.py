@@ -3,7 +3,8 @@ ArcanaGPT: train GPT-2 (124M to 1.5B) from scratch on FineWeb-edu token shards.
 
 One process (CPU, Apple MPS, or one GPU):
     python train_gpt.py
-    python train_gpt.py --model tiny --device cpu --batch_size 8 --block_size 128 --total_batch_size 8192
+    python train_gpt.py --model tiny --device cpu --batch_size 8 --block_size 128 \\
+        --total_batch_size 8192
 Eight GPUs on one node:
     torchrun --standalone --nproc_per_node=8 train_gpt.py
 Two nodes of eight GPUs (run on every node, same --rdzv_endpoint; --log_dir on storage both share):
@@ -442,7 +443,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, ops=None):
-        """OpenAI's GPT-2 from a local Hugging Face folder, or by name where the hub is reachable."""
+        """OpenAI's GPT-2 from a local Hugging Face folder, or by name where the hub is
+        reachable."""
         config, state = load_hf_weights(name_or_dir)
         model = cls(config, ops)
         load_weights(model, state, name_or_dir)
@@ -511,7 +513,8 @@ def state_from_hf(hf_state):
 
 
 def state_to_hf(state):
-    """This file's state dict in Hugging Face GPT-2's names and layout, without vocabulary padding."""
+    """This file's state dict in Hugging Face GPT-2's names and layout, without the vocabulary's
+    padding rows."""
     hf_state = {}
     for name, tensor in state.items():
         if name == "lm_head.weight":
@@ -609,7 +612,8 @@ def shard_fingerprint(path, edge=1 << 16):
 
 
 def open_shard(path):
-    """Memory-map one token shard (never loaded whole), checking that it is a 1-D array of integers."""
+    """Memory-map one token shard (never loaded whole), checking that it is a 1-D array of
+    integers."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -622,22 +626,24 @@ def open_shard(path):
         ) from None
     if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
         raise UserError(
-            f"shard {path} holds a {tokens.dtype} array of shape {tokens.shape}, not a 1-D array of "
-            f"token ids; regenerate it with prepare.py"
+            f"shard {path} holds a {tokens.dtype} array of shape {tokens.shape}, not a 1-D "
+            f"array of token ids; regenerate it with prepare.py"
         )
     return tokens
 
 
 def checked_length(path, chunk=1 << 26):
-    """A shard's length, after checking that GPT-2's tokenizer can make every id in it (at start, not hours in)."""
+    """A shard's length, after checking that GPT-2's tokenizer can make every id in it (at the
+    start, not hours in)."""
     tokens = open_shard(path)
     for start in range(0, len(tokens), chunk):
         part = tokens[start : start + chunk]
         bad = np.flatnonzero((part < 0) | (part >= GPT2_VOCAB_SIZE))
         if bad.size:
             raise UserError(
-                f"shard {path} holds token id {part[bad[0]]} at offset {start + bad[0]}, outside GPT-2's "
-                f"0..{GPT2_VOCAB_SIZE - 1}; it was not written by prepare.py's tokenizer: regenerate it"
+                f"shard {path} holds token id {part[bad[0]]} at offset {start + bad[0]}, outside "
+                f"GPT-2's 0..{GPT2_VOCAB_SIZE - 1}; it was not written by prepare.py's tokenizer: "
+                f"regenerate it"
             )
     return len(tokens)
 
@@ -645,14 +651,15 @@ def checked_length(path, chunk=1 << 26):
 class ShardLoader:
     """(B, T) batches from a list of token shards, the same stream for any number of processes.
 
-    The stream is a sequence of rows, each T + 1 contiguous tokens inside one shard: row k of a shard starts at its
-    token k * T, so a shard of n tokens holds (n - 1) // T rows (the tokens after its last whole row are never
-    read). Rows run through the shards in order, then through the next epoch's order (permuted per epoch when
-    shuffling). Every micro-step takes the next B * world_size rows and rank r reads the B rows at r * B of them;
-    a step of grad_accum micro-steps thus reads the next total_batch_size / T rows, whatever the process count and
-    batch split, and a micro-batch may take rows from several shards. The position (epoch, index in the epoch's
-    order, row in that shard) is the same on every rank, so a run resumes on the same stream with another number
-    of processes."""
+    The stream is a sequence of rows, each T + 1 contiguous tokens inside one shard: row k of a
+    shard starts at its token k * T, so a shard of n tokens holds (n - 1) // T rows (the tokens
+    after its last whole row are never read). Rows run through the shards in order, then through
+    the next epoch's order (permuted per epoch when shuffling). Every micro-step takes the next
+    B * world_size rows and rank r reads the B rows at r * B of them; a step of grad_accum
+    micro-steps thus reads the next total_batch_size / T rows, whatever the process count and
+    batch split, and a micro-batch may take rows from several shards. The position (epoch, index
+    in the epoch's order, row in that shard) is the same on every rank, so a run resumes on the
+    same stream with another number of processes."""
 
     def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
         self.shards, self.B, self.T, self.rank, self.world_size = shards, B, T, rank, world_size
@@ -672,21 +679,22 @@ class ShardLoader:
         return {"epoch": self.epoch, "index": self.index, "row": self.row}
 
     def load_state_dict(self, state):
-        """Also reads the {"epoch", "index", "pos"} of older checkpoints: pos, a token offset, was always a multiple
-        of T there, so it names the same place as row pos // T."""
+        """Also reads the {"epoch", "index", "pos"} of older checkpoints: pos, a token offset,
+        was always a multiple of T there, so it names the same place as row pos // T."""
         row = state["row"] if "row" in state else state["pos"] // self.T
         folder = os.path.dirname(self.shards[0]) or "."
+        shard = state["index"] + 1
         if state["index"] >= len(self.shards):
             raise UserError(
-                f"the checkpoint was reading shard {state['index'] + 1} of its data, but {folder} has "
+                f"the checkpoint was reading shard {shard} of its data, but {folder} has "
                 f"{len(self.shards)}; resume with the --data_dir it was trained on"
             )
         order = self.order(state["epoch"])
-        if row > self.rows[order[state["index"]]]:
+        rows = self.rows[order[state["index"]]]
+        if row > rows:
             raise UserError(
-                f"the checkpoint was reading row {row} of shard {state['index'] + 1} of its data, but that "
-                f"shard of {folder} holds {self.rows[order[state['index']]]} rows; resume with the "
-                f"--data_dir it was trained on"
+                f"the checkpoint was reading row {row} of shard {shard} of its data, but that "
+                f"shard of {folder} holds {rows} rows; resume with the --data_dir it was trained on"
             )
         self.epoch, self.index, self.epoch_order = state["epoch"], state["index"], order
         self.row = 0
@@ -695,9 +703,8 @@ class ShardLoader:
     def order(self, epoch):
         if not self.shuffle:
             return list(range(len(self.shards)))
-        return [
-            int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        ]
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [int(i) for i in permutation]
 
     def advance(self, n):
         """Move n rows along the stream, onto a shard that has a row left."""
@@ -876,7 +883,7 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
     """Mean loss over the first micro_batches windows of each rank in the val shards (always the
     same tokens)."""
     model.eval()
-    loader.load_state_dict({"epoch": 0, "index": 0, "pos": 0})
+    loader.load_state_dict({"epoch": 0, "index": 0, "row": 0})
     total = torch.zeros((), device=rt.device)
     progress = Progress("validation batches", micro_batches, rt.master)
     for i in range(micro_batches):
