@@ -137,12 +137,15 @@ TORCH_LIBRARY(arcana, m) {
 }
 
 // Every op declared above gets the CPU kernel with the clear error, so a new op needs only its m.def line.
-// This block runs after TORCH_LIBRARY above (the static initializers of one file run in order).
+// This block runs after TORCH_LIBRARY above (the static initializers of one file run in order). Not in the
+// emulated library (tests/emu_ops.cpp), whose CPU kernels are the emulated ones.
+#ifndef ARCANA_EMULATE_OPS
 TORCH_LIBRARY_IMPL(arcana, CPU, m) {
   for (const std::string& name : arcana::declared_ops()) {
     m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&arcana::cpu_tensor_error>());
   }
 }
+#endif
 
 // The Python module: empty, importing it is what registers the ops.
 PyMODINIT_FUNC PyInit_arcana_kernels(void) {
