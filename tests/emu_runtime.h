@@ -404,10 +404,9 @@ EMU_RUNTIME inline void resume(Fiber* f) {
 // -----------------------------------------------------------------------------
 // shared memory
 
-// The static __shared__ variables of this binary: the symbols of section kSharedSection (where __shared__ puts
-// them, below), found once in its symbol table. Other function-local statics, such as those of the torch
-// bindings that tests/emu_ops.cpp compiles, are left alone.
-constexpr char kSharedSection[] = "emu_shared";
+// The static __shared__ variables of this binary: the function-local statics of namespaces arcana and
+// arcana_attention, found once in its symbol table. The kernels have no other, nor has the host code of csrc/,
+// which tests/emu_ops.cpp compiles too.
 inline Ranges find_static_shared() {
   struct Self {
     uintptr_t probe;
@@ -436,17 +435,15 @@ inline Ranges find_static_shared() {
   if (!self.found || elf.size() < sizeof(Elf64_Ehdr)) fail("cannot read this binary's symbol table");
   const auto& eh = *reinterpret_cast<const Elf64_Ehdr*>(elf.data());
   const auto* sh = reinterpret_cast<const Elf64_Shdr*>(elf.data() + eh.e_shoff);
-  const char* section_names = elf.data() + sh[eh.e_shstrndx].sh_offset;
-  int shared = -1;  // the index of kSharedSection (none without static __shared__ variables)
-  for (int i = 0; i < eh.e_shnum; ++i) {
-    if (std::strcmp(section_names + sh[i].sh_name, kSharedSection) == 0) shared = i;
-  }
   Ranges vars;
   for (int i = 0; i < eh.e_shnum; ++i) {
     if (sh[i].sh_type != SHT_SYMTAB) continue;
     const auto* sym = reinterpret_cast<const Elf64_Sym*>(elf.data() + sh[i].sh_offset);
+    const char* names = elf.data() + sh[sh[i].sh_link].sh_offset;
     for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
-      if (ELF64_ST_TYPE(sym[k].st_info) == STT_OBJECT && sym[k].st_size > 0 && sym[k].st_shndx == shared) {
+      const char* name = names + sym[k].st_name;
+      if (ELF64_ST_TYPE(sym[k].st_info) == STT_OBJECT && sym[k].st_size > 0 &&
+          (std::strncmp(name, "_ZZN6arcana", 11) == 0 || std::strncmp(name, "_ZZN16arcana_attention", 22) == 0)) {
         auto* p = reinterpret_cast<unsigned char*>(self.base + sym[k].st_value);
         vars.emplace_back(p, p + sym[k].st_size);
       }
@@ -677,7 +674,7 @@ inline void __stcs(T* p, T v) { *p = v; }
 #undef __device__
 #define __device__
 #undef __shared__
-#define __shared__ static __attribute__((section("emu_shared")))  // emu::kSharedSection
+#define __shared__ static
 #define __launch_bounds__(...)
 #define __trap() std::abort()
 
