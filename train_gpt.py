@@ -469,6 +469,76 @@ def select_ops(kernels, device_type):
     return csrc.CudaOps(TorchOps())
 
 
+def select_run_ops(kernels, device, dtype, mc, batch_size):
+    """select_ops for a training run: on a GPU with the kernels, their start-of-run check at its shapes
+    (checked_kernels) -> (ops, lines for the run summary, none for PyTorch's ops)."""
+    ops = select_ops(kernels, torch.device(device).type)
+    if ops.name == "torch":
+        return ops, []
+    return checked_kernels(kernels, ops.torch_ops, device, dtype, mc, batch_size)
+
+
+def checked_kernels(kernels, torch_ops, device, dtype, mc, batch_size, repeats=10):
+    """Check each op's kernels against PyTorch's at the run's shapes, forward and backward, and time both
+    (csrc.check_kernels). --kernels auto uses an op's kernels where they passed and are faster, PyTorch's op
+    otherwise, with a warning line where they failed; --kernels cuda uses every kernel, and stops naming an op that
+    failed. Every process of a run decides alike. -> (csrc.CudaOps, summary lines)."""
+    import csrc
+
+    start = time.perf_counter()
+    try:
+        verdicts = csrc.check_kernels(
+            torch_ops,
+            device,
+            dtype,
+            batch_size,
+            mc.block_size,
+            mc.n_embd,
+            mc.n_head,
+            mc.vocab_size,
+            repeats,
+        )
+    except csrc.KernelCrash as e:
+        raise UserError(
+            f"{e}; this process cannot go on: --kernels torch runs without the kernels"
+        ) from None
+    passed = agreed([v.passed for v in verdicts], device)
+    faster = agreed([v.kernel_ms <= v.torch_ms for v in verdicts], device)
+    lines = [
+        f"kernels: checked against PyTorch in {time.perf_counter() - start:.1f} s at B={batch_size}, "
+        f"T={mc.block_size}, C={mc.n_embd}, {mc.n_head} heads, {str(dtype)[6:]} (forward + backward):"
+    ]
+    use = []
+    for v, ok, fast in zip(verdicts, passed, faster):
+        error = v.error or "it failed on another process"
+        if not ok and kernels == "cuda":
+            raise UserError(
+                f"--kernels cuda: the {v.op} kernels failed their start-of-run check ({error}); --kernels auto "
+                f"runs PyTorch's op instead, --kernels torch PyTorch's ops everywhere"
+            )
+        if not ok:
+            lines.append(
+                f"warning: the {v.op} kernels failed their start-of-run check ({error}); using PyTorch's"
+            )
+            continue
+        if kernels == "cuda" or fast:
+            use.append(v.op)
+        choice = "kernels" if v.op in use else "PyTorch (faster)"
+        lines.append(
+            f"  {v.op:<15} kernels {v.kernel_ms:8.3f} ms, PyTorch {v.torch_ms:8.3f} ms: {choice}"
+        )
+    return csrc.CudaOps(torch_ops, use), lines
+
+
+def agreed(flags, device):
+    """flags, each true only where it is true on every process of the run (a no-op without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in t.tolist()]
+
+
 # -----------------------------------------------------------------------------
 # data
 
