@@ -62,21 +62,18 @@ def build_command(root, output):
 
 
 def build(cache_dir, root=ROOT):
-    """The emulated library of root/csrc, built into cache_dir unless a build of the same sources is there: its
-    path, or None without g++ or the CUDA headers. Fails with g++'s errors."""
+    """The emulated library of root/csrc, built into cache_dir unless a build of the same sources is there (wherever
+    their root): its path, or None without g++ or the CUDA headers. Fails with g++'s errors."""
     cmd = build_command(root, "OUTPUT")
     if cmd is None:
         return None
-    digest = hashlib.sha256(" ".join(cmd).encode())
+    digest = hashlib.sha256(" ".join(build_command("ROOT", "OUTPUT")).encode())
     csrc = os.path.join(root, "csrc")
-    sources = [
-        os.path.join(csrc, f)
-        for f in sorted(os.listdir(csrc))
-        if f.endswith((".cu", ".cuh", ".cpp"))
-    ]
-    for path in sources + [os.path.join(TESTS, f) for f in EMULATOR_FILES]:
+    names = sorted(f for f in os.listdir(csrc) if f.endswith((".cu", ".cuh", ".cpp")))
+    files = [(f, os.path.join(csrc, f)) for f in names]
+    for name, path in files + [(f, os.path.join(TESTS, f)) for f in EMULATOR_FILES]:
         with open(path, "rb") as f:
-            digest.update(path.encode() + f.read())
+            digest.update(name.encode() + f.read())
     output = os.path.join(cache_dir, f"arcana_kernels_emulated_{digest.hexdigest()[:16]}.so")
     if not os.path.exists(output):
         partial = f"{output}.{os.getpid()}.tmp"

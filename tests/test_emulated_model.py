@@ -49,10 +49,15 @@ PLANTED_BUG = (  # GELU's backward, fast kernel: the derivative of 2z without it
 
 
 @pytest.fixture(scope="session")
-def emulated_library(request):
-    """tests/emu_ops.cpp built from csrc/ (cached in pytest's cache folder), or a skip without g++ or the CUDA
-    headers."""
-    library = build(request.config.cache.mkdir("emulated_ops"))
+def build_dir(request, tmp_path_factory):
+    """Where the emulated libraries are built: pytest's cache folder, which keeps them across sessions."""
+    cache = getattr(request.config, "cache", None)  # none under -p no:cacheprovider
+    if cache is None:
+        return str(tmp_path_factory.mktemp("emulated_ops"))
+    return str(cache.mkdir("emulated_ops"))
+
+
+def built(library):
     if library is None:
         pytest.skip(
             "the emulated library needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME"
@@ -61,7 +66,13 @@ def emulated_library(request):
 
 
 @pytest.fixture(scope="session")
-def planted_library(request, tmp_path_factory):
+def emulated_library(build_dir):
+    """tests/emu_ops.cpp built from csrc/, or a skip without g++ or the CUDA headers."""
+    return built(build(build_dir))
+
+
+@pytest.fixture(scope="session")
+def planted_library(build_dir, tmp_path_factory):
     """The same, built from a scratch copy of csrc/ with PLANTED_BUG in gelu.cu."""
     root = tmp_path_factory.mktemp("planted")
     shutil.copytree(
@@ -71,12 +82,7 @@ def planted_library(request, tmp_path_factory):
     source = gelu.read_text()
     assert source.count(PLANTED_BUG[0]) == 1, "gelu.cu changed: update PLANTED_BUG"
     gelu.write_text(source.replace(*PLANTED_BUG))
-    library = build(request.config.cache.mkdir("emulated_ops"), root=str(root))
-    if library is None:
-        pytest.skip(
-            "the emulated library needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME"
-        )
-    return library
+    return built(build(build_dir, root=str(root)))
 
 
 # -----------------------------------------------------------------------------
