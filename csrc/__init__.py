@@ -443,9 +443,9 @@ def _check_accuracy(op, case, kernels, torch_ops, dtype, device):
         try:
             ours = _run(case, kernels, case.leaves, dtype)
             _synchronize(device)
-        except RuntimeError as e:
+        except Exception as e:  # an input the kernels refuse, or a slip on their Python side
             _raise_if_device_fault(op, e)
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            return f"{type(e).__name__}: {_first_line(e)}"
         theirs = _run(case, torch_ops, case.leaves, dtype)
         ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
         upcast = [t.to(ref_dtype) if t.is_floating_point() else t for t in case.leaves]
@@ -489,7 +489,10 @@ def _synchronize(device):
 def _raise_if_device_fault(op, e):
     """A CUDA error (as opposed to an input the op refused) leaves the context broken: KernelCrash."""
     if isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e):
-        first = str(e).strip().splitlines()[0]
         raise KernelCrash(
-            f"the {op} kernels broke the GPU in the start-of-run check ({first})"
+            f"the {op} kernels broke the GPU in the start-of-run check ({_first_line(e)})"
         ) from e
+
+
+def _first_line(e):
+    return str(e).strip().split("\n", 1)[0]
