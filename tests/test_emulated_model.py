@@ -230,7 +230,7 @@ def compiled_matches_eager():
 
 def opcheck_every_op():
     """opcheck (schema, fake implementation, autograd registration, AOT dispatch) with real data, in the model's
-    dtypes."""
+    dtypes; attention_selftest's products."""
     import csrc
 
     arcana = torch.ops.arcana
@@ -259,6 +259,12 @@ def opcheck_every_op():
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
+    from test_attention import selftest_expected, selftest_inputs
+
+    x = selftest_inputs(
+        torch.bfloat16, 1
+    )  # the test-only op (no fake implementation): its known products
+    assert torch.equal(arcana.attention_selftest(x), selftest_expected(x))
 
 
 def off_by_one(t):
