@@ -471,3 +471,17 @@ def test_emulated_model_start_check_tells_errors_from_device_faults(monkeypatch)
         csrc.KernelCrash, match=r"^the attention kernels broke the GPU .* illegal memory access "
     ):
         csrc.check_kernels(*args)
+
+
+def test_emulated_model_start_check_agreed_across_processes(monkeypatch):
+    """Under torch.distributed a kernel is used only where every process would use it: the flags are reduced with
+    MIN (here against another process's, [True, True, False, True])."""
+    import torch.distributed as dist
+
+    def all_reduce(t, op):
+        assert op == dist.ReduceOp.MIN and t.dtype == torch.int32
+        t.copy_(torch.minimum(t, torch.tensor([1, 1, 0, 1], dtype=torch.int32)))
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    assert train_gpt.agreed([True, False, True, True], "cpu") == [True, False, False, True]
