@@ -38,8 +38,10 @@ MODELS = {  # GPTConfig fields beside n_layer=2
     "hs128": dict(n_embd=256, n_head=2, block_size=120, vocab_size=1001),
 }
 B = 2  # sequences per batch
-TOLERANCES = {  # loss (relative), gradients and the 3 steps' weight updates (norm-relative): the GPU tests'
-    "float32": (1e-5, 1e-4, 1e-3),
+# loss (relative), gradients and the 3 steps' weight updates (norm-relative): in bf16 the GPU model tests' loss and
+# gradient bounds; in float32 the kernels' 1e-5, with room for two blocks of them; the updates twice the gradients'
+TOLERANCES = {
+    "float32": (1e-5, 1e-4, 2e-4),
     "bfloat16": (1e-2, 5e-2, 1e-1),
 }
 PLANTED_BUG = (  # GELU's backward, fast kernel: the derivative of 2z without its 2
