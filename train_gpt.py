@@ -278,6 +278,7 @@ class TorchOps:
     MPS, the baseline in benchmarks. csrc.CudaOps runs the same ops on the project's kernels."""
 
     name = "torch"
+    kernels = ()  # the ops run on the project's kernels: none here (see csrc.CudaOps)
 
     def layer_norm(self, x, ln):
         return F.layer_norm(x, (x.size(-1),), ln.weight, ln.bias, ln.eps)
@@ -555,6 +556,70 @@ def select_ops(kernels, device_type):
             f"`python setup.py build_ext --inplace`, or use --kernels torch"
         ) from None
     return csrc.CudaOps(TorchOps())
+
+
+def select_run_ops(kernels, device, dtype, mc, batch_size):
+    """select_ops for a training run: on a GPU with the kernels, their start-of-run check at its
+    shapes (checked_kernels) -> (ops, lines for the run summary, none for PyTorch's ops)."""
+    ops = select_ops(kernels, torch.device(device).type)
+    if ops.name == "torch":
+        return ops, []
+    return checked_kernels(kernels, ops.torch_ops, device, dtype, mc, batch_size)
+
+
+def checked_kernels(kernels, torch_ops, device, dtype, mc, batch_size, repeats=10):
+    """Check each op's kernels against PyTorch's at the run's shapes, forward and backward, and
+    time both (csrc.check_kernels). --kernels auto uses an op's kernels where they passed and are
+    faster, PyTorch's op otherwise, with a warning line where they failed; --kernels cuda uses
+    every kernel, and stops naming an op that failed. Every process of a run decides alike.
+    -> (csrc.CudaOps, summary lines)."""
+    import csrc
+
+    start = time.perf_counter()
+    shape = (batch_size, mc.block_size, mc.n_embd, mc.n_head, mc.vocab_size)
+    try:
+        verdicts = csrc.check_kernels(torch_ops, device, dtype, *shape, repeats)
+    except csrc.KernelCrash as e:
+        raise UserError(
+            f"{e}; this process cannot go on: --kernels torch runs without the kernels"
+        ) from None
+    passed = agreed([v.passed for v in verdicts], device)
+    faster = agreed([v.kernel_ms <= v.torch_ms for v in verdicts], device)
+    lines = [
+        f"kernels: checked against PyTorch in {time.perf_counter() - start:.1f} s at "
+        f"B={batch_size}, T={mc.block_size}, C={mc.n_embd}, {mc.n_head} heads, "
+        f"{dtype_name(dtype)} (forward + backward):"
+    ]
+    use = []
+    for v, ok, fast in zip(verdicts, passed, faster):
+        error = v.error or "it failed on another process"
+        if not ok and kernels == "cuda":
+            raise UserError(
+                f"--kernels cuda: the {v.op} kernels failed their start-of-run check ({error}); "
+                f"--kernels auto runs PyTorch's op instead, --kernels torch PyTorch's everywhere"
+            )
+        if not ok:
+            lines.append(
+                f"warning: the {v.op} kernels failed their start-of-run check ({error}); using "
+                f"PyTorch's"
+            )
+            continue
+        if kernels == "cuda" or fast:
+            use.append(v.op)
+        choice = "kernels" if v.op in use else "PyTorch (faster)"
+        times = f"kernels {v.kernel_ms:8.3f} ms, PyTorch {v.torch_ms:8.3f} ms"
+        lines.append(f"  {v.op:<15} {times}: {choice}")
+    return csrc.CudaOps(torch_ops, use), lines
+
+
+def agreed(flags, device):
+    """flags, each true only where it is true on every process of the run (a no-op without
+    torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in t.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -923,10 +988,7 @@ def set_up_hellaswag(cfg, rt, T):
         path = hellaswag.ensure_data("val", cfg.hellaswag_dir or None, rt.local_rank == 0, rt.ddp)
     except UserError as e:
         notice = e
-    everyone = torch.tensor(float(path is not None), device=rt.device)
-    if rt.ddp:
-        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
-    if not everyone.item():
+    if not agreed([path is not None], rt.device)[0]:
         if rt.master:
             print(f"notice: HellaSwag is off for this run: {notice}")
         return None
@@ -1297,6 +1359,7 @@ def write_run_json(run):
         "device_name": device_name(rt),
         "dtype": dtype_name(run.dtype),
         "kernels": run.raw_model.ops.name,
+        "kernel_ops": list(run.raw_model.ops.kernels),  # the ops that run on the kernels
         "compile": run.compiled,
         "parameters": run.raw_model.num_params(),
         "git_commit": git_commit(),
@@ -1342,6 +1405,11 @@ def print_summary(run):
         f"{dtype_name(run.dtype)}, kernels {run.raw_model.ops.name}, "
         f"compile {'on' if run.compiled else 'off'}"
     )
+    for line in run.kernel_lines:
+        if line.startswith("warning: "):
+            warn(line.removeprefix("warning: "))
+        else:
+            print(line)
     print(
         f"data: {cfg.data_dir}: {len(run.train_loader.shards)} train shard(s), "
         f"{run.train_loader.capacity:,} tokens per pass; val {run.val_loader.capacity:,} tokens"
@@ -1566,6 +1634,7 @@ class Run:
     start_step: int  # steps done before this process started: the checkpoint's step, or 0
     resume_path: Optional[str]  # the checkpoint it continues
     changed: list  # the run settings given anew on resuming, as `--flag new (was old)`
+    kernel_lines: list  # the start-of-run check of the kernels, for the summary
 
 
 def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
@@ -1581,8 +1650,9 @@ def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
     train_loader = ShardLoader(train_shards, B, T, rank, world, cfg.shuffle, cfg.seed)
     val_loader = ShardLoader(val_shards, B, T, rank, world)
 
+    ops, kernel_lines = select_run_ops(cfg.kernels, rt.device, dtype, mc, cfg.batch_size)
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(mc, select_ops(cfg.kernels, rt.device_type))
+    raw_model = GPT(mc, ops)
     if weights is not None:
         load_weights(raw_model, weights, cfg.init_from or "the checkpoint")
     raw_model.to(rt.device)
@@ -1616,6 +1686,7 @@ def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
         start_step=ckpt["step"] if ckpt else 0,
         resume_path=resume_path,
         changed=changed,
+        kernel_lines=kernel_lines,
     )
 
 
@@ -1714,18 +1785,7 @@ def update(run, step):
 def weights_finite(run):
     """Whether every weight is finite, on every process (checked before each checkpoint)."""
     maxima = torch.stack([p.detach().abs().max() for p in run.raw_model.parameters()])
-    finite = torch.isfinite(maxima).all().float()
-    if run.rt.ddp:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return finite.item() == 1
-
-
-def agree(rt, ok):
-    """Whether ok holds on every process."""
-    flag = torch.tensor(float(ok), device=rt.device)
-    if rt.ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return flag.item() == 1
+    return agreed([torch.isfinite(maxima).all().item()], run.rt.device)[0]
 
 
 @contextmanager
@@ -1741,7 +1801,7 @@ def log_dir_lock(log_dir, rt):
                 stack.enter_context(folder_lock(log_dir, LOG_DIR_LOCK, "--log_dir", "train_gpt.py"))
             except UserError as e:
                 refusal = e
-        if not agree(rt, refusal is None):
+        if not agreed([refusal is None], rt.device)[0]:
             raise refusal or UserError(
                 f"--log_dir {log_dir} is being written by another train_gpt.py (see process 0)"
             )

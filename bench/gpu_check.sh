@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The first run on a GPU machine, in one command: build the kernels for this GPU, run the fragment self-test and
-# the GPU tests, then record every benchmark suite. Each step has a time limit and the run goes on after a failure;
-# the summary at the end says which steps failed. Everything printed also goes to OUTDIR/log.txt, and the records
-# to OUTDIR/RESULTS.md (a copy of bench/RESULTS.md). About 10 minutes at most on an H100; no network needed
-# (HellaSwag falls back to synthetic val-shaped data, tokenize generates its text); the packages of
-# requirements.txt must be installed.
+# The first run on a GPU machine, in one command: build the kernels for this GPU, run the fragment self-test, the
+# start-of-run check at d12 shapes and the GPU tests, then record every benchmark suite. Each step has a time limit
+# and the run goes on after a failure; the summary at the end says which steps failed. Everything printed also goes
+# to OUTDIR/log.txt, and the records to OUTDIR/RESULTS.md (a copy of bench/RESULTS.md). About 10 minutes at most
+# on an H100; no network needed (HellaSwag falls back to synthetic val-shaped data, tokenize generates its text);
+# the packages of requirements.txt must be installed.
 #
 #     bench/gpu_check.sh OUTDIR
 set -u
@@ -49,6 +49,14 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS and no
 PROCS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))  # tokenize: the pipeline with all cores but one, against one process
 step build 150 python setup.py build_ext --inplace --force
 step selftest 45 python -m pytest -q tests/test_attention.py -k selftest -m cuda
+# the start-of-run check of a d12 run (B=16, T=1024, bf16): each op's verdict and times, as a run prints them;
+# fails where a kernel failed it
+step start_check 40 python -c '
+import sys, torch, train_gpt
+ops, lines = train_gpt.select_run_ops("auto", "cuda", torch.bfloat16, train_gpt.GPTConfig(), 16)
+print("\n".join(lines))
+print("kernels used:", ", ".join(ops.kernels) or "none")
+sys.exit(any(line.startswith("warning") for line in lines))'
 PER_TEST=$(python -c 'import pytest_timeout' 2>/dev/null && echo --timeout=60)  # a hung kernel fails its own test
 step tests 120 python -m pytest -m cuda --maxfail=10 -q $PER_TEST tests/test_kernels.py tests/test_attention.py tests/test_cross_entropy.py
 step kernels 50 python bench.py kernels --record

@@ -8,6 +8,11 @@ lm_head loss, and CudaOps, the kernels behind train_gpt.py's TorchOps interface.
 described in csrc/README.md.
 """
 
+import math
+import time
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -237,21 +242,40 @@ def chunked_lm_head_loss(h, weight, targets, chunk_rows=8192, use_kernel=False):
 # the model's ops on the kernels
 
 
+def autocast_dtype(x):
+    """The dtype autocast gives matmuls on x's device, or None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def matmul_dtype(x):
     """The dtype the Linear after a LayerNorm of x computes in: autocast's, else x's."""
-    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return autocast_dtype(x) or x.dtype
+
+
+OPS = (
+    "layer_norm",
+    "add_layer_norm",
+    "linear_gelu",
+    "attention",
+    "lm_head_loss",
+)  # the model's, in TorchOps
 
 
 class CudaOps:
-    """train_gpt.py's TorchOps interface on the kernels, for CUDA tensors; where a kernel does not apply it calls
-    the PyTorch ops it is given. Under autocast the residual stream x is float32 and the branch outputs bf16: the
-    kernels take that pair as it is and give what the PyTorch path gives, but for LayerNorm outputs already in
-    the autocast dtype that the Linear after them would cast them to."""
+    """train_gpt.py's TorchOps interface on the kernels, for the ops named in `kernels` (all by default); the others,
+    and those where a kernel does not apply, call the PyTorch ops it is given. Under autocast the residual stream x
+    is float32 and the branch outputs bf16: the kernels take that pair as it is and give what the PyTorch path
+    gives, but for LayerNorm outputs already in the autocast dtype that the Linear after them would cast them to."""
 
     name = "cuda"
 
-    def __init__(self, torch_ops):
+    def __init__(self, torch_ops, kernels=OPS):
         self.torch_ops = torch_ops
+        self.kernels = tuple(op for op in OPS if op in kernels)
+        for op in OPS:
+            if op not in self.kernels:
+                setattr(self, op, getattr(torch_ops, op))
 
     def layer_norm(self, x, ln):
         """LayerNorm's output in the dtype of the matmul it feeds (autocast's, else x's): the PyTorch path's float32
@@ -283,6 +307,192 @@ class CudaOps:
     def lm_head_loss(self, h, weight, targets):
         """The loss without the full logits; no logits are returned. float16 runs keep the PyTorch path: their
         GradScaler factor arrives after dlogits (down to 1e-10) would have flushed to zero in fp16."""
-        if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16:
+        if autocast_dtype(h) == torch.float16:
             return self.torch_ops.lm_head_loss(h, weight, targets)
         return None, chunked_lm_head_loss(h, weight, targets, use_kernel=True)
+
+
+# -----------------------------------------------------------------------------
+# the start-of-run check: each kernel against PyTorch at the run's shapes
+
+CHECK_LOSS_ROWS = (
+    8192  # rows of the lm_head loss in the check: its full-logits PyTorch path needs (rows, vocab)
+)
+
+
+class Verdict(NamedTuple):
+    """One op of the start-of-run check: whether its kernels gave PyTorch's results, why not, and the time of one
+    forward and backward with the kernels and with PyTorch's op (ms; NaN where not measured)."""
+
+    op: str
+    passed: bool
+    error: str
+    kernel_ms: float
+    torch_ms: float
+
+
+class KernelCrash(RuntimeError):
+    """A kernel broke the device during the check (an illegal address, a trap): the CUDA context is lost, and
+    this process can run nothing more on the GPU."""
+
+
+def check_kernels(
+    torch_ops, device, dtype, batch_size, block_size, n_embd, n_head, vocab_size, repeats=10
+):
+    """Each of the model's ops whose kernels apply to a run of these shapes and dtype (float32, or bfloat16/float16
+    under autocast) run forward and backward on random inputs with CudaOps and with torch_ops: the Verdicts, in
+    OPS order. A result passes where its error against a float32 reference (float64 for float32 runs) is at most
+    twice PyTorch's own plus a floor (the kernel tests' rule); both are then timed, `repeats` calls after a warm-up.
+    The lm_head loss takes at most CHECK_LOSS_ROWS rows. Raises KernelCrash where the device fails."""
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(0)  # the same inputs on every process of a run
+    B, T, C = batch_size, block_size, n_embd
+    cases = _check_cases(B, T, C, n_head, vocab_size, dtype, device, gen)
+    kernels = CudaOps(torch_ops)
+    verdicts = []
+    for op, case in cases.items():
+        error = _check_accuracy(op, case, kernels, torch_ops, dtype, device)
+        kernel_ms = _time_ms(op, case, kernels, dtype, device, repeats) if not error else math.nan
+        torch_ms = _time_ms(op, case, torch_ops, dtype, device, repeats)
+        verdicts.append(Verdict(op, not error, error, kernel_ms, torch_ms))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the check's inputs and results, back to the GPU
+    return verdicts
+
+
+class _Case(NamedTuple):
+    leaves: list  # the op's inputs in the run's dtypes; the floating-point ones get gradients
+    grads: list  # the gradient arriving at each output (None: a loss, 1)
+    call: Callable  # call(ops, *leaves) -> the op's outputs
+    names: list  # of the outputs, then of the leaves' gradients
+
+
+def _check_cases(B, T, C, n_head, V, dtype, device, gen):
+    """{op: _Case} at the run's shapes, for the ops whose kernels apply: attention on bf16/fp16 with head size 64 or
+    128, the lm_head loss but under float16 autocast. The inputs are the model's: a float32 residual stream, branch
+    outputs and activations in the autocast dtype, float32 parameters."""
+
+    def randn(*shape, scale=1.0, shift=0.0, dt=torch.float32):
+        return (torch.randn(shape, generator=gen, device=device) * scale + shift).to(dt)
+
+    def layer(weight, bias):  # a LayerNorm's or a Linear's parameters, as the ops read them
+        return SimpleNamespace(weight=weight, bias=bias, eps=1e-5)
+
+    x, dx = randn(B, T, C, scale=2.0, shift=1.0), randn(B, T, C, dt=dtype)
+    ln = [randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)]
+    cases = {
+        "layer_norm": _Case(
+            [x, *ln],
+            [dx],
+            lambda ops, x, w, b: (ops.layer_norm(x, layer(w, b)),),
+            ["out", "dx", "dweight", "dbias"],
+        ),
+        "add_layer_norm": _Case(
+            [x, randn(B, T, C, dt=dtype), *ln],
+            [randn(B, T, C), dx],
+            lambda ops, x, y, w, b: ops.add_layer_norm(x, y, layer(w, b)),
+            ["r", "out", "dx", "dy", "dweight", "dbias"],
+        ),
+        "linear_gelu": _Case(
+            [randn(B, T, C, dt=dtype), randn(4 * C, C, scale=C**-0.5), randn(4 * C, scale=0.5)],
+            [randn(B, T, 4 * C, dt=dtype)],
+            lambda ops, x, w, b: (ops.linear_gelu(x, layer(w, b)),),
+            ["out", "dx", "dweight", "dbias"],
+        ),
+    }
+    if dtype in (torch.bfloat16, torch.float16) and C // n_head in (64, 128):
+        cases["attention"] = _Case(
+            [randn(B, T, 3 * C, dt=dtype)],
+            [dx],
+            lambda ops, qkv: (ops.attention(qkv, n_head),),
+            ["out", "dqkv"],
+        )
+    if dtype != torch.float16:
+        rows = max(1, min(B, CHECK_LOSS_ROWS // T))
+        targets = torch.randint(0, V, (rows, T), generator=gen, device=device)
+        cases["lm_head_loss"] = _Case(
+            [randn(rows, T, C, dt=dtype), randn(V, C, scale=0.05), targets],
+            [None],
+            lambda ops, h, w, t: (ops.lm_head_loss(h, w, t)[1],),
+            ["loss", "dh", "dweight"],
+        )
+    return cases
+
+
+def _run(case, ops, leaves, dtype):
+    """case's op with ops on leaves, forward (under autocast for a 16-bit dtype) and backward: its outputs, then its
+    leaves' gradients."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in leaves]
+    low = dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(leaves[0].device.type, dtype=dtype if low else None, enabled=low):
+        outputs = case.call(ops, *leaves)
+    grads = [
+        torch.ones_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, case.grads)
+    ]
+    inputs = [t for t in leaves if t.requires_grad]
+    return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+
+def _check_accuracy(op, case, kernels, torch_ops, dtype, device):
+    """ "" where every result of the kernels is within its tolerance, else the first that is not, and why."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(
+        "highest"
+    )  # no TF32: the matmuls beside the kernels in full fp32
+    try:
+        try:
+            ours = _run(case, kernels, case.leaves, dtype)
+            _synchronize(device)
+        except Exception as e:  # an input the kernels refuse, or a slip on their Python side
+            _raise_if_device_fault(op, e)
+            return f"{type(e).__name__}: {_first_line(e)}"
+        theirs = _run(case, torch_ops, case.leaves, dtype)
+        ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+        upcast = [t.to(ref_dtype) if t.is_floating_point() else t for t in case.leaves]
+        ref = _run(case, torch_ops, upcast, ref_dtype)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    for name, a, b, r in zip(case.names, ours, theirs, ref):
+        r = r.double()
+        err = (a.double() - r).abs().max().item()
+        # PyTorch's result as the model hands it on: a LayerNorm output in the dtype of the matmul after it
+        err_torch = (b.to(a.dtype).double() - r).abs().max().item()
+        tol = 2 * err_torch + floor * r.abs().max().item()
+        if not err <= tol:  # NaN fails
+            return (
+                f"{name}: max error {err:.3g} > tolerance {tol:.3g}, PyTorch's own {err_torch:.3g}"
+            )
+    return ""
+
+
+def _time_ms(op, case, ops, dtype, device, repeats):
+    """Milliseconds per forward and backward of case's op with ops, after one call of warm-up."""
+    try:
+        _run(case, ops, case.leaves, dtype)
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            _run(case, ops, case.leaves, dtype)
+        _synchronize(device)
+    except RuntimeError as e:
+        _raise_if_device_fault(op, e)
+        raise
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _raise_if_device_fault(op, e):
+    """A CUDA error (as opposed to an input the op refused) leaves the context broken: KernelCrash."""
+    if isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e):
+        raise KernelCrash(
+            f"the {op} kernels broke the GPU in the start-of-run check ({_first_line(e)})"
+        ) from e
+
+
+def _first_line(e):
+    return str(e).strip().split("\n", 1)[0]

@@ -22,8 +22,8 @@
 // The device code needs no torch headers: with ARCANA_EMULATE defined, tests/attention_emu.cpp compiles this
 // file for the CPU, with warp-level emulations of ldmatrix, mma, cp.async and shuffles, and runs the same
 // kernels and launchers on awkward shapes and both tile sets (tests/test_attention.py), so the index arithmetic
-// and the barriers are checked without a GPU. The PTX semantics themselves are checked on a GPU by
-// attention_selftest.
+// and the barriers are checked without a GPU; tests/emu_ops.cpp compiles it with its torch bindings, for the
+// CPU. The PTX semantics themselves are checked on a GPU by attention_selftest.
 
 #ifndef ARCANA_EMULATE
 #include "common.cuh"
@@ -33,7 +33,6 @@
     kernel<<<grid, block, smem, stream>>>(__VA_ARGS__);                  \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                      \
   } while (0)
-#define ARCANA_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
 #endif
 
 #include <array>
@@ -1054,7 +1053,7 @@ void launch_selftest(const T* in, float* out, cudaStream_t stream) {
 
 }  // namespace arcana_attention
 
-#ifndef ARCANA_EMULATE
+#ifdef ARCANA_BINDINGS
 // -----------------------------------------------------------------------------
 // torch bindings: checks, allocation, the dtype/head-size dispatch (all in one place), TORCH_LIBRARY_IMPL
 
@@ -1077,8 +1076,8 @@ void dispatch_attention(at::ScalarType dtype, int64_t head_dim, F&& f) {
 
 void check_arch(const char* op) {
   int device = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  ARCANA_CUDA_CHECK(cudaGetDevice(&device));
+  ARCANA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   TORCH_CHECK(major >= 8, op, ": needs an sm_80 or newer GPU (bf16/fp16 tensor-core mma, cp.async), this one is "
               "sm_", major, "x; use --kernels torch on it");
 }
@@ -1133,9 +1132,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv) {
   const char* op = "arcana::attention_fwd";
   const QkvShape s = check_qkv(qkv, op);
   const int variant = std::min(kernel_variant(), 1);
-  const c10::cuda::CUDAGuard guard(qkv.device());
+  const DeviceGuard guard(qkv.device());
   if (variant == 1) check_arch(op);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   at::Tensor out = new_buffer({s.B, s.T, s.H, s.D}, qkv.options(), stream);
   at::Tensor lse = new_buffer({s.B, s.H, s.T}, qkv.options().dtype(at::kFloat), stream);
   if (s.B * s.T * s.H == 0) return {out, lse};
@@ -1173,9 +1172,9 @@ at::Tensor attention_bwd(const at::Tensor& dout_in, const at::Tensor& qkv, const
   check_dtype(lse_in, at::kFloat, op, "lse", "the forward saves it in float32");
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({s.B, s.H, s.T}), op, ": lse must have shape (B, H, T) = (", s.B,
               ", ", s.H, ", ", s.T, "), got ", lse_in.sizes());
-  const c10::cuda::CUDAGuard guard(qkv.device());
+  const DeviceGuard guard(qkv.device());
   if (variant == 1) check_arch(op);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   // The kernels read dout and out as rows of 16 bytes: a contiguous tensor whose storage offset breaks that
   // alignment (a view from some other buffer) is copied, like a strided one, into a fresh aligned buffer.
   auto aligned_rows = [](const at::Tensor& t) {
@@ -1188,7 +1187,7 @@ at::Tensor attention_bwd(const at::Tensor& dout_in, const at::Tensor& qkv, const
   at::Tensor delta = new_buffer({s.B, s.H, s.T}, f32, stream);
   at::Tensor dq_accum = variant == 1 ? new_buffer({s.B, s.T, s.H, s.D}, f32, stream) : at::Tensor();
   int max_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, qkv.get_device()));
+  ARCANA_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, qkv.get_device()));
   dispatch_attention(qkv.scalar_type(), s.D, [&](auto elem, auto dim) {
     using E = decltype(elem);
     constexpr int kD = decltype(dim)::value;
@@ -1211,9 +1210,9 @@ at::Tensor attention_selftest(const at::Tensor& x) {
   check_cuda(x, op, "x");
   check_attention_dtype(x, op, "x");
   TORCH_CHECK(x.sizes() == at::IntArrayRef({3, 16, 16}), op, ": x must have shape (3, 16, 16), got ", x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   check_arch(op);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const at::Tensor xc = x.contiguous();
   at::Tensor out = new_buffer({4, 16, 16}, x.options().dtype(at::kFloat), stream);
   dispatch_attention(x.scalar_type(), 64, [&](auto elem, auto) {
@@ -1225,11 +1224,11 @@ at::Tensor attention_selftest(const at::Tensor& x) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(arcana, CUDA, m) {
+TORCH_LIBRARY_IMPL(arcana, ARCANA_KERNEL_KEY, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_selftest", &attention_selftest);
 }
 
 }  // namespace arcana
-#endif  // ARCANA_EMULATE
+#endif  // ARCANA_BINDINGS

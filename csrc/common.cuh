@@ -2,9 +2,12 @@
 // dispatch, packed 128-bit loads and stores, fp32 conversions, and warp/row reductions for the device code.
 // Every .cu file includes this header; ops.cpp (the schemas) does not.
 //
-// With ARCANA_EMULATE defined (tests/norm_gelu_emu.cpp), only the device code and the torch-free parts are
-// compiled, for the CPU: the emulator supplies launch, device_shape, resident_blocks_per_sm and
-// ARCANA_SHARED_FLOATS itself.
+// Three builds compile it. The extension (nvcc): everything. A kernel emulator (tests/*_emu.cpp, ARCANA_EMULATE):
+// the device code and the torch-free launchers, for the CPU; the emulator supplies launch, device_shape,
+// resident_blocks_per_sm and ARCANA_SHARED_FLOATS itself. The emulated library (tests/emu_ops.cpp,
+// ARCANA_EMULATE and ARCANA_EMULATE_OPS): the same plus the torch bindings (ARCANA_BINDINGS), registered for the
+// CPU, so that the emulated kernels run behind the checks, allocation and dispatch a GPU run uses; it defines the
+// bindings' few GPU-only calls (the seams below) and answers their CUDA runtime calls for an emulated device.
 #pragma once
 
 #include <algorithm>
@@ -16,13 +19,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#ifndef ARCANA_EMULATE
+#if !defined(ARCANA_EMULATE) || defined(ARCANA_EMULATE_OPS)
+#define ARCANA_BINDINGS 1
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
+#endif
+#ifndef ARCANA_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 #endif
 
 namespace arcana {
@@ -68,6 +74,15 @@ int resident_blocks_per_sm(void (*kernel)(Params...), int threads, size_t smem) 
 // The kernel's dynamic shared memory, as floats.
 #define ARCANA_SHARED_FLOATS(name) extern __shared__ __align__(16) float name[]
 
+// The bindings' GPU-only calls, each named once (tests/emu_ops.cpp defines them for the CPU).
+#define ARCANA_KERNEL_KEY CUDA               // the dispatch key the ops' kernels are registered for
+#define ARCANA_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)  // a CUDA runtime call that must succeed
+using DeviceGuard = c10::cuda::CUDAGuard;  // makes the inputs' GPU the current one
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+#endif  // ARCANA_EMULATE
+
+#ifdef ARCANA_BINDINGS
 // -----------------------------------------------------------------------------
 // host side: checks that say what is wrong and what to do
 
@@ -79,7 +94,7 @@ bool poison_enabled();
 int kernel_variant();
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device(),
+  TORCH_CHECK(on_kernel_device(t), op, ": ", name, " must be a CUDA tensor, got ", t.device(),
               "; move it with .cuda() or use --kernels torch");
 }
 
@@ -126,7 +141,7 @@ inline at::Tensor column_param_f32(const at::Tensor& p, int64_t C, const at::Ten
 inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options, cudaStream_t stream) {
   at::Tensor t = at::empty(sizes, options);
   if (poison_enabled() && t.numel() > 0) {
-    C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0xFF, t.nbytes(), stream));
+    ARCANA_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0xFF, t.nbytes(), stream));
   }
   return t;
 }
@@ -154,7 +169,7 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
     }                                                                                                \
   }()
 
-#endif  // ARCANA_EMULATE
+#endif  // ARCANA_BINDINGS
 
 // -----------------------------------------------------------------------------
 // device side: conversions, packed memory access, reductions

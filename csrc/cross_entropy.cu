@@ -324,7 +324,8 @@ __global__ void __launch_bounds__(kMaxThreads, kFastMinBlocks)
 }
 
 // -----------------------------------------------------------------------------
-// host launcher (torch-free: with ARCANA_EMULATE, tests/cross_entropy_emu.cpp runs it on the CPU)
+// host launcher (torch-free: with ARCANA_EMULATE, tests/cross_entropy_emu.cpp runs it on the CPU, telling it
+// what ce_row_fits_shared_memory would)
 
 struct CeRun {
   const void* logits;
@@ -339,16 +340,16 @@ struct CeRun {
   cudaStream_t stream;
 };
 
-#ifndef ARCANA_EMULATE
+#ifdef ARCANA_BINDINGS
 // Whether variant 1 keeps the row in shared memory: only where kBlocksPerSm blocks with a row each fit an SM,
 // by threads (the GPUs whose kernels are built for them, kFastMinBlocks) and by shared memory. With one block
 // per SM the reduction between the sweeps would go unhidden; the L2 re-read keeps two blocks per SM.
 bool ce_row_fits_shared_memory(size_t row_bytes) {
   int dev = 0, per_block = 0, per_sm = 0, threads_per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
+  ARCANA_CUDA_CHECK(cudaGetDevice(&dev));
+  ARCANA_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  ARCANA_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  ARCANA_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
   const size_t overhead = 2048;  // the reduction's static shared memory and the per-block reservation
   return kBlocksPerSm * kMaxThreads <= threads_per_sm && row_bytes + overhead <= (size_t)per_block &&
          kBlocksPerSm * (row_bytes + overhead) <= (size_t)per_sm;
@@ -358,10 +359,10 @@ bool ce_row_fits_shared_memory(size_t row_bytes) {
 template <typename... Params>
 void ce_allow_shared_memory(void (*kernel)(Params...), size_t bytes) {
   if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    ARCANA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   }
 }
-#endif  // ARCANA_EMULATE
+#endif  // ARCANA_BINDINGS
 
 template <typename T, int N, bool SMEM>
 void ce_launch_fast(const CeRun& r) {
@@ -391,7 +392,7 @@ void ce_launch(const CeRun& r) {
   }
 }
 
-#ifndef ARCANA_EMULATE
+#ifdef ARCANA_BINDINGS
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logits, const at::Tensor& targets,
                                                          const at::Tensor& grad_scale, bool compute_grad) {
   const char* op = "arcana::cross_entropy_fwd_bwd";
@@ -416,8 +417,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logit
   check_dtype(grad_scale, at::kFloat, op, "grad_scale", "the gradient's scale, e.g. 1 / rows with a target");
   TORCH_CHECK(grad_scale.numel() == 1, op, ": grad_scale must hold one value, got shape ", grad_scale.sizes());
 
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(logits.device());
+  const cudaStream_t stream = current_stream();
   at::Tensor losses = new_buffer({n}, logits.options().dtype(at::kFloat), stream);
   const std::vector<int64_t> dlogits_shape = compute_grad ? std::vector<int64_t>{n, V} : std::vector<int64_t>{0};
   at::Tensor dlogits = new_buffer(dlogits_shape, logits.options(), stream);
@@ -437,12 +438,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd(const at::Tensor& logit
   ARCANA_DISPATCH(logits.scalar_type(), op, T, [&] { ce_launch<T>(r); });
   return {losses, dlogits};
 }
-#endif  // ARCANA_EMULATE
+#endif  // ARCANA_BINDINGS
 
 }  // namespace
 
-#ifndef ARCANA_EMULATE
-TORCH_LIBRARY_IMPL(arcana, CUDA, m) { m.impl("cross_entropy_fwd_bwd", &cross_entropy_fwd_bwd); }
+#ifdef ARCANA_BINDINGS
+TORCH_LIBRARY_IMPL(arcana, ARCANA_KERNEL_KEY, m) { m.impl("cross_entropy_fwd_bwd", &cross_entropy_fwd_bwd); }
 #endif
 
 }  // namespace arcana

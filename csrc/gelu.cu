@@ -250,7 +250,7 @@ void gelu_launch(const GeluRun& g, Scratch&& scratch) {
   if (bwd) launch_sum_partials(part, C, (int)row_groups, C, g.dbias, (float*)nullptr, g.stream);
 }
 
-#ifndef ARCANA_EMULATE
+#ifdef ARCANA_BINDINGS
 // -----------------------------------------------------------------------------
 // torch ops: checks, allocation, dispatch
 
@@ -298,8 +298,8 @@ void gelu_run(const char* op, const at::Tensor* dout, const at::Tensor& x, const
 at::Tensor gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const char* op = "arcana::gelu_fwd";
   const GeluInputs a = check_gelu(op, x, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream();
   at::Tensor out = new_buffer(x.sizes(), x.options(), stream);
   gelu_run(op, nullptr, x, a, out, nullptr, stream);
   return out;
@@ -314,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dout, const at::Te
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), op, ": dout (", dout.sizes(),
               ", ", dout.scalar_type(), ") must have x's shape and dtype (", x.sizes(), ", ", x.scalar_type(), ")");
   check_contiguous(dout, op, "dout");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream();
   at::Tensor dx = new_buffer(x.sizes(), x.options(), stream);
   if (!bias.has_value()) {
     gelu_run(op, &dout, x, a, dx, nullptr, stream);
@@ -328,13 +328,13 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dout, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(arcana, CUDA, m) {
+TORCH_LIBRARY_IMPL(arcana, ARCANA_KERNEL_KEY, m) {
   m.impl("gelu_fwd", &gelu_fwd);
   m.impl("gelu_bwd", &gelu_bwd);
 }
 
 #else
 }  // namespace
-#endif  // ARCANA_EMULATE
+#endif  // ARCANA_BINDINGS
 
 }  // namespace arcana

@@ -434,7 +434,7 @@ void ln_backward_launch(const LnBwd& a, Scratch&& scratch) {
   }
 }
 
-#ifndef ARCANA_EMULATE
+#ifdef ARCANA_BINDINGS
 // -----------------------------------------------------------------------------
 // torch ops: checks, allocation, dispatch
 
@@ -497,8 +497,8 @@ std::vector<at::Tensor> ln_forward(const char* op, const at::Tensor& x, const at
   const at::ScalarType otype = out_dtype.value_or(x.scalar_type());
   check_pairs_with_x(otype, x, op, "out_dtype");
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream();
   const at::Tensor w = column_param_f32(weight, rows.c, x, op, "weight");
   const at::Tensor b = column_param_f32(bias, rows.c, x, op, "bias");
 
@@ -549,8 +549,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   if (dy_dtype.has_value()) check_pairs_with_x(*dy_dtype, x, op, "dy_dtype");
   check_row_stat(mean, x, rows.n, op, "mean");
   check_row_stat(rstd, x, rows.n, op, "rstd");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(x.device());
+  const cudaStream_t stream = current_stream();
   const at::Tensor w = column_param_f32(weight, rows.c, x, op, "weight");
 
   at::Tensor dx = new_buffer(x.sizes(), x.options(), stream);
@@ -585,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(arcana, CUDA, m) {
+TORCH_LIBRARY_IMPL(arcana, ARCANA_KERNEL_KEY, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
@@ -593,6 +593,6 @@ TORCH_LIBRARY_IMPL(arcana, CUDA, m) {
 
 #else
 }  // namespace
-#endif  // ARCANA_EMULATE
+#endif  // ARCANA_BINDINGS
 
 }  // namespace arcana

@@ -64,11 +64,9 @@ std::vector<std::string> arcana_op_names() {
   return names;
 }
 
-// The ops TORCH_LIBRARY below declares, but those whose names start with "_" (no tensor arguments).
-std::vector<std::string>& declared_ops() {
-  static std::vector<std::string> names;
-  return names;
-}
+// The ops TORCH_LIBRARY below declares, but those whose names start with "_" (no tensor arguments). Not a
+// function-local static: in the CPU emulation of the kernels those of namespace arcana are shared memory.
+std::vector<std::string> declared_ops;
 
 }  // namespace
 
@@ -131,18 +129,21 @@ TORCH_LIBRARY(arcana, m) {
 
   for (const std::string& name : arcana::arcana_op_names()) {
     if (name[0] != '_' && std::find(before.begin(), before.end(), name) == before.end()) {
-      arcana::declared_ops().push_back(name);
+      arcana::declared_ops.push_back(name);
     }
   }
 }
 
 // Every op declared above gets the CPU kernel with the clear error, so a new op needs only its m.def line.
-// This block runs after TORCH_LIBRARY above (the static initializers of one file run in order).
+// This block runs after TORCH_LIBRARY above (the static initializers of one file run in order). Not in the
+// emulated library (tests/emu_ops.cpp), whose CPU kernels are the emulated ones.
+#ifndef ARCANA_EMULATE_OPS
 TORCH_LIBRARY_IMPL(arcana, CPU, m) {
-  for (const std::string& name : arcana::declared_ops()) {
+  for (const std::string& name : arcana::declared_ops) {
     m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&arcana::cpu_tensor_error>());
   }
 }
+#endif
 
 // The Python module: empty, importing it is what registers the ops.
 PyMODINIT_FUNC PyInit_arcana_kernels(void) {

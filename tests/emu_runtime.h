@@ -404,8 +404,9 @@ EMU_RUNTIME inline void resume(Fiber* f) {
 // -----------------------------------------------------------------------------
 // shared memory
 
-// The static __shared__ variables of this binary: the function-local statics of
-// namespaces arcana and arcana_attention (the kernels have no other), found once in its symbol table.
+// The static __shared__ variables of this binary: the function-local statics of namespaces arcana and
+// arcana_attention, found once in its symbol table. The kernels have no other, nor has the host code of csrc/,
+// which tests/emu_ops.cpp compiles too.
 inline Ranges find_static_shared() {
   struct Self {
     uintptr_t probe;
