@@ -10,6 +10,7 @@ beside the number it judges; --record appends the run to bench/RESULTS.md. `pyth
     python bench.py cross_entropy     # the fused cross-entropy kernel vs eager and compiled PyTorch
     python bench.py hellaswag         # hellaswag.py: examples/s scoring the val split
     python bench.py tokenize          # prepare.py: tokens/s with N processes vs one process
+    python bench.py memory            # model state per process: DDP vs --fsdp, computed, measured
     bench/gpu_check.sh OUTDIR         # on a GPU machine: build, GPU tests, record every suite
 
 kernels, attention and cross_entropy need a CUDA GPU. This file sits on top of the others: it
@@ -26,6 +27,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +72,10 @@ def run(name, argv):
     python = platform.python_version()
     versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {python}"
     print(f"{name} on {where} ({rt.device}), {datetime.date.today()}, commit {commit}; {versions}")
-    about, lines = fn(cfg, rt, dtype)
+    result = fn(cfg, rt, dtype)
+    if result is None:  # a suite's worker process
+        return
+    about, lines = result
     print(about, "", *lines, sep="\n")
     if record:
         command = " ".join([name, *argv])
@@ -680,6 +685,134 @@ def bench_tokenize(cfg, rt, dtype):
 
 
 # -----------------------------------------------------------------------------
+# memory: the model state each process holds, DDP against --fsdp
+
+
+@dataclass
+class Memory:
+    measure: Optional[list] = None  # MODEL:MODE:N runs to measure (mode ddp or fsdp); see below
+    one: str = ""  # MODEL:MODE: measure this in the running torchrun group (the suite's own use)
+
+
+SCRIPT = os.path.abspath(__file__)  # this file, which the measured runs start again
+# measured by default where they fit: a 2-core, 24 GB CPU machine; a GPU machine's GPUs
+CPU_RUNS = ["tiny:ddp:1", "tiny:ddp:2", "tiny:fsdp:2", "d12:ddp:1", "d12:fsdp:2", "d12:fsdp:4"]
+
+
+def model_bytes(mc):
+    """(parameters, the root unit's, one block's) of a GPT of this shape (see train_gpt.GPT)."""
+    C, L = mc.n_embd, mc.n_layer
+    block = 12 * C * C + 13 * C  # c_attn, attn c_proj, c_fc, mlp c_proj with biases, 2 LayerNorms
+    root = mc.vocab_size * C + mc.block_size * C + 2 * C  # wte (= lm_head), wpe, ln_f
+    return root + L * block, root, block
+
+
+def computed_rows():
+    """Per process: float32 weights, gradients and AdamW's two moments (16 bytes a weight), all
+    of them with DDP, 1/N of them with --fsdp; plus what --fsdp gathers at once (bf16 on a GPU:
+    the root unit and two blocks, the next one prefetched) and the whole float32 gradient it holds
+    while a step accumulates micro-batches."""
+    rows = []
+    for name in ("d12", "d24", "d36", "d48"):
+        params, root, block = model_bytes(tg.model_config(tg.TrainConfig(model=name)))
+        state = [16 * params] + [16 * params / n for n in (2, 4, 8)]
+        gathered = 2 * (root + 2 * block)
+        cells = [tg.format_bytes(b) for b in state]
+        rows.append([name, f"{params / 1e6:.1f}M", *cells, tg.format_bytes(gathered)])
+        rows[-1].append(tg.format_bytes(4 * params))
+    return rows
+
+
+def measure_one(spec, rt, dtype):
+    """In a torchrun group: one optimizer step of MODEL (a tiny batch) under MODE, then the bytes
+    this process holds of weights, gradients and optimizer state, and on a GPU the peak
+    allocated; the first process prints them as one JSON line."""
+    name, mode = spec.split(":")
+    mc = tg.model_config(tg.TrainConfig(model=name, block_size=64))
+    torch.manual_seed(0)
+    model = tg.GPT(mc).to(rt.device)
+    wrapper = model
+    if mode == "fsdp":
+        tg.shard_model(model, rt, dtype, compile_model=False)
+    else:
+        wrapper, _ = tg.wrap_model(model, rt, compile_model=False)
+    optimizer = model.configure_optimizer(0.1, 6e-4, rt.device_type)
+    idx = torch.randint(0, prepare.GPT2_VOCAB_SIZE, (1, 65), device=rt.device)
+    with tg.autocast_context(rt.device_type, dtype):
+        _, loss = wrapper(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    optimizer.step()
+    local = tg.local_part
+    sizes = {
+        "weights": sum(local(p).nbytes for p in model.parameters()),
+        "gradients": sum(local(p.grad).nbytes for p in model.parameters()),
+        "optimizer": sum(
+            local(t).nbytes for s in optimizer.state.values() for t in s.values() if t.dim()
+        ),
+    }
+    if rt.device_type == "cuda":
+        sizes["peak"] = torch.cuda.max_memory_allocated(rt.device)
+    if rt.master:
+        print(json.dumps(sizes))
+    tg.end_distributed()
+
+
+def measured_rows(runs):
+    """Each MODEL:MODE:N of runs measured in its own torchrun group: rows of the table."""
+    rows = []
+    for run in runs:
+        name, mode, n = run.split(":")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={n}", SCRIPT, "memory", "--one"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd + [f"{name}:{mode}"], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            failed = f"failed: {one_line(done.stderr)[-100:]}"
+            rows.append([name, mode, n, failed, "", "", "", ""])
+            continue
+        printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        sizes = json.loads(printed[-1])
+        cells = [tg.format_bytes(sizes[k]) for k in ("weights", "gradients", "optimizer")]
+        state = sizes["weights"] + sizes["gradients"] + sizes["optimizer"]
+        params, _, _ = model_bytes(tg.model_config(tg.TrainConfig(model=name, block_size=64)))
+        expected = 16 * params / (int(n) if mode == "fsdp" else 1)
+        peak = tg.format_bytes(sizes["peak"]) if "peak" in sizes else "-"
+        rows.append([name, mode, n, *cells, f"{state / expected:.3f}", peak])
+    return rows
+
+
+def bench_memory(cfg, rt, dtype):
+    """The model state per process (weights, gradients, AdamW state) for d12-d48 with DDP and
+    with --fsdp at 1, 2, 4 and 8 processes, computed from the model; and measured (torchrun, one
+    optimizer step) where it fits: on the CPU with gloo, on a GPU also the peak allocated. Goal:
+    the state falls as 1/N with --fsdp, so that d48 trains on 8 x 24 GB."""
+    if cfg.one:
+        measure_one(cfg.one, rt, dtype)
+        return None
+    runs = cfg.measure or CPU_RUNS
+    if rt.device_type == "cuda" and not cfg.measure:
+        counts = sorted({1, torch.cuda.device_count()})
+        runs = [f"d12:{mode}:{n}" for mode in ("ddp", "fsdp") for n in counts]
+    header = ["model", "params", "DDP", "fsdp N=2", "N=4", "N=8", "gathered", "accumulating"]
+    lines = ["computed per process:"] + table(header, computed_rows())
+    params, root, block = model_bytes(tg.model_config(tg.TrainConfig(model="d48")))
+    need = 16 * params / 8 + 2 * (root + 2 * block) + 4 * params
+    verdict = goal("d48 on 8 x 24 GB", need < 24 * 2**30)
+    lines.append(
+        f"d48 with --fsdp on 8 processes: {tg.format_bytes(need)} of model state, gathered weights "
+        f"and accumulated gradients per process ({verdict}), the rest for activations"
+    )
+    measured = measured_rows(runs)
+    header = ["model", "mode", "N", "weights", "gradients", "optimizer", "of 16P/N", "peak"]
+    lines += ["", "measured per process (one optimizer step, T=64):"] + table(header, measured)
+    about = (
+        "float32 weights, gradients and AdamW state; --fsdp gathers bfloat16 weights on a GPU; "
+        "activations excluded"
+    )
+    return about, lines
+
+
+# -----------------------------------------------------------------------------
 # entry point
 
 SUITES = {  # name -> (function, config dataclass, device: cuda, cpu or auto, argparse settings)
@@ -707,6 +840,7 @@ SUITES = {  # name -> (function, config dataclass, device: cuda, cpu or auto, ar
         dict(model=dict(choices=sorted(tg.MODEL_PRESETS))),
     ),
     "tokenize": (bench_tokenize, Tokenize, "cpu", dict(num_proc=dict(nargs="+", type=int))),
+    "memory": (bench_memory, Memory, "auto", dict(measure=dict(nargs="+", type=str))),
 }
 
 

@@ -270,15 +270,15 @@ class Score:
 
 
 @torch.no_grad()
-def _ending_losses(model, data, indices, device, batch_size, show_progress=True):
-    """(summed, mean) ending losses, each (len(indices), 4), from forward passes of one fixed shape
-    (4 * batch_size, L): the last batch is filled with dummy rows, so a compiled model compiles
-    once. Inputs and targets go to the device in one copy and the losses come back in one, so the
+def _ending_losses(model, data, indices, device, batch_size, batches, show_progress=True):
+    """(summed, mean) ending losses, each (len(indices), 4), from `batches` forward passes (enough
+    for indices, and the same number on every process) of one fixed shape (4 * batch_size, L):
+    batches past the examples are filled with dummy rows, so a compiled model compiles once.
+    Inputs and targets go to the device in one copy and the losses come back in one, so the
     device never waits on the host between passes."""
     n = len(indices)  # examples
     L = data.tokens.shape[2]  # row length
     R = 4 * batch_size  # rows per forward pass
-    batches = -(-n // batch_size)
     rows = np.zeros((batches * R, L), np.int32)  # dummy rows stay all zeros
     rows[: 4 * n] = data.tokens[indices].reshape(4 * n, L)
     positions = np.arange(1, L)  # a token at position t is predicted by the logits at t - 1
@@ -321,8 +321,11 @@ def score(model, path, block_size, device="cpu", rank=0, world_size=1, batch_siz
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     indices = np.arange(rank, len(data.labels), world_size)
-    sum_loss, mean_loss = _ending_losses(
-        model, data, indices, device, batch_size or default_batch_size(device), rank == 0
+    batch_size = batch_size or default_batch_size(device)
+    per_process = -(-len(data.labels) // world_size)  # the most examples a process scores
+    batches = -(-per_process // batch_size)  # the same on every process: a sharded model's
+    sum_loss, mean_loss = _ending_losses(  # forward passes are collectives
+        model, data, indices, device, batch_size, batches, rank == 0
     )
     labels = data.labels[indices]
     counts = torch.tensor(

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import deque, namedtuple
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -130,6 +131,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16
     compile: Optional[bool] = None  # torch.compile the model (default: on CUDA, off on CPU and MPS)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
     kernels: str = "auto"  # auto, cuda (the arcana_kernels extension) or torch (PyTorch ops)
     seed: int = 1337  # seed for initialization, data shuffling and sampling
 
@@ -164,6 +166,7 @@ RUN_SETTINGS = (
     "checkpoint_every",
     "keep_checkpoints",
     "dtype",
+    "fsdp",
 )
 DATA_ORDER = ("shuffle", "seed")  # with --data_dir, the tokens a run reads: never changed on resume
 
@@ -410,6 +413,7 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = x.float()  # the residual stream is float32, also where weights arrive in bf16 (--fsdp)
         branch = None  # the output of a block's MLP, not yet added to x
         for block in self.transformer.h:
             x, branch = block(x, branch)
@@ -612,11 +616,14 @@ def checked_kernels(kernels, torch_ops, device, dtype, mc, batch_size, repeats=1
     return csrc.CudaOps(torch_ops, use), lines
 
 
-def agreed(flags, device):
+def agreed(flags, device=None):
     """flags, each true only where it is true on every process of the run (a no-op without
-    torch.distributed)."""
+    torch.distributed). device: where the process group communicates (by default CUDA under
+    NCCL, else the CPU)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flags
+    if device is None:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(flags, dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [bool(f) for f in t.tolist()]
@@ -964,6 +971,8 @@ def evaluate_val(model, loader, micro_batches, rt, amp):
 
 
 def print_samples(model, prompt, num_samples, length, rt, amp, seed):
+    """Completions of prompt, printed by the first process. Every process of a run generates the
+    same ones: under --fsdp every forward pass is a collective."""
     enc = gpt2_encoding()
     tokens = enc.encode_ordinary(prompt) or [EOT_TOKEN]
     idx = torch.tensor(tokens, device=rt.device).repeat(num_samples, 1)
@@ -973,6 +982,8 @@ def print_samples(model, prompt, num_samples, length, rt, amp, seed):
     with amp:
         out = model.generate(idx, length, generator=generator)
     model.train()
+    if not rt.master:
+        return
     for i, row in enumerate(out.tolist()):
         print(f"sample {i}: {enc.decode(row)!r}")
 
@@ -997,16 +1008,20 @@ def set_up_hellaswag(cfg, rt, T):
 
 
 def sampling_every(cfg, rt):
-    """--sample_every, or 0 when there is no tokenizer: sampling is a nicety, so the run goes on
-    without it, and says so now, not at step 250."""
-    if not rt.master or cfg.sample_every == 0:
+    """--sample_every, or 0 when a process has no tokenizer: sampling is a nicety, so the run goes
+    on without it, and says so now, not at step 250."""
+    if cfg.sample_every == 0:
         return 0
+    error = None
     try:
         gpt2_encoding()
     except UserError as e:
-        warn(f"{e}; sampling is off for this run")
-        return 0
-    return cfg.sample_every
+        error = e
+    if agreed([error is None], rt.device)[0]:
+        return cfg.sample_every
+    if rt.master:
+        warn(f"{error or 'a process has no GPT-2 tokenizer'}; sampling is off for this run")
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -1014,17 +1029,26 @@ def sampling_every(cfg, rt):
 
 
 def list_checkpoints(log_dir):
-    """(step, path) of every model_NNNNN.pt in log_dir, newest first; temp files are not listed."""
+    """(step, path) of every checkpoint in log_dir, newest first: model_NNNNN.pt files and the
+    model_NNNNN folders of sharded runs. Temp files and folders are not listed."""
     found = []
-    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
-        match = re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path))
-        if match:
-            found.append((int(match[1]), path))
+    for path in glob.glob(os.path.join(log_dir, "model_*")):
+        name = os.path.basename(path)
+        as_file = re.fullmatch(r"model_(\d+)\.pt", name)
+        as_folder = re.fullmatch(r"model_(\d+)", name)
+        if as_file and os.path.isfile(path):
+            found.append((int(as_file[1]), path))
+        elif as_folder and os.path.isdir(path):
+            found.append((int(as_folder[1]), path))
     return sorted(found, reverse=True)
 
 
 def load_checkpoint(path):
-    """A checkpoint dict, or a UserError saying why it does not load."""
+    """A checkpoint's dict, or a UserError saying why it does not load. A sharded checkpoint (a
+    folder) gives everything but its tensors, with "sharded": True; load_sharded_state reads
+    those into a model."""
+    if os.path.isdir(path):
+        return load_sharded_meta(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist or is not a file")
     verify_checksum(path)
@@ -1064,12 +1088,21 @@ def resolve_resume(cfg, needed_by=None, master=True):
     return None, None
 
 
+def checkpoint_weights(path, ckpt):
+    """The model state dict of a checkpoint, sharded or not, as plain tensors in this process."""
+    if not ckpt.get("sharded"):
+        return ckpt["model"]
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    load_sharded_state(path, model)
+    return model.state_dict()
+
+
 def model_from_checkpoint(path, device="cpu", ops=None):
     """(GPT with the checkpoint's weights on device, the checkpoint dict): for sampling and
     evaluation."""
     ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt["model_config"]), ops)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(checkpoint_weights(path, ckpt))
     return model.to(device), ckpt
 
 
@@ -1088,19 +1121,41 @@ class HashingWriter:
         self.file.flush()
 
 
+def checksum_record(path):
+    """Where a checkpoint's sha256 record is: beside a file (path.sha256), inside a folder."""
+    if os.path.isdir(path):
+        return os.path.join(path, "SHA256SUMS")
+    return path + ".sha256"
+
+
 def verify_checksum(path):
-    """Refuse a checkpoint whose bytes differ from the sha256 recorded beside it when it was
-    written (path.sha256, in sha256sum's format). One without the record is taken as it is."""
+    """Refuse a checkpoint whose bytes differ from the sha256 recorded when it was written (in
+    sha256sum's format: a line per file). The processes of a run share the files out; a
+    checkpoint without the record is taken as it is."""
+    record = checksum_record(path)
     try:
-        with open(path + ".sha256") as f:
-            recorded = f.read().split()[:1]
+        with open(record) as f:
+            entries = [line.split() for line in f if line.strip()]
     except FileNotFoundError:
         return
-    if recorded != [sha256_of(path)]:
+    rank, world = process_rank()
+    folder = os.path.dirname(record)
+    ok = True
+    for entry in entries[rank::world]:
+        file = os.path.join(folder, entry[-1])
+        ok = ok and len(entry) == 2 and os.path.isfile(file) and sha256_of(file) == entry[0]
+    if not agreed([ok])[0]:
         raise UserError(
             f"checkpoint {path} does not match the sha256 recorded when it was written "
-            f"({path}.sha256): it has been damaged since"
+            f"({record}): it has been damaged since"
         )
+
+
+def process_rank():
+    """(this process's rank, the number of processes): (0, 1) without torch.distributed."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def save_checkpoint(path, state):
@@ -1122,13 +1177,131 @@ def save_checkpoint(path, state):
         ) from None
 
 
+# -----------------------------------------------------------------------------
+# sharded checkpoints: torch.distributed.checkpoint folders, any process count
+
+# lm_head.weight is transformer.wte.weight, one tensor under two names: a sharded checkpoint,
+# whose tensors are stored by name, holds it once, as wte
+TIED, TIED_TO = "lm_head.weight", "transformer.wte.weight"
+
+
+def save_sharded_checkpoint(path, model, optimizer, meta):
+    """Every process writes its shards of the model and optimizer into path.tmp/ (a file each,
+    then the first process's .metadata), and the sha256 of its files; the first process records
+    them in SHA256SUMS and renames the folder to path, so the name only ever appears on a
+    complete checkpoint. meta (step, config, loader position) travels inside as one JSON string."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, _ = process_rank()
+    tmp = path + ".tmp"
+    if rank == 0 and os.path.exists(tmp):  # left by a save a kill interrupted
+        shutil.rmtree(tmp)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this process's shards
+    del model_state[TIED]
+    state = {"model": model_state, "optimizer": optimizer_state, "meta": json.dumps(meta)}
+    try:
+        dcp.save(state, checkpoint_id=tmp)  # returns on every process once .metadata is written
+        mine = sorted(glob.glob(os.path.join(tmp, f"__{rank}_*.distcp")))
+        if rank == 0:
+            mine.append(os.path.join(tmp, ".metadata"))
+        lines = [f"{sha256_of(file)}  {os.path.basename(file)}\n" for file in mine]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, lines)
+        if rank == 0:
+            record = "".join(sum(everyone, [])).encode()
+            atomic_write(os.path.join(tmp, "SHA256SUMS"), lambda f: f.write(record))
+            os.replace(tmp, path)  # a folder's rename is atomic
+    except (OSError, CheckpointException) as e:
+        raise UserError(
+            f"cannot write checkpoint {path} ({one_line(e)[:200]}); free some disk space, "
+            f"then continue with --resume auto"
+        ) from None
+    dist.barrier()
+
+
+def dcp_load(state, path):
+    """torch.distributed.checkpoint.load of state's keys from path, filling its tensors in place;
+    in one process where there is no process group (which DCP announces with a warning)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
+def load_sharded_meta(path):
+    """A sharded checkpoint's dict without its tensors (see load_checkpoint)."""
+
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise UserError(
+            f"checkpoint {path} is a folder but not a sharded checkpoint (it has no .metadata)"
+        )
+    verify_checksum(path)
+    state = {"meta": ""}
+    try:  # only the meta: DCP reads the keys asked for
+        dcp_load(state, path)
+        meta = json.loads(state["meta"])
+    except Exception as e:  # a damaged .metadata, a missing shard: many types, one message
+        raise UserError(
+            f"checkpoint {path} does not load ({type(e).__name__}: {one_line(e)[:300]})"
+        ) from None
+    return {**meta, "sharded": True}
+
+
+def load_sharded_state(path, model, optimizer=None):
+    """A sharded checkpoint's tensors into model (and optimizer), sharded over this run's
+    processes or not, whatever the number of processes that wrote it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        model_state, optimizer_state = model.state_dict(), {}  # filled in place
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to read into
+    del model_state[TIED]
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer_state
+    dcp_load(state, path)
+    if optimizer is not None:
+        model_state[TIED] = model_state[TIED_TO]
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
+        )
+
+
+def load_full_state(model, optimizer, ckpt):
+    """A single-file checkpoint's whole tensors into a sharded model and its optimizer: each
+    process keeps its shards. The optimizer state, saved by parameter index, is named by
+    parameter first (the same code builds the optimizer in the same order)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ckpt["model"], options=options)
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = ckpt["optimizer"]
+    state = {order[index]: value for index, value in saved["state"].items()}
+    groups = []
+    for group in saved["param_groups"]:
+        groups.append({**group, "params": [order[index] for index in group["params"]]})
+    named = {"state": state, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, named, options=options)
+
+
 def sample_from_checkpoint(cfg):
     """`--sample PROMPT --resume PATH|auto`: print completions and return."""
     path, ckpt = resolve_resume(cfg, "--sample")
     rt = setup_runtime(cfg.device)
     mc = model_config(cfg, ckpt["model_config"], path)
     model = GPT(mc, select_ops(cfg.kernels, rt.device_type))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(checkpoint_weights(path, ckpt))
     print(f"{path}: step {ckpt['step']}, val loss {ckpt.get('val_loss')}")
     amp = autocast_context(rt.device_type, resolve_dtype(cfg.dtype, rt.device_type))
     model.to(rt.device)
@@ -1197,7 +1370,7 @@ def export_hf(cfg):
     path, ckpt = resolve_resume(cfg, "--export")
     config = hf_config(GPTConfig(**ckpt["model_config"]))
     config["arcanagpt"] = {"checkpoint": os.path.abspath(path), "step": ckpt["step"]}
-    weights = save(state_to_hf(ckpt["model"]), {"format": "pt"})
+    weights = save(state_to_hf(checkpoint_weights(path, ckpt)), {"format": "pt"})
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -1260,7 +1433,9 @@ def check_log_dir(cfg, resume_path, ckpt):
 
 LOG_DIR_LOCK = ".train_gpt.lock"  # held by a run's master process while it runs
 # The temporary files of this file's atomic writes into --log_dir (prepare.atomic_write's names).
-OUR_TEMP_FILES = re.compile(r"(model_\d+\.pt|model_\d+\.pt\.sha256|log\.txt|run\.json)\.tmp")
+OUR_TEMP_FILES = re.compile(
+    r"(model_\d+|model_\d+\.pt|model_\d+\.pt\.sha256|log\.txt|run\.json)\.tmp"
+)
 
 
 def set_up_log_dir(cfg, resume_path, ckpt, later):
@@ -1271,7 +1446,7 @@ def set_up_log_dir(cfg, resume_path, ckpt, later):
         os.makedirs(cfg.log_dir, exist_ok=True)
         for name in os.listdir(cfg.log_dir):
             if OUR_TEMP_FILES.fullmatch(name):  # left by writes a kill interrupted
-                os.remove(os.path.join(cfg.log_dir, name))
+                delete(os.path.join(cfg.log_dir, name))
     except OSError as e:
         raise UserError(
             f"--log_dir {cfg.log_dir}: cannot write there ({e.strerror}); choose a folder you "
@@ -1405,6 +1580,7 @@ def print_summary(run):
         f"{dtype_name(run.dtype)}, kernels {run.raw_model.ops.name}, "
         f"compile {'on' if run.compiled else 'off'}"
     )
+    print_memory(run)
     for line in run.kernel_lines:
         if line.startswith("warning: "):
             warn(line.removeprefix("warning: "))
@@ -1415,11 +1591,12 @@ def print_summary(run):
         f"{run.train_loader.capacity:,} tokens per pass; val {run.val_loader.capacity:,} tokens"
     )
     every = cfg.checkpoint_every or cfg.max_steps
+    checkpoints = "folders model_NNNNN (sharded)" if run.sharded else "model_NNNNN.pt"
     resuming = ""
     if run.resume_path:
         resuming = f"; resuming {run.resume_path} after step {run.start_step}"
     print(
-        f"out: {os.path.join(cfg.log_dir, 'log.txt')} and checkpoints model_NNNNN.pt there, "
+        f"out: {os.path.join(cfg.log_dir, 'log.txt')} and checkpoints {checkpoints} there, "
         f"every {every} steps and after the last{resuming}"
     )
     if run.start_step >= cfg.max_steps:
@@ -1428,6 +1605,31 @@ def print_summary(run):
             f"nothing to train"
         )
     warn_about_data(run)
+
+
+def print_memory(run):
+    """The bytes of model state each process holds: float32 weights, their float32 gradients and
+    AdamW's two moments per weight, of this process's shards under --fsdp."""
+    weights = 4 * sum(local_part(p).numel() for p in run.raw_model.parameters())
+    line = (
+        f"memory: {format_bytes(weights)} weights, {format_bytes(weights)} gradients, "
+        f"{format_bytes(2 * weights)} optimizer state per process"
+    )
+    if run.sharded:
+        line += f", sharded over {run.rt.world_size} processes"
+        if run.grad_accum > 1:
+            whole = format_bytes(4 * run.raw_model.num_params())
+            line += f" (+{whole} of unsharded gradients while accumulating a step)"
+    elif run.cfg.fsdp:
+        line += " (--fsdp without torchrun: nothing to shard)"
+    print(line)
+
+
+def format_bytes(n):
+    """1234567 -> 1.2 MiB, 3e9 -> 2.79 GiB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def warn_about_data(run):
@@ -1485,16 +1687,14 @@ def learning_rate(step, cfg):
     return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
 
 
-def forward_backward(model, ddp_model, loader, grad_accum, device, amp, scaler=None):
+def forward_backward(model, wrapper, loader, grad_accum, device, amp, scaler=None):
     """Gradients of one optimizer step's mean loss over grad_accum micro-batches, accumulated in
-    .grad; under DDP (ddp_model given) they are synchronized on the last micro-batch only.
-    Returns the mean loss."""
+    .grad; with several processes (wrapper: the DDP or FSDP model) they are synchronized on the
+    last micro-batch only. Returns the mean loss."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
         x, y = batch_to_device(*loader.next_batch(), device)
-        last = micro_step == grad_accum - 1
-        sync = nullcontext() if ddp_model is None or last else ddp_model.no_sync()
-        with sync:
+        with gradient_sync(wrapper, last=micro_step == grad_accum - 1):
             with amp:
                 _, loss = model(x, y)
             loss = loss.float() / grad_accum  # the mean over the step, not a sum of means
@@ -1503,6 +1703,18 @@ def forward_backward(model, ddp_model, loader, grad_accum, device, amp, scaler=N
                 loss = scaler.scale(loss)
             loss.backward()
     return loss_accum
+
+
+def gradient_sync(wrapper, last):
+    """The context of a micro-batch whose gradients are synchronized across processes only if it
+    is the last of its step: DDP's no_sync(), FSDP's set_requires_gradient_sync (which keeps the
+    whole gradient unsharded, in float32, until the last micro-batch reduce-scatters it)."""
+    if wrapper is None or (last and isinstance(wrapper, DDP)):
+        return nullcontext()
+    if isinstance(wrapper, DDP):
+        return wrapper.no_sync()
+    wrapper.set_requires_gradient_sync(last)
+    return nullcontext()
 
 
 @contextmanager
@@ -1574,10 +1786,11 @@ def check_resume_change(name, old, new, ckpt, path):
 
 
 def initial_weights(cfg, ckpt, resume_path):
-    """(the model's shape, the weights to start from or None): the checkpoint's, OpenAI's GPT-2
-    (--init_from, its position embeddings cropped to a shorter --block_size), or a new model."""
+    """(the model's shape, OpenAI's weights to start from or None): the checkpoint's shape (its
+    weights load with its optimizer, load_training_state), OpenAI's GPT-2 (--init_from, its
+    position embeddings cropped to a shorter --block_size), or a new model's."""
     if ckpt is not None:
-        return model_config(cfg, ckpt["model_config"], resume_path), ckpt["model"]
+        return model_config(cfg, ckpt["model_config"], resume_path), None
     if not cfg.init_from:
         return model_config(cfg), None
     config, state = load_hf_weights(cfg.init_from)
@@ -1591,6 +1804,32 @@ def initial_weights(cfg, ckpt, resume_path):
         wpe = state["transformer.wpe.weight"]
         state["transformer.wpe.weight"] = wpe[: cfg.block_size].clone()  # the first positions
     return model_config(cfg, asdict(config), cfg.init_from), state
+
+
+def shard_model(raw_model, rt, dtype, compile_model):
+    """FSDP2: each Block, then the root (wte = lm_head, wpe, ln_f), fully_shard'ed over the
+    processes. A unit's weights are all-gathered for its forward and backward only (one or two
+    blocks at a time), in the autocast dtype on CUDA, while the shards the optimizer updates
+    stay float32 and gradients are reduce-scattered in float32. Each block compiles alone: FSDP's
+    hooks break a whole-model graph."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # a block returns its MLP's output, a view, which the next block adds out of place: safe
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
+    param_dtype = None  # float32: the CPU's LayerNorm takes no 16-bit weights with float32 inputs
+    if rt.device_type == "cuda" and dtype != torch.float32:
+        param_dtype = dtype
+    # the residual stream stays float32 (GPT.forward), as with DDP: no cast of block inputs
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    for block in raw_model.transformer.h:
+        if compile_model:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(raw_model, mesh=mesh, mp_policy=policy)
 
 
 def wrap_model(raw_model, rt, compile_model):
@@ -1610,6 +1849,19 @@ def wrap_model(raw_model, rt, compile_model):
     return model, ddp_model
 
 
+def load_training_state(model, optimizer, ckpt, path, sharded):
+    """A checkpoint's weights and optimizer state into this run's model and optimizer: a sharded
+    checkpoint into any run (DCP), a single file into an unsharded run or, by its whole tensors,
+    into a sharded one."""
+    if ckpt.get("sharded"):
+        load_sharded_state(path, model, optimizer)
+    elif sharded:
+        load_full_state(model, optimizer, ckpt)
+    else:
+        load_weights(model, ckpt["model"], path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+
 @dataclass
 class Run:
     """What a training run works with, built once before step 0."""
@@ -1617,9 +1869,10 @@ class Run:
     cfg: TrainConfig
     rt: Runtime
     mc: GPTConfig
-    raw_model: GPT  # the weights: sampling, checkpoints, the gradient norm
+    raw_model: GPT  # the weights (sharded with --fsdp): sampling, checkpoints, the gradient norm
     model: nn.Module  # what the steps call: raw_model, or its DDP and torch.compile wrappers
-    ddp_model: Optional[DDP]
+    wrapper: Optional[nn.Module]  # what synchronizes gradients: DDP, the sharded model, or None
+    sharded: bool  # --fsdp under torchrun
     compiled: bool
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # float16 loss scaling; a no-op for other dtypes
@@ -1651,27 +1904,34 @@ def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
     val_loader = ShardLoader(val_shards, B, T, rank, world)
 
     ops, kernel_lines = select_run_ops(cfg.kernels, rt.device, dtype, mc, cfg.batch_size)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     raw_model = GPT(mc, ops)
     if weights is not None:
-        load_weights(raw_model, weights, cfg.init_from or "the checkpoint")
+        load_weights(raw_model, weights, cfg.init_from)
     raw_model.to(rt.device)
+    compiled = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
+    sharded = cfg.fsdp and rt.ddp  # under torchrun, also over one process
+    if sharded:
+        shard_model(raw_model, rt, dtype, compiled)  # before the optimizer: it holds the shards
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=dtype == torch.float16)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_training_state(raw_model, optimizer, ckpt, resume_path, sharded)
         train_loader.load_state_dict(ckpt["train_loader"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-    compiled = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
-    model, ddp_model = wrap_model(raw_model, rt, compiled)
+    if sharded:
+        model, wrapper = raw_model, raw_model
+    else:
+        model, wrapper = wrap_model(raw_model, rt, compiled)
     return Run(
         cfg=cfg,
         rt=rt,
         mc=mc,
         raw_model=raw_model,
         model=model,
-        ddp_model=ddp_model,
+        wrapper=wrapper,
+        sharded=sharded,
         compiled=compiled,
         optimizer=optimizer,
         scaler=scaler,
@@ -1720,31 +1980,42 @@ def evaluate(run, step):
 
 
 def checkpoint(run, step, val_loss):
-    """Save the run after `step` steps as log_dir/model_{step}.pt, keeping the newest
-    --keep_checkpoints; returns its path."""
-    cfg = run.cfg
-    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-    state = {
-        "model": run.raw_model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+    """Save the run after `step` steps in log_dir, as model_{step}.pt, or as the folder
+    model_{step} that every process of a sharded run writes its part of; keep the newest
+    --keep_checkpoints. Returns the checkpoint's path."""
+    cfg, rt = run.cfg, run.rt
+    meta = {
         "config": asdict(cfg),
         "model_config": asdict(run.mc),
         "step": step,
         "val_loss": val_loss,
         "train_loader": run.train_loader.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "world_size": run.rt.world_size,
+        "world_size": rt.world_size,
         "data": run.data,
     }
-    save_checkpoint(path, state)
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}")
+    if run.sharded:
+        save_sharded_checkpoint(path, run.raw_model, run.optimizer, meta)
+    else:
+        path += ".pt"
+    if not rt.master:
+        return path
+    if not run.sharded:
+        model, optimizer = run.raw_model.state_dict(), run.optimizer.state_dict()
+        save_checkpoint(path, {**meta, "model": model, "optimizer": optimizer})
     print(f"saved {path}")
     if cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints :]:
-            remove_checkpoint(old)
+            delete(old)
     return path
 
 
-def remove_checkpoint(path):
+def delete(path):
+    """Delete a file, with the sha256 record beside it, or a folder (a sharded checkpoint)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)  # a sharded checkpoint, its SHA256SUMS inside
+        return
     os.remove(path)
     if os.path.exists(path + ".sha256"):
         os.remove(path + ".sha256")
@@ -1756,7 +2027,7 @@ def compute_gradients(run, stop):
     rt = run.rt
     run.optimizer.zero_grad(set_to_none=True)
     loss = forward_backward(
-        run.model, run.ddp_model, run.train_loader, run.grad_accum, rt.device, run.amp, run.scaler
+        run.model, run.wrapper, run.train_loader, run.grad_accum, rt.device, run.amp, run.scaler
     )
     stats = torch.stack([loss, torch.tensor(float(len(stop) > 0), device=rt.device)])
     if rt.ddp:
@@ -1784,8 +2055,15 @@ def update(run, step):
 
 def weights_finite(run):
     """Whether every weight is finite, on every process (checked before each checkpoint)."""
-    maxima = torch.stack([p.detach().abs().max() for p in run.raw_model.parameters()])
-    return agreed([torch.isfinite(maxima).all().item()], run.rt.device)[0]
+    finite = [torch.isfinite(local_part(p.detach())).all() for p in run.raw_model.parameters()]
+    return agreed([torch.stack(finite).all().item()], run.rt.device)[0]
+
+
+def local_part(tensor):
+    """This process's part of a tensor: a DTensor's shard (--fsdp), else the tensor itself."""
+    if hasattr(tensor, "to_local"):  # a DTensor (importing the class costs every start 0.5 s)
+        return tensor.to_local()
+    return tensor
 
 
 @contextmanager
@@ -1868,8 +2146,7 @@ def train_loop(run):
                         rt, f"step {step}: the updated weights are not finite", last_checkpoint
                     )
                     return 1
-                if rt.master:
-                    last_checkpoint = checkpoint(run, trained, val_loss)
+                last_checkpoint = checkpoint(run, trained, val_loss)
             if stopping:
                 break
     return 0

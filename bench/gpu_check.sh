@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The first run on a GPU machine, in one command: build the kernels for this GPU, run the fragment self-test, the
-# start-of-run check at d12 shapes and the GPU tests, then record every benchmark suite. Each step has a time limit
-# and the run goes on after a failure; the summary at the end says which steps failed. Everything printed also goes
-# to OUTDIR/log.txt, and the records to OUTDIR/RESULTS.md (a copy of bench/RESULTS.md). About 10 minutes at most
-# on an H100; no network needed (HellaSwag falls back to synthetic val-shaped data, tokenize generates its text);
-# the packages of requirements.txt must be installed.
+# start-of-run check at d12 shapes and the GPU tests, train d12 with --fsdp (compile, kernels) and continue its
+# sharded checkpoint in one plain process, then record the GPU benchmark suites and the memory suite. Each step has a
+# time limit and the run goes on after a failure; the summary at the end says which steps failed. Everything printed
+# also goes to OUTDIR/log.txt, and the records to OUTDIR/RESULTS.md (a copy of bench/RESULTS.md). About 10 minutes
+# at most on an H100; no network needed (HellaSwag falls back to synthetic val-shaped data, --fsdp trains on random
+# tokens; the tokenize suite needs no GPU and runs elsewhere); the packages of requirements.txt must be installed.
 #
 #     bench/gpu_check.sh OUTDIR
 set -u
@@ -46,7 +47,6 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS and no
     fi
 }
 
-PROCS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))  # tokenize: the pipeline with all cores but one, against one process
 step build 150 python setup.py build_ext --inplace --force
 step selftest 45 python -m pytest -q tests/test_attention.py -k selftest -m cuda
 # the start-of-run check of a d12 run (B=16, T=1024, bf16): each op's verdict and times, as a run prints them;
@@ -64,7 +64,16 @@ step cross_entropy 25 python bench.py cross_entropy --record
 step attention 45 python bench.py attention --T 1024 --record
 step train 120 python bench.py train --steps 5 --record
 step hellaswag 45 python bench.py hellaswag --record
-step tokenize 60 python bench.py tokenize --num_proc "$PROCS" --record
+# --fsdp on this machine's GPUs (one of them: sharded over one process), with compile and the kernels:
+# bf16 weights gathered, float32 shards; a sharded checkpoint at step 8, continued by one plain process
+mkdir -p "$OUT/shards"
+python -c 'import sys, numpy as np; r = np.random.default_rng(0)
+for split in ("val_000000", "train_000001"):
+    np.save(f"{sys.argv[1]}/t_{split}.npy", r.integers(0, 50257, 2**21).astype(np.uint16))' "$OUT/shards"
+FSDP="--model d12 --data_dir $OUT/shards --batch_size 16 --total_batch_size 65536 --max_steps 8 --warmup_steps 2 --val_every 4 --val_steps 1 --hellaswag_every 0 --sample_every 0"
+step fsdp 120 python -m torch.distributed.run --standalone --nproc_per_node="$(nvidia-smi -L | wc -l)" train_gpt.py $FSDP --fsdp --compile --kernels cuda --log_dir "$OUT/fsdp"
+step fsdp_resume 60 python train_gpt.py --log_dir "$OUT/fsdp" --resume auto --no-fsdp --no-compile --max_steps 9
+step memory 60 python bench.py memory --record
 
 cp bench/RESULTS.md "$OUT/RESULTS.md"
 echo; echo "=== summary: $((${#SUMMARY[@]} - FAILED)) of ${#SUMMARY[@]} steps passed"

@@ -29,7 +29,7 @@ def test_help_lists_every_suite_and_bad_input_is_one_line(capsys):
     assert (
         capsys.readouterr().err
         == "error: unknown suite 'nope'; choose from: train, kernels, attention, "
-        "cross_entropy, hellaswag, tokenize (or all)\n"
+        "cross_entropy, hellaswag, tokenize, memory (or all)\n"
     )
     assert bench.main(["tokenize", "--mb", "0"]) == bench.USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: --mb 0.0 must be positive\n"
@@ -127,3 +127,17 @@ def test_table_aligns_and_goal_says_met_or_missed():
         bench.goal(">= 0.8", True) == "goal >= 0.8: met"
         and bench.goal("< 10 s", False) == "goal < 10 s: missed"
     )
+
+
+def test_memory_suite_computes_and_measures_the_state_per_process(capsys, results):
+    argv = ["memory", "--measure", "tiny:ddp:1", "tiny:fsdp:2", "--record"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    d12 = re.search(r"^d12\s+124\.5M\s+1\.85 GiB\s+949\.7 MiB\s+474\.8 MiB\s+237\.4 MiB", out, re.M)
+    assert d12, out  # 16 bytes a weight, 1/N of them sharded
+    assert "(goal d48 on 8 x 24 GB: met)" in out
+    measured = re.findall(r"^tiny\s+(ddp|fsdp)\s+(\d)\s+([\d.]+) MiB.*\s([\d.]+)\s+-$", out, re.M)
+    assert [(mode, n) for mode, n, _, _ in measured] == [("ddp", "1"), ("fsdp", "2")], out
+    assert float(measured[1][2]) == pytest.approx(float(measured[0][2]) / 2, rel=0.01)
+    assert all(float(ratio) == pytest.approx(1.0, abs=0.01) for *_, ratio in measured)
+    assert "`python bench.py memory --measure tiny:ddp:1 tiny:fsdp:2" in results.read_text()

@@ -91,7 +91,7 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
     (
         "train_gpt.py",
         TRAIN + ["--data_dir", "{d}/data", "--resume", "{d}/data"],
-        "does not exist or is not a file",
+        "is a folder but not a sharded checkpoint",
     ),
     (
         "train_gpt.py",

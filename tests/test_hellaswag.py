@@ -580,12 +580,14 @@ def test_compiled_model_compiles_once(model, short_file):
     torch._dynamo.reset()
 
 
-def test_a_process_with_no_examples_runs_no_forward_pass(short_file):
-    # world_size larger than the file: the ranks past its end score nothing and contribute zero counts
+def test_a_process_with_no_examples_runs_as_many_forward_passes(short_file):
+    # world_size larger than the file: the ranks past its end score nothing and contribute zero
+    # counts, but run the forward passes of the others (under --fsdp each one is a collective)
     data = hellaswag.render_file(short_file, BLOCK_SIZE)
     wrapped = Recorder(tiny_gpt())
-    summed, mean = hellaswag._ending_losses(wrapped, data, np.arange(7, 5, 8), "cpu", 2)
-    assert summed.shape == mean.shape == (0, 4) and wrapped.shapes == []
+    summed, mean = hellaswag._ending_losses(wrapped, data, np.arange(7, 5, 8), "cpu", 2, 1)
+    assert summed.shape == mean.shape == (0, 4)
+    assert len(wrapped.shapes) == 1 and wrapped.shapes[0][0] == 8  # 2 examples of dummy rows
 
 
 def test_world_size_needs_distributed(model, data_file):

@@ -980,7 +980,7 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
     assert train_gpt.main(args + ["--resume", os.path.join(log_dir, "missing.pt")]) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", log_dir]) == 2
-    assert "does not exist or is not a file" in capsys.readouterr().err
+    assert "is a folder but not a sharded checkpoint" in capsys.readouterr().err
     # --resume auto with only a damaged checkpoint starts over, and moves the old log and checkpoint aside
     with open(os.path.join(log_dir, "model_00001.pt"), "r+b") as f:
         f.truncate(1000)
