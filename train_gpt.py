@@ -265,6 +265,11 @@ def check_flags(cfg):
             raise UserError(f"--{name} {getattr(cfg, name)} must not be negative")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}")
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise UserError(
+            "--fsdp with --dtype float16: its loss scaler does not take sharded gradients; use "
+            "--dtype bfloat16"
+        )
     if cfg.init_from and cfg.resume:
         raise UserError(
             "--init_from starts a run from pretrained weights and --resume continues one: "

@@ -120,6 +120,11 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
     ),
     (
         "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--fsdp", "--dtype", "float16"],
+        "--fsdp with --dtype float16",
+    ),
+    (
+        "train_gpt.py",
         TRAIN + ["--data_dir", "{d}/a_file"],
         "--data_dir {d}/a_file is a file; pass the folder",
     ),
