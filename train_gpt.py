@@ -1895,7 +1895,7 @@ class Run:
     kernel_lines: list  # the start-of-run check of the kernels, for the summary
 
 
-def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
+def start_run(cfg, rt, mc, pretrained, ckpt, resume_path, changed):
     """The model, optimizer, loaders and evaluations of a run, on this process."""
     T = mc.block_size
     grad_accum = accumulation_steps(cfg, T, rt.world_size)
@@ -1911,8 +1911,8 @@ def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
     ops, kernel_lines = select_run_ops(cfg.kernels, rt.device, dtype, mc, cfg.batch_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     raw_model = GPT(mc, ops)
-    if weights is not None:
-        load_weights(raw_model, weights, cfg.init_from)
+    if pretrained is not None:
+        load_weights(raw_model, pretrained, cfg.init_from)
     raw_model.to(rt.device)
     compiled = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
     sharded = cfg.fsdp and rt.ddp  # under torchrun, also over one process
@@ -2099,10 +2099,10 @@ def train(cfg, given=()):
     changed = []
     if ckpt is not None:
         cfg, changed = resumed_config(cfg, given, ckpt, resume_path)
-    mc, weights = initial_weights(cfg, ckpt, resume_path)
+    mc, pretrained = initial_weights(cfg, ckpt, resume_path)
     with log_dir_lock(cfg.log_dir, rt):
         later = check_log_dir(cfg, resume_path, ckpt)
-        run = start_run(cfg, rt, mc, weights, ckpt, resume_path, changed)
+        run = start_run(cfg, rt, mc, pretrained, ckpt, resume_path, changed)
         if rt.master:
             set_up_log_dir(cfg, resume_path, ckpt, later)
             write_run_json(run)
