@@ -362,7 +362,7 @@ def score(model, path, block_size, device="cpu", rank=0, world_size=1, batch_siz
 
 @dataclass
 class EvalConfig:
-    checkpoint: Optional[str] = None  # a train_gpt.py checkpoint (model_*.pt) to score
+    checkpoint: Optional[str] = None  # a train_gpt.py checkpoint to score (model_*.pt, or a folder)
     model_dir: Optional[str] = None  # a local Hugging Face GPT-2 folder (config.json, weights)
     model: Optional[str] = None  # a hub name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (network)
     split: str = "val"  # which official split to score
