@@ -103,9 +103,12 @@ class TrainConfig:
     total_batch_size: int = 524288  # tokens per optimizer step, across processes and accumulation
     max_steps: int = 19073  # optimizer steps (19073 x 524288 tokens = one pass over 10B tokens)
     warmup_steps: int = 715  # linear learning-rate warmup steps
-    max_lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # learning rate at the end of the cosine decay
-    weight_decay: float = 0.1  # AdamW weight decay, applied to 2-D weights only
+    max_lr: float = 6e-4  # AdamW's peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # AdamW's final learning rate; Muon's ends at muon_lr x min_lr / max_lr
+    weight_decay: float = 0.1  # decoupled weight decay of the 2-D weights only (AdamW's and Muon's)
+    optimizer: str = "adamw"  # adamw (GPT-2's) or muon (block matrices by Muon, the rest by AdamW)
+    muon_lr: float = 0.01  # Muon's peak learning rate; the schedule scales it as it scales max_lr
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
     # evaluation, sampling, checkpoints
     val_every: int = 250  # validation loss every this many steps and after the last (0: last only)
@@ -138,6 +141,11 @@ DTYPES = [
     "float16",
 ]  # --dtype, here and in hellaswag.py and bench.py
 KERNELS = ["auto", "cuda", "torch"]  # --kernels, likewise
+OPTIMIZERS = ["adamw", "muon"]  # --optimizer
+
+# torch.optim.Muon's update scale: 0.2 x sqrt(max(rows, columns)) x lr, the update RMS of AdamW
+# (Moonshot's); it did better than Keller Jordan's "original" in the sweep in the README
+MUON_ADJUST_LR = "match_rms_adamw"
 
 
 # Resuming, these come from the checkpoint's config unless given on the command line: what the
@@ -153,6 +161,9 @@ RUN_SETTINGS = (
     "max_lr",
     "min_lr",
     "weight_decay",
+    "optimizer",
+    "muon_lr",
+    "muon_momentum",
     "grad_clip",
     "val_every",
     "val_steps",
@@ -173,6 +184,7 @@ def parse_config(argv=None):
         model=dict(choices=sorted(MODEL_PRESETS)),
         dtype=dict(choices=DTYPES),
         kernels=dict(choices=KERNELS),
+        optimizer=dict(choices=OPTIMIZERS),
     )
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     for action in parser._actions:  # parsed again without defaults: only the flags given remain
@@ -257,6 +269,11 @@ def check_flags(cfg):
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)} must not be negative")
+    for name in ("max_lr", "muon_lr"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} {getattr(cfg, name)} must be positive")
+    if not 0 <= cfg.muon_momentum < 1:
+        raise UserError(f"--muon_momentum {cfg.muon_momentum} must be at least 0 and below 1")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}")
     if cfg.init_from and cfg.resume:
@@ -414,9 +431,11 @@ class GPT(nn.Module):
             return self.lm_head(x_norm), None  # (B, T, vocab)
         return self.ops.lm_head_loss(x_norm, self.lm_head.weight, targets)
 
-    def configure_optimizer(self, weight_decay, learning_rate, device_type):
-        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizer(self, weight_decay, learning_rate, device_type, params=None):
+        """AdamW over params (default: every parameter); weight decay on matrices and embeddings
+        (>= 2-D), none on biases and gains."""
+        if params is None:
+            params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [
@@ -425,6 +444,27 @@ class GPT(nn.Module):
         ]
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+    def configure_optimizers(self, cfg, device_type):
+        """(AdamW, None) for --optimizer adamw; for muon (AdamW, Muon): torch.optim.Muon updates
+        the 2-D weights inside the blocks (attention and MLP matrices), AdamW at --max_lr the
+        rest (embeddings and so the tied head, biases, LayerNorm gains). Under DDP every process
+        runs Muon's Newton-Schulz iteration on the same all-reduced gradients: redundant work,
+        the same update everywhere (sharding it across processes is left for later)."""
+        if cfg.optimizer == "adamw":
+            return self.configure_optimizer(cfg.weight_decay, cfg.max_lr, device_type), None
+        matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
+        in_muon = {id(p) for p in matrices}
+        rest = [p for p in self.parameters() if id(p) not in in_muon]
+        adamw = self.configure_optimizer(cfg.weight_decay, cfg.max_lr, device_type, rest)
+        muon = torch.optim.Muon(
+            matrices,
+            lr=cfg.muon_lr,
+            momentum=cfg.muon_momentum,
+            weight_decay=cfg.weight_decay,
+            adjust_lr_fn=MUON_ADJUST_LR,
+        )
+        return adamw, muon
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, top_k=50, generator=None):
@@ -1296,6 +1336,7 @@ def print_summary(run):
         f"{rt.world_size} process(es) x {run.grad_accum} accumulation steps; "
         f"{cfg.max_steps * cfg.total_batch_size:,} tokens in all"
     )
+    print(f"optimizer: {optimizer_summary(run)}")
     print(
         f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), "
         f"{dtype_name(run.dtype)}, kernels {run.raw_model.ops.name}, "
@@ -1319,6 +1360,19 @@ def print_summary(run):
             f"nothing to train"
         )
     warn_about_data(run)
+
+
+def optimizer_summary(run):
+    cfg = run.cfg
+    adamw = f"AdamW, lr {cfg.max_lr:g}, weight decay {cfg.weight_decay:g}"
+    if run.muon is None:
+        return adamw
+    matrices = run.muon.param_groups[0]["params"]
+    size = sum(p.numel() for p in matrices)
+    return (
+        f"Muon, lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}, for the blocks' "
+        f"{len(matrices)} matrices ({size:,} parameters); {adamw} for the rest"
+    )
 
 
 def warn_about_data(run):
@@ -1438,7 +1492,7 @@ def resumed_config(cfg, given, ckpt, path):
     """The config of a resumed run: the checkpoint's run settings (RUN_SETTINGS), with those
     given on the command line over them. Returns (config, the changed ones as `--flag new (was
     old)`)."""
-    saved = ckpt["config"]
+    saved = {"optimizer": "adamw", **ckpt["config"]}  # checkpoints before --optimizer: AdamW's
     restored, changed = {}, []
     for name in RUN_SETTINGS:
         if name not in saved:
@@ -1455,7 +1509,13 @@ def resumed_config(cfg, given, ckpt, path):
 
 
 def check_resume_change(name, old, new, ckpt, path):
-    """Refuse a flag that would make a resumed run read other tokens than the run it continues."""
+    """Refuse a flag that would make a resumed run read other tokens than the run it continues, or
+    change its optimizer."""
+    if name == "optimizer":
+        raise UserError(
+            f"--optimizer {new} differs from {old} in {path}: a run keeps its optimizer (its "
+            f"state is in the checkpoint); leave --optimizer out to continue it, or start a new run"
+        )
     other_data = name == "data_dir" and ckpt.get("data") != data_identity(new)
     if name in DATA_ORDER or other_data:
         raise UserError(
@@ -1512,7 +1572,8 @@ class Run:
     model: nn.Module  # what the steps call: raw_model, or its DDP and torch.compile wrappers
     ddp_model: Optional[DDP]
     compiled: bool
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.AdamW  # every parameter, or with --optimizer muon those Muon leaves
+    muon: Optional[torch.optim.Muon]  # the blocks' matrices with --optimizer muon, else None
     scaler: torch.amp.GradScaler  # float16 loss scaling; a no-op for other dtypes
     train_loader: ShardLoader
     val_loader: ShardLoader
@@ -1525,6 +1586,9 @@ class Run:
     start_step: int  # steps done before this process started: the checkpoint's step, or 0
     resume_path: Optional[str]  # the checkpoint it continues
     changed: list  # the run settings given anew on resuming, as `--flag new (was old)`
+
+    def optimizers(self):
+        return [o for o in (self.optimizer, self.muon) if o is not None]
 
 
 def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
@@ -1545,10 +1609,14 @@ def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
     if weights is not None:
         load_weights(raw_model, weights, cfg.init_from or "the checkpoint")
     raw_model.to(rt.device)
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
+    optimizer, muon = raw_model.configure_optimizers(cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=dtype == torch.float16)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # and its settings: those given anew follow
+        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+        if muon is not None:
+            muon.load_state_dict(ckpt["muon"])
+            muon.param_groups[0].update(momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
         train_loader.load_state_dict(ckpt["train_loader"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
@@ -1563,6 +1631,7 @@ def start_run(cfg, rt, mc, weights, ckpt, resume_path, changed):
         ddp_model=ddp_model,
         compiled=compiled,
         optimizer=optimizer,
+        muon=muon,
         scaler=scaler,
         train_loader=train_loader,
         val_loader=val_loader,
@@ -1614,7 +1683,7 @@ def checkpoint(run, step, val_loss):
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
     state = {
         "model": run.raw_model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": run.optimizer.state_dict(),  # AdamW's
         "config": asdict(cfg),
         "model_config": asdict(run.mc),
         "step": step,
@@ -1624,6 +1693,8 @@ def checkpoint(run, step, val_loss):
         "world_size": run.rt.world_size,
         "data": run.data,
     }
+    if run.muon is not None:
+        state["muon"] = run.muon.state_dict()
     save_checkpoint(path, state)
     print(f"saved {path}")
     if cfg.keep_checkpoints:
@@ -1642,14 +1713,16 @@ def compute_gradients(run, stop):
     """The clipped gradients of one step: (the mean loss over all processes, the gradient norm,
     whether any process was asked to stop; all stop together)."""
     rt = run.rt
-    run.optimizer.zero_grad(set_to_none=True)
+    for optimizer in run.optimizers():
+        optimizer.zero_grad(set_to_none=True)
     loss = forward_backward(
         run.model, run.ddp_model, run.train_loader, run.grad_accum, rt.device, run.amp, run.scaler
     )
     stats = torch.stack([loss, torch.tensor(float(len(stop) > 0), device=rt.device)])
     if rt.ddp:
         dist.all_reduce(stats)
-    run.scaler.unscale_(run.optimizer)
+    for optimizer in run.optimizers():
+        run.scaler.unscale_(optimizer)
     max_norm = run.cfg.grad_clip or float("inf")
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
     return stats[0].item() / rt.world_size, norm.item(), stats[1].item() > 0
@@ -1661,11 +1734,17 @@ def diverged(run, loss, norm):
 
 
 def update(run, step):
-    """The optimizer step at this step's learning rate; returns the learning rate."""
-    lr = learning_rate(step, run.cfg)
+    """The optimizer steps at this step's learning rates; returns AdamW's. Muon's follows the same
+    warmup and decay from --muon_lr."""
+    cfg = run.cfg
+    lr = learning_rate(step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    run.scaler.step(run.optimizer)  # skipped by a float16 scaler when a gradient is not finite
+    if run.muon is not None:
+        for group in run.muon.param_groups:
+            group["lr"] = lr / cfg.max_lr * cfg.muon_lr
+    for optimizer in run.optimizers():
+        run.scaler.step(optimizer)  # skipped by a float16 scaler when a gradient is not finite
     run.scaler.update()
     return lr
 
