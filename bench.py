@@ -11,6 +11,7 @@ beside the number it judges; --record appends the run to bench/RESULTS.md. `pyth
     python bench.py hellaswag         # hellaswag.py: examples/s scoring the val split
     python bench.py tokenize          # prepare.py: tokens/s with N processes vs one process
     python bench.py memory            # model state per process: DDP vs --fsdp, computed, measured
+    python bench.py quality           # val loss per token of --optimizer adamw and muon
     bench/gpu_check.sh OUTDIR         # on a GPU machine: build, GPU tests, record every suite
 
 kernels, attention and cross_entropy need a CUDA GPU. This file sits on top of the others: it
@@ -21,6 +22,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import io
 import itertools
 import json
 import os
@@ -685,6 +687,131 @@ def bench_tokenize(cfg, rt, dtype):
 
 
 # -----------------------------------------------------------------------------
+# quality: the val loss per token of train_gpt.py's --optimizer adamw and muon on the same run
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Quality:
+    model: str = "tiny"  # model preset
+    text: str = os.path.join(ROOT, "data", "tinyshakespeare.txt")  # a .txt file, tokenized first
+    shard_size: int = 32768  # tokens per shard of the text; the first shard is the val split
+    tokens: int = 65536  # training tokens per optimizer
+    batch_size: int = 16  # micro-batch B
+    block_size: int = 128  # sequence length T
+    total_batch_size: int = 2048  # tokens per optimizer step
+    evals: int = 8  # val-loss evaluations after step 0, evenly spaced
+    val_steps: int = 2  # val batches of total_batch_size tokens per evaluation
+    max_lr: float = 3e-3  # AdamW's peak learning rate, in both runs
+    muon_lr: float = tg.TrainConfig.muon_lr  # Muon's peak learning rate
+
+
+def bench_quality(cfg, rt, dtype):
+    """train_gpt.py on the tokenized text with --optimizer adamw, then muon (same seed, data and
+    schedule): the val loss at each evaluation, and the tokens Muon needs to reach AdamW's final
+    val loss. Goal: at most 75% of AdamW's tokens."""
+    steps = cfg.tokens // cfg.total_batch_size
+    if steps < 1:
+        raise UserError(f"--tokens {cfg.tokens} is less than one step of --total_batch_size")
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = os.path.join(tmp, "data")
+        text_tokens = tokenize_text(cfg, data_dir)
+        for optimizer in tg.OPTIMIZERS:
+            curves[optimizer] = quality_run(
+                cfg, rt, data_dir, optimizer, os.path.join(tmp, optimizer)
+            )
+    adamw, muon = curves["adamw"], curves["muon"]
+    rows = []
+    for (tokens, a), (_, m) in zip(adamw, muon):
+        rows.append([f"{tokens:,}", f"{a:.4f}", f"{m:.4f}"])
+    lines = table(["tokens", "adamw val", "muon val"], rows)
+    lines += ["", f"final val loss: adamw {adamw[-1][1]:.4f}, muon {muon[-1][1]:.4f}"]
+    lines.append(tokens_to_reach(muon, adamw[-1][1], adamw[-1][0]))
+    warmup = prepare.counted(max(1, steps // 10), "warmup step")
+    about = (
+        f"model {cfg.model}, {tg.dtype_name(dtype)}, {steps} steps of {cfg.total_batch_size:,} "
+        f"tokens (B={cfg.batch_size}, T={cfg.block_size}), {warmup}, cosine to a tenth; AdamW lr "
+        f"{cfg.max_lr:g}, Muon lr {cfg.muon_lr:g}; {os.path.basename(cfg.text)}: "
+        f"{text_tokens:,} tokens, val {cfg.val_steps * cfg.total_batch_size:,} of them; seed "
+        f"{tg.TrainConfig.seed} for both"
+    )
+    return about, lines
+
+
+def tokenize_text(cfg, data_dir):
+    """cfg.text as GPT-2 token shards in data_dir (one document per paragraph), quietly; returns
+    its token count."""
+    argv = ["--input", cfg.text, "--txt_document", "paragraph", "--out_dir", data_dir]
+    argv += ["--shard_size", str(cfg.shard_size), "--num_proc", "1"]
+    with open(os.devnull, "w") as null:
+        with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return prepare.prepare(prepare.parse_args(argv))["tokens"]
+
+
+def quality_run(cfg, rt, data_dir, optimizer, log_dir):
+    """[(tokens trained, val loss)] of one train_gpt.py run with this --optimizer."""
+    steps = cfg.tokens // cfg.total_batch_size
+    settings = dict(
+        model=cfg.model,
+        device=rt.device,
+        data_dir=data_dir,
+        log_dir=log_dir,
+        optimizer=optimizer,
+        batch_size=cfg.batch_size,
+        block_size=cfg.block_size,
+        total_batch_size=cfg.total_batch_size,
+        max_steps=steps,
+        warmup_steps=max(1, steps // 10),
+        max_lr=cfg.max_lr,
+        min_lr=cfg.max_lr / 10,
+        muon_lr=cfg.muon_lr,
+        val_every=max(1, steps // cfg.evals),
+        val_steps=cfg.val_steps,
+        hellaswag_every=0,
+        sample_every=0,
+        checkpoint_every=0,
+    )
+    argv = []
+    for name, value in settings.items():
+        argv += [f"--{name}", str(value)]
+    out = io.StringIO()
+    print(f"  training with --optimizer {optimizer} ...", flush=True)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = tg.main(argv)
+    if code != 0:
+        last = out.getvalue().strip().splitlines()[-1:]
+        raise UserError(f"train_gpt.py --optimizer {optimizer} failed: {''.join(last)}")
+    curve = []
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for step, stream, value in (line.split() for line in f):
+            if stream == "val":
+                curve.append((int(step) * cfg.total_batch_size, float(value)))
+    return curve
+
+
+def tokens_to_reach(curve, target, budget):
+    """The line judging when curve [(tokens, val loss)] first reaches target: linearly
+    interpolated between the evaluations around it, as a share of budget."""
+    goal_text = "<= 75% of adamw's tokens"
+    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
+        if v1 <= target:
+            tokens = t1
+            if v0 > target:
+                tokens = t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
+            share = tokens / budget
+            return (
+                f"muon reaches adamw's final val loss {target:.4f} at {tokens:,.0f} tokens, "
+                f"{share:.0%} of adamw's {budget:,} ({goal(goal_text, share <= 0.75)})"
+            )
+    return (
+        f"muon does not reach adamw's final val loss {target:.4f} in {budget:,} tokens "
+        f"({goal(goal_text, False)})"
+    )
+
+
+# -----------------------------------------------------------------------------
 # memory: the model state each process holds, DDP against --fsdp
 
 
@@ -841,6 +968,7 @@ SUITES = {  # name -> (function, config dataclass, device: cuda, cpu or auto, ar
     ),
     "tokenize": (bench_tokenize, Tokenize, "cpu", dict(num_proc=dict(nargs="+", type=int))),
     "memory": (bench_memory, Memory, "auto", dict(measure=dict(nargs="+", type=str))),
+    "quality": (bench_quality, Quality, "auto", dict(model=dict(choices=sorted(tg.MODEL_PRESETS)))),
 }
 
 

@@ -107,9 +107,12 @@ class TrainConfig:
     total_batch_size: int = 524288  # tokens per optimizer step, across processes and accumulation
     max_steps: int = 19073  # optimizer steps (19073 x 524288 tokens = one pass over 10B tokens)
     warmup_steps: int = 715  # linear learning-rate warmup steps
-    max_lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # learning rate at the end of the cosine decay
-    weight_decay: float = 0.1  # AdamW weight decay, applied to 2-D weights only
+    max_lr: float = 6e-4  # AdamW's peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # AdamW's final learning rate; Muon's ends at muon_lr x min_lr / max_lr
+    weight_decay: float = 0.1  # decoupled weight decay of the 2-D weights only (AdamW's and Muon's)
+    optimizer: str = "adamw"  # adamw (GPT-2's) or muon (block matrices by Muon, the rest by AdamW)
+    muon_lr: float = 0.01  # Muon's peak learning rate; the schedule scales it as it scales max_lr
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
     # evaluation, sampling, checkpoints
     val_every: int = 250  # validation loss every this many steps and after the last (0: last only)
@@ -143,6 +146,11 @@ DTYPES = [
     "float16",
 ]  # --dtype, here and in hellaswag.py and bench.py
 KERNELS = ["auto", "cuda", "torch"]  # --kernels, likewise
+OPTIMIZERS = ["adamw", "muon"]  # --optimizer
+
+# torch.optim.Muon's update scale: 0.2 x sqrt(max(rows, columns)) x lr, the update RMS of AdamW
+# (Moonshot's); it did better than Keller Jordan's "original" in the sweep in the README
+MUON_ADJUST_LR = "match_rms_adamw"
 
 
 # Resuming, these come from the checkpoint's config unless given on the command line: what the
@@ -158,6 +166,9 @@ RUN_SETTINGS = (
     "max_lr",
     "min_lr",
     "weight_decay",
+    "optimizer",
+    "muon_lr",
+    "muon_momentum",
     "grad_clip",
     "val_every",
     "val_steps",
@@ -179,6 +190,7 @@ def parse_config(argv=None):
         model=dict(choices=sorted(MODEL_PRESETS)),
         dtype=dict(choices=DTYPES),
         kernels=dict(choices=KERNELS),
+        optimizer=dict(choices=OPTIMIZERS),
     )
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     for action in parser._actions:  # parsed again without defaults: only the flags given remain
@@ -263,6 +275,11 @@ def check_flags(cfg):
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)} must not be negative")
+    for name in ("max_lr", "muon_lr"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} {getattr(cfg, name)} must be positive")
+    if not 0 <= cfg.muon_momentum < 1:
+        raise UserError(f"--muon_momentum {cfg.muon_momentum} must be at least 0 and below 1")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}")
     if cfg.fsdp and cfg.dtype == "float16":
@@ -427,9 +444,11 @@ class GPT(nn.Module):
             return self.lm_head(x_norm), None  # (B, T, vocab)
         return self.ops.lm_head_loss(x_norm, self.lm_head.weight, targets)
 
-    def configure_optimizer(self, weight_decay, learning_rate, device_type):
-        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizer(self, weight_decay, learning_rate, device_type, params=None):
+        """AdamW over params (default: every parameter); weight decay on matrices and embeddings
+        (>= 2-D), none on biases and gains."""
+        if params is None:
+            params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [
@@ -438,6 +457,27 @@ class GPT(nn.Module):
         ]
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+    def configure_optimizers(self, cfg, device_type):
+        """(AdamW, None) for --optimizer adamw; for muon (AdamW, Muon): torch.optim.Muon updates
+        the 2-D weights inside the blocks (attention and MLP matrices), AdamW at --max_lr the
+        rest (embeddings and so the tied head, biases, LayerNorm gains). Under DDP every process
+        runs Muon's Newton-Schulz iteration on the same all-reduced gradients: redundant work,
+        the same update everywhere (sharding it across processes is left for later)."""
+        if cfg.optimizer == "adamw":
+            return self.configure_optimizer(cfg.weight_decay, cfg.max_lr, device_type), None
+        matrices = [p for p in self.transformer.h.parameters() if p.dim() == 2]
+        in_muon = {id(p) for p in matrices}
+        rest = [p for p in self.parameters() if id(p) not in in_muon]
+        adamw = self.configure_optimizer(cfg.weight_decay, cfg.max_lr, device_type, rest)
+        muon = torch.optim.Muon(
+            matrices,
+            lr=cfg.muon_lr,
+            momentum=cfg.muon_momentum,
+            weight_decay=cfg.weight_decay,
+            adjust_lr_fn=MUON_ADJUST_LR,
+        )
+        return adamw, muon
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, top_k=50, generator=None):
@@ -1190,8 +1230,8 @@ def save_checkpoint(path, state):
 TIED, TIED_TO = "lm_head.weight", "transformer.wte.weight"
 
 
-def save_sharded_checkpoint(path, model, optimizer, meta):
-    """Every process writes its shards of the model and optimizer into path.tmp/ (a file each,
+def save_sharded_checkpoint(path, model, optimizers, meta):
+    """Every process writes its shards of the model and optimizers into path.tmp/ (a file each,
     then the first process's .metadata), and the sha256 of its files; the first process records
     them in SHA256SUMS and renames the folder to path, so the name only ever appears on a
     complete checkpoint. meta (step, config, loader position) travels inside as one JSON string."""
@@ -1204,8 +1244,8 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
     if rank == 0 and os.path.exists(tmp):  # left by a save a kill interrupted
         shutil.rmtree(tmp)
     dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # this process's shards
-    del model_state[TIED]
+    model_state, optimizer_state = get_state_dict(model, optimizers)  # this process's shards
+    model_state = without_tied(model_state)
     state = {"model": model_state, "optimizer": optimizer_state, "meta": json.dumps(meta)}
     try:
         dcp.save(state, checkpoint_id=tmp)  # returns on every process once .metadata is written
@@ -1256,31 +1296,32 @@ def load_sharded_meta(path):
     return {**meta, "sharded": True}
 
 
-def load_sharded_state(path, model, optimizer=None):
-    """A sharded checkpoint's tensors into model (and optimizer), sharded over this run's
+def load_sharded_state(path, model, optimizers=()):
+    """A sharded checkpoint's tensors into model (and its optimizers), sharded over this run's
     processes or not, whatever the number of processes that wrote it."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if optimizer is None:
-        model_state, optimizer_state = model.state_dict(), {}  # filled in place
-    else:
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to read into
-    del model_state[TIED]
-    state = {"model": model_state}
-    if optimizer is not None:
-        state["optimizer"] = optimizer_state
-    dcp_load(state, path)
-    if optimizer is not None:
-        model_state[TIED] = model_state[TIED_TO]
-        set_state_dict(
-            model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
-        )
+    if not optimizers:
+        dcp_load({"model": without_tied(model.state_dict())}, path)  # filled in place
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizers)  # the layout to read into
+    dcp_load({"model": without_tied(model_state), "optimizer": optimizer_state}, path)
+    model_state[TIED] = model_state[TIED_TO]  # what was read, under both names
+    set_state_dict(
+        model, optimizers, model_state_dict=model_state, optim_state_dict=optimizer_state
+    )
 
 
-def load_full_state(model, optimizer, ckpt):
-    """A single-file checkpoint's whole tensors into a sharded model and its optimizer: each
-    process keeps its shards. The optimizer state, saved by parameter index, is named by
-    parameter first (the same code builds the optimizer in the same order)."""
+def without_tied(model_state):
+    """model_state's tensors but lm_head's, the same tensor as wte, which is saved once."""
+    return {name: tensor for name, tensor in model_state.items() if name != TIED}
+
+
+def load_full_state(model, pairs, ckpt):
+    """A single-file checkpoint's whole tensors into a sharded model and its optimizers, pairs of
+    (optimizer, the state it saved): each process keeps its shards. An optimizer's state, saved
+    by parameter index, is named by parameter first (the same code builds the optimizer with its
+    parameters in the same order)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -1290,14 +1331,16 @@ def load_full_state(model, optimizer, ckpt):
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, ckpt["model"], options=options)
     names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    saved = ckpt["optimizer"]
-    state = {order[index]: value for index, value in saved["state"].items()}
-    groups = []
-    for group in saved["param_groups"]:
-        groups.append({**group, "params": [order[index] for index in group["params"]]})
-    named = {"state": state, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, named, options=options)
+    named = {"state": {}, "param_groups": []}
+    for optimizer, saved in pairs:
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        for index, value in saved["state"].items():
+            named["state"][order[index]] = value
+        for group in saved["param_groups"]:
+            params = [order[index] for index in group["params"]]
+            named["param_groups"].append({**group, "params": params})
+    optimizers = [optimizer for optimizer, _ in pairs]
+    set_optimizer_state_dict(model, optimizers, named, options=options)
 
 
 def sample_from_checkpoint(cfg):
@@ -1580,6 +1623,7 @@ def print_summary(run):
         f"{rt.world_size} process(es) x {run.grad_accum} accumulation steps; "
         f"{cfg.max_steps * cfg.total_batch_size:,} tokens in all"
     )
+    print(f"optimizer: {optimizer_summary(run)}")
     print(
         f"device: {rt.world_size} process(es) on {rt.device} ({device_name(rt)}), "
         f"{dtype_name(run.dtype)}, kernels {run.raw_model.ops.name}, "
@@ -1614,11 +1658,15 @@ def print_summary(run):
 
 def print_memory(run):
     """The bytes of model state each process holds: float32 weights, their float32 gradients and
-    AdamW's two moments per weight, of this process's shards under --fsdp."""
-    weights = 4 * sum(local_part(p).numel() for p in run.raw_model.parameters())
+    the optimizers' state (AdamW: two moments a weight; Muon: one), of this process's shards
+    under --fsdp."""
+    weights = 4 * local_numel(run.raw_model.parameters())
+    state = 2 * 4 * local_numel(optimized(run.optimizer))
+    if run.muon is not None:
+        state += 4 * local_numel(optimized(run.muon))
     line = (
         f"memory: {format_bytes(weights)} weights, {format_bytes(weights)} gradients, "
-        f"{format_bytes(2 * weights)} optimizer state per process"
+        f"{format_bytes(state)} optimizer state per process"
     )
     if run.sharded:
         line += f", sharded over {run.rt.world_size} processes"
@@ -1630,11 +1678,34 @@ def print_memory(run):
     print(line)
 
 
+def local_numel(params):
+    """The elements of params on this process."""
+    return sum(local_part(p).numel() for p in params)
+
+
+def optimized(optimizer):
+    """The parameters an optimizer updates."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def format_bytes(n):
     """1234567 -> 1.2 MiB, 3e9 -> 2.79 GiB."""
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def optimizer_summary(run):
+    cfg = run.cfg
+    adamw = f"AdamW, lr {cfg.max_lr:g}, weight decay {cfg.weight_decay:g}"
+    if run.muon is None:
+        return adamw
+    matrices = run.muon.param_groups[0]["params"]
+    size = sum(p.numel() for p in matrices)
+    return (
+        f"Muon, lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}, for the blocks' "
+        f"{len(matrices)} matrices ({size:,} parameters); {adamw} for the rest"
+    )
 
 
 def warn_about_data(run):
@@ -1764,7 +1835,7 @@ def resumed_config(cfg, given, ckpt, path):
     """The config of a resumed run: the checkpoint's run settings (RUN_SETTINGS), with those
     given on the command line over them. Returns (config, the changed ones as `--flag new (was
     old)`)."""
-    saved = ckpt["config"]
+    saved = {"optimizer": "adamw", **ckpt["config"]}  # checkpoints before --optimizer: AdamW's
     restored, changed = {}, []
     for name in RUN_SETTINGS:
         if name not in saved:
@@ -1781,7 +1852,13 @@ def resumed_config(cfg, given, ckpt, path):
 
 
 def check_resume_change(name, old, new, ckpt, path):
-    """Refuse a flag that would make a resumed run read other tokens than the run it continues."""
+    """Refuse a flag that would make a resumed run read other tokens than the run it continues, or
+    change its optimizer."""
+    if name == "optimizer":
+        raise UserError(
+            f"--optimizer {new} differs from {old} in {path}: a run keeps its optimizer (its "
+            f"state is in the checkpoint); leave --optimizer out to continue it, or start a new run"
+        )
     other_data = name == "data_dir" and ckpt.get("data") != data_identity(new)
     if name in DATA_ORDER or other_data:
         raise UserError(
@@ -1854,17 +1931,30 @@ def wrap_model(raw_model, rt, compile_model):
     return model, ddp_model
 
 
-def load_training_state(model, optimizer, ckpt, path, sharded):
-    """A checkpoint's weights and optimizer state into this run's model and optimizer: a sharded
-    checkpoint into any run (DCP), a single file into an unsharded run or, by its whole tensors,
-    into a sharded one."""
+def load_training_state(model, optimizers, ckpt, path, sharded):
+    """A checkpoint's weights and optimizer state into this run's model and its optimizers
+    [AdamW, Muon or None]: a sharded checkpoint into any run (DCP), a single file into an
+    unsharded run or, by its whole tensors, into a sharded one."""
+    adamw, muon = optimizers
+    pairs = [(adamw, ckpt.get("optimizer"))]
+    if muon is not None:
+        pairs.append((muon, ckpt.get("muon")))
     if ckpt.get("sharded"):
-        load_sharded_state(path, model, optimizer)
+        load_sharded_state(path, model, [optimizer for optimizer, _ in pairs])
     elif sharded:
-        load_full_state(model, optimizer, ckpt)
+        load_full_state(model, pairs, ckpt)
     else:
         load_weights(model, ckpt["model"], path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for optimizer, saved in pairs:
+            optimizer.load_state_dict(saved)
+
+
+def apply_given_settings(cfg, adamw, muon):
+    """Loading an optimizer's state restores its settings too: those of this run, which may be
+    given anew on resuming, replace them (the learning rates are set at every step)."""
+    adamw.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group
+    if muon is not None:
+        muon.param_groups[0].update(momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -1879,7 +1969,8 @@ class Run:
     wrapper: Optional[nn.Module]  # what synchronizes gradients: DDP, the sharded model, or None
     sharded: bool  # --fsdp under torchrun
     compiled: bool
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.AdamW  # every parameter, or with --optimizer muon those Muon leaves
+    muon: Optional[torch.optim.Muon]  # the blocks' matrices with --optimizer muon, else None
     scaler: torch.amp.GradScaler  # float16 loss scaling; a no-op for other dtypes
     train_loader: ShardLoader
     val_loader: ShardLoader
@@ -1893,6 +1984,9 @@ class Run:
     resume_path: Optional[str]  # the checkpoint it continues
     changed: list  # the run settings given anew on resuming, as `--flag new (was old)`
     kernel_lines: list  # the start-of-run check of the kernels, for the summary
+
+    def optimizers(self):
+        return [o for o in (self.optimizer, self.muon) if o is not None]
 
 
 def start_run(cfg, rt, mc, pretrained, ckpt, resume_path, changed):
@@ -1917,11 +2011,12 @@ def start_run(cfg, rt, mc, pretrained, ckpt, resume_path, changed):
     compiled = rt.device_type == "cuda" if cfg.compile is None else cfg.compile
     sharded = cfg.fsdp and rt.ddp  # under torchrun, also over one process
     if sharded:
-        shard_model(raw_model, rt, dtype, compiled)  # before the optimizer: it holds the shards
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, rt.device_type)
+        shard_model(raw_model, rt, dtype, compiled)  # before the optimizers: they hold the shards
+    optimizer, muon = raw_model.configure_optimizers(cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=dtype == torch.float16)
     if ckpt is not None:
-        load_training_state(raw_model, optimizer, ckpt, resume_path, sharded)
+        load_training_state(raw_model, [optimizer, muon], ckpt, resume_path, sharded)
+        apply_given_settings(cfg, optimizer, muon)
         train_loader.load_state_dict(ckpt["train_loader"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
@@ -1939,6 +2034,7 @@ def start_run(cfg, rt, mc, pretrained, ckpt, resume_path, changed):
         sharded=sharded,
         compiled=compiled,
         optimizer=optimizer,
+        muon=muon,
         scaler=scaler,
         train_loader=train_loader,
         val_loader=val_loader,
@@ -2001,14 +2097,17 @@ def checkpoint(run, step, val_loss):
     }
     path = os.path.join(cfg.log_dir, f"model_{step:05d}")
     if run.sharded:
-        save_sharded_checkpoint(path, run.raw_model, run.optimizer, meta)
+        save_sharded_checkpoint(path, run.raw_model, run.optimizers(), meta)
     else:
         path += ".pt"
     if not rt.master:
         return path
     if not run.sharded:
-        model, optimizer = run.raw_model.state_dict(), run.optimizer.state_dict()
-        save_checkpoint(path, {**meta, "model": model, "optimizer": optimizer})
+        state = {**meta, "model": run.raw_model.state_dict()}
+        state["optimizer"] = run.optimizer.state_dict()  # AdamW's
+        if run.muon is not None:
+            state["muon"] = run.muon.state_dict()
+        save_checkpoint(path, state)
     print(f"saved {path}")
     if cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.log_dir)[cfg.keep_checkpoints :]:
@@ -2030,14 +2129,16 @@ def compute_gradients(run, stop):
     """The clipped gradients of one step: (the mean loss over all processes, the gradient norm,
     whether any process was asked to stop; all stop together)."""
     rt = run.rt
-    run.optimizer.zero_grad(set_to_none=True)
+    for optimizer in run.optimizers():
+        optimizer.zero_grad(set_to_none=True)
     loss = forward_backward(
         run.model, run.wrapper, run.train_loader, run.grad_accum, rt.device, run.amp, run.scaler
     )
     stats = torch.stack([loss, torch.tensor(float(len(stop) > 0), device=rt.device)])
     if rt.ddp:
         dist.all_reduce(stats)
-    run.scaler.unscale_(run.optimizer)
+    for optimizer in run.optimizers():
+        run.scaler.unscale_(optimizer)
     max_norm = run.cfg.grad_clip or float("inf")
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
     return stats[0].item() / rt.world_size, norm.item(), stats[1].item() > 0
@@ -2049,11 +2150,17 @@ def diverged(run, loss, norm):
 
 
 def update(run, step):
-    """The optimizer step at this step's learning rate; returns the learning rate."""
-    lr = learning_rate(step, run.cfg)
+    """The optimizer steps at this step's learning rates; returns AdamW's. Muon's follows the same
+    warmup and decay from --muon_lr."""
+    cfg = run.cfg
+    lr = learning_rate(step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    run.scaler.step(run.optimizer)  # skipped by a float16 scaler when a gradient is not finite
+    if run.muon is not None:
+        for group in run.muon.param_groups:
+            group["lr"] = lr / cfg.max_lr * cfg.muon_lr
+    for optimizer in run.optimizers():
+        run.scaler.step(optimizer)  # skipped by a float16 scaler when a gradient is not finite
     run.scaler.update()
     return lr
 

@@ -2,6 +2,7 @@
 suites' clean skip, and the records appended to bench/RESULTS.md. The numbers are measurements, so they are not
 checked beyond being consistent; that each suite runs, prints its table and records what it printed is."""
 
+import random
 import re
 
 import pytest
@@ -29,7 +30,7 @@ def test_help_lists_every_suite_and_bad_input_is_one_line(capsys):
     assert (
         capsys.readouterr().err
         == "error: unknown suite 'nope'; choose from: train, kernels, attention, "
-        "cross_entropy, hellaswag, tokenize, memory (or all)\n"
+        "cross_entropy, hellaswag, tokenize, memory, quality (or all)\n"
     )
     assert bench.main(["tokenize", "--mb", "0"]) == bench.USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: --mb 0.0 must be positive\n"
@@ -115,6 +116,45 @@ def test_hellaswag_suite_on_cpu(capsys, results, monkeypatch):
     assert "goal" not in out  # the 10 s goal is an H100's: not judged on a CPU
     text = results.read_text()
     assert "## hellaswag: " in text and rate.group(0) in text
+
+
+def test_quality_suite_on_cpu(capsys, results, tmp_path):
+    rng = random.Random(0)
+    paragraphs = [" ".join(bench.sentence(rng, 5, 20) for _ in range(4)) for _ in range(300)]
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(paragraphs))
+    argv = ["quality", "--text", str(text), "--shard_size", "2000", "--tokens", "512"]
+    argv += ["--batch_size", "2", "--block_size", "32", "--total_batch_size", "128"]
+    assert bench.main(argv + ["--evals", "2", "--val_steps", "1", "--record"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^([\d,]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["0", "256", "512"], out  # before training, after 2 and 4 steps
+    assert rows[0][1] == rows[0][2]  # the same model at the start
+    final = re.search(r"^final val loss: adamw ([\d.]+), muon ([\d.]+)$", out, re.M)
+    assert final and final.groups() == rows[-1][1:]
+    verdict = re.search(
+        r"^muon (reaches|does not reach) adamw's final val loss .*\(goal <= 75%", out, re.M
+    )
+    assert verdict, out
+    assert "float32, 4 steps of 128 tokens (B=2, T=32), 1 warmup step, cosine" in out
+    text = results.read_text()
+    assert "## quality: " in text and "`python bench.py quality --text" in text
+    assert final.group(0) in text and verdict.group(0) in text
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [(0, 11.0), (100, 8.0), (200, 6.0), (300, 5.0)]
+    assert bench.tokens_to_reach(curve, 7.0, 400) == (
+        "muon reaches adamw's final val loss 7.0000 at 150 tokens, 38% of adamw's 400 "
+        "(goal <= 75% of adamw's tokens: met)"
+    )
+    assert "at 300 tokens, 75% of adamw's 400 (goal <= 75% of adamw's tokens: met)" in (
+        bench.tokens_to_reach(curve, 5.0, 400)
+    )
+    assert bench.tokens_to_reach(curve, 4.9, 300) == (
+        "muon does not reach adamw's final val loss 4.9000 in 300 tokens "
+        "(goal <= 75% of adamw's tokens: missed)"
+    )
 
 
 def test_table_aligns_and_goal_says_met_or_missed():

@@ -80,6 +80,16 @@ CASES = [  # (tool, arguments, words the error line must hold); {d} is the fixtu
     ),
     (
         "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--optimizer", "sgd"],
+        "argument --optimizer: invalid choice: 'sgd'",
+    ),
+    (
+        "train_gpt.py",
+        TRAIN + ["--data_dir", "{d}/data", "--optimizer", "muon", "--muon_lr", "0"],
+        "--muon_lr 0.0 must be positive",
+    ),
+    (
+        "train_gpt.py",
         TRAIN + ["--data_dir", "{d}/missing"],
         "no *_train_*.npy shards; run `python prepare.py",
     ),
