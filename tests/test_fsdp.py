@@ -137,3 +137,19 @@ def test_fsdp_without_torchrun_trains_unsharded(data_dir, tmp_path, capsys):
     assert [os.path.basename(p) for _, p in train_gpt.list_checkpoints(log_dir)] == [
         "model_00001.pt"
     ]
+
+
+def test_muon_sharded_matches_one_process_and_resumes_unsharded(data_dir, tmp_path):
+    """torch.optim.Muon takes the sharded matrices and orthogonalizes each whole (not shard by
+    shard): the losses differ from one process only by its bfloat16 Newton-Schulz rounding."""
+    run = ARGS + ["--data_dir", data_dir, "--max_steps", "4", "--checkpoint_every", "2"]
+    run += ["--optimizer", "muon"]
+    plain, sharded = str(tmp_path / "plain"), str(tmp_path / "sharded")
+    assert run_script(run + ["--log_dir", plain]).returncode == 0
+    two = run_script(run + ["--log_dir", sharded, "--fsdp"], launcher=TORCHRUN)
+    assert two.returncode == 0, two.stderr
+    assert_logs_close(losses(plain), losses(sharded), tol=2e-4)
+    step2 = os.path.join(sharded, "model_00002")
+    plain_again = continue_in(tmp_path / "plain_again", sharded, step2)
+    assert train_gpt.main(["--log_dir", plain_again, "--resume", "auto", "--no-fsdp"]) == 0
+    assert_logs_close(losses(plain_again), losses(sharded), tol=2e-4)
