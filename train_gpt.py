@@ -123,9 +123,7 @@ class TrainConfig:
     sample: str = ""  # with --resume: print completions of this prompt and exit
     num_samples: int = 4  # completions per sampling
     sample_length: int = 32  # new tokens per completion
-    checkpoint_every: int = (
-        5000  # checkpoint every this many steps and after the last (0: last only)
-    )
+    checkpoint_every: int = 5000  # checkpoint every this many steps and after the last (0: last)
     keep_checkpoints: int = 3  # keep the newest this many checkpoints (0: keep all)
     resume: str = ""  # 'auto': the newest valid checkpoint in log_dir; or a checkpoint path
     branch: bool = False  # continue a --resume PATH older than log_dir's newest (see README)
@@ -139,12 +137,7 @@ class TrainConfig:
     seed: int = 1337  # seed for initialization, data shuffling and sampling
 
 
-DTYPES = [
-    "auto",
-    "float32",
-    "bfloat16",
-    "float16",
-]  # --dtype, here and in hellaswag.py and bench.py
+DTYPES = ["auto", "float32", "bfloat16", "float16"]  # --dtype, also of hellaswag.py and bench.py
 KERNELS = ["auto", "cuda", "torch"]  # --kernels, likewise
 OPTIMIZERS = ["adamw", "muon"]  # --optimizer
 
@@ -155,30 +148,11 @@ MUON_ADJUST_LR = "match_rms_adamw"
 
 # Resuming, these come from the checkpoint's config unless given on the command line: what the
 # run trains on, how, and when it evaluates (the model's shape always comes with its weights).
-RUN_SETTINGS = (
-    "data_dir",
-    "shuffle",
-    "seed",
-    "batch_size",
-    "total_batch_size",
-    "max_steps",
-    "warmup_steps",
-    "max_lr",
-    "min_lr",
-    "weight_decay",
-    "optimizer",
-    "muon_lr",
-    "muon_momentum",
-    "grad_clip",
-    "val_every",
-    "val_steps",
-    "hellaswag_every",
-    "sample_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "dtype",
-    "fsdp",
-)
+RUN_SETTINGS = """
+    data_dir shuffle seed batch_size total_batch_size max_steps warmup_steps max_lr min_lr
+    weight_decay optimizer muon_lr muon_momentum grad_clip val_every val_steps hellaswag_every
+    sample_every checkpoint_every keep_checkpoints dtype fsdp
+""".split()
 DATA_ORDER = ("shuffle", "seed")  # with --data_dir, the tokens a run reads: never changed on resume
 
 
