@@ -13,6 +13,9 @@ Two nodes of eight GPUs (run on every node, same --rdzv_endpoint; --log_dir on s
 Continue the newest checkpoint in --log_dir, or sample from one:
     python train_gpt.py --resume auto
     python train_gpt.py --resume log/model_19073.pt --sample "Hello, I'm a language model,"
+A resumed run continues that run: its data, batch, schedule and evaluation settings come from the
+checkpoint, and flags given override them (one that changes the tokens read, --data_dir, --seed or
+--shuffle, is refused); --sample and --export need no other flags.
 
 The data comes from `python prepare.py`; every flag is in `python train_gpt.py --help`. This file
 imports prepare.py (the token format and the helpers every tool shares) and hellaswag.py (the
