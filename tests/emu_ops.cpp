@@ -8,8 +8,9 @@
 // The device is an emulated H100 (compute capability 9.0, 227 KB of shared memory per block with opt-in) with
 // kSms SMs, so that the persistent kernels loop at small sizes. Each launch must fit it: dynamic shared memory
 // above 48 KB only for a kernel that opted in with cudaFuncSetAttribute, never above the device's limit, and
-// cp.async reading only the tensors of its launch. tests/emulated_ops.py builds this file with -I pointing at
-// the folder whose csrc/ it compiles: the repository's, or a scratch copy with a planted bug.
+// cp.async reading only the tensors of its launch. tests/emulated_ops.py builds this file with -I pointing at a
+// copy of the csrc/ it compiles (kernel_testing.emulator_sources): the repository's, ARCANA_CSRC's, or a scratch
+// copy with a planted bug.
 
 #include <Python.h>  // first, as Python asks
 

@@ -56,10 +56,28 @@ def cuda_include_dir():
     return None
 
 
+def checked_csrc():
+    """The csrc/ folder that the CPU checks of the kernels compile (the emulators, ptxas): ARCANA_CSRC where it is
+    set (tests/mutations.py points it at a scratch copy with a planted bug), else the repository's."""
+    return os.environ.get("ARCANA_CSRC") or os.path.join(ROOT, "csrc")
+
+
+def emulator_sources(folder, csrc=None):
+    """The kernel sources of csrc (default checked_csrc()) copied into folder/csrc, where the emulators include
+    them from (`#include "csrc/layernorm.cu"`); returns folder, for g++'s -I."""
+    csrc = csrc or checked_csrc()
+    os.makedirs(os.path.join(folder, "csrc"), exist_ok=True)
+    for name in sorted(os.listdir(csrc)):
+        if name.endswith((".cu", ".cuh", ".cpp")):
+            shutil.copyfile(os.path.join(csrc, name), os.path.join(folder, "csrc", name))
+    return folder
+
+
 def emulator_command(source, output, *flags):
-    """The g++ command that builds tests/<source> into output with flags; a skip without g++ or the CUDA
-    headers. Every build checks the alignment of each typed access (UBSan), so a 16-byte load or store of
-    misaligned data fails as it would on a GPU."""
+    """The g++ command that builds tests/<source> into output with flags, compiling the kernels of
+    checked_csrc() (copied next to output); a skip without g++ or the CUDA headers. Every build checks the
+    alignment of each typed access (UBSan), so a 16-byte load or store of misaligned data fails as it would on
+    a GPU."""
     cxx, inc = shutil.which("g++"), cuda_include_dir()
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
@@ -71,6 +89,7 @@ def emulator_command(source, output, *flags):
         "-fno-sanitize-recover=alignment",
         *flags,
         "-pthread",
+        f"-I{emulator_sources(output + '_src')}",
         f"-I{inc}",
         "-w",
         os.path.join(TESTS, source),

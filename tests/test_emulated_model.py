@@ -84,7 +84,7 @@ def planted_library(build_dir, tmp_path_factory):
     source = gelu.read_text()
     assert source.count(PLANTED_BUG[0]) == 1, "gelu.cu changed: update PLANTED_BUG"
     gelu.write_text(source.replace(*PLANTED_BUG))
-    return built(build(build_dir, root=str(root)))
+    return built(build(build_dir, csrc=str(root / "csrc")))
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 
 import pytest
-from kernel_testing import ROOT, cuda_include_dir, emulator_command
+from kernel_testing import checked_csrc, cuda_include_dir, emulator_command
 
 SANITIZERS = {"asan": ["-fsanitize=address"], "tsan": ["-g", "-fsanitize=thread"]}
 
@@ -105,7 +105,7 @@ def test_kernels_fit_the_sm_without_spills(tmp_path, nvcc_flags, source, arch):
             *nvcc_flags,
             f"-arch=compute_{arch}",
             "-ptx",
-            os.path.join(ROOT, "csrc", source),
+            os.path.join(checked_csrc(), source),
             "-o",
             ptx,
         ],
