@@ -12,6 +12,9 @@
 // in different collectives. The fibers that a barrier releases, and the blocks of a grid, run in an order
 // shuffled by the seed (emu_set_seed), as a GPU promises no order either.
 //
+// Each build emulates one architecture, ARCANA_ARCH (800, 860, 890 or 900; by default 900, the H100): the device
+// code's branches for it (csrc/common.cuh) and the limits of its SMs.
+//
 // What a GPU does and plain C++ would hide:
 // - Shared memory starts as garbage: the dynamic shared memory (16-byte aligned, sized exactly, with an 8-byte
 //   guard after it whose change is reported) and every static __shared__ variable are filled with all-ones bytes
@@ -52,6 +55,11 @@
 #include <string>
 #include <vector>
 
+// The architecture that the device code is built for (csrc/common.cuh): set by each emulator build.
+#ifndef ARCANA_ARCH
+#define ARCANA_ARCH 900
+#endif
+
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 extern "C" void __tsan_java_init(unsigned long heap_begin, unsigned long heap_size);
@@ -82,6 +90,20 @@ namespace emu {
 }
 
 inline uint32_t g_seed = 1;  // emu_set_seed: the schedule and the errors of the approximate intrinsics
+
+// -----------------------------------------------------------------------------
+// the architecture
+
+// What an SM of the emulated architecture holds (CUDA C++ Programming Guide, technical specifications per compute
+// capability): resident threads, and shared memory per block (with the opt-in) and per SM.
+struct Arch {
+  int threads_per_sm, smem_per_block_optin, smem_per_sm;
+};
+constexpr Arch kArch = ARCANA_ARCH == 900   ? Arch{2048, 227 * 1024, 228 * 1024}
+                       : ARCANA_ARCH == 800 ? Arch{2048, 163 * 1024, 164 * 1024}
+                       : ARCANA_ARCH == 860 || ARCANA_ARCH == 890 ? Arch{1536, 99 * 1024, 100 * 1024}
+                                                                  : Arch{};
+static_assert(kArch.threads_per_sm > 0, "ARCANA_ARCH must be 800, 860, 890 or 900");
 
 constexpr size_t kPage = 4096;
 
@@ -657,6 +679,16 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int = 32) {
 inline float atomicAdd(float* p, float v) {
   return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed);
 }
+
+#if ARCANA_ARCH >= 900
+// sm_90's vector atomic (CUDA declares it for sm_90 only): each of the two floats is added atomically (not the
+// pair as one access), at an address that must be 8-byte aligned.
+inline float2 atomicAdd(float2* p, float2 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 8) emu::fail("a float2 atomicAdd at an address that is not 8-byte aligned");
+  float* f = reinterpret_cast<float*>(p);
+  return make_float2(atomicAdd(f, v.x), atomicAdd(f + 1, v.y));
+}
+#endif
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

@@ -22,10 +22,10 @@ ROOT = os.path.dirname(TESTS)
 EMULATOR_FILES = ("emu_ops.cpp", "emu_runtime.h", "attention_emu.h")
 
 
-def build_command(sources, output):
-    """g++ for tests/emu_ops.cpp with sources/csrc as its csrc/ into output, or None without g++ or the CUDA
-    headers. Alignment-checked (UBSan), as every emulator build: a 16-byte load of misaligned data fails as on a
-    GPU."""
+def build_command(sources, output, arch):
+    """g++ for tests/emu_ops.cpp with sources/csrc as its csrc/ into output, for architecture arch (ARCANA_ARCH),
+    or None without g++ or the CUDA headers. Alignment-checked (UBSan), as every emulator build: a 16-byte load of
+    misaligned data fails as on a GPU."""
     import torch
     from kernel_testing import cuda_include_dir
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -47,6 +47,7 @@ def build_command(sources, output):
         "-pthread",
         "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        f"-DARCANA_ARCH={arch}",
         f"-I{sources}",
         f"-I{cuda}",
         f"-I{sysconfig.get_paths()['include']}",
@@ -62,16 +63,17 @@ def build_command(sources, output):
     ]
 
 
-def build(cache_dir, csrc=None):
-    """The emulated library of the kernel sources in csrc (default kernel_testing.checked_csrc()), built into
-    cache_dir unless a build of the same sources is there (wherever their folder): its path, or None without g++
-    or the CUDA headers. Fails with g++'s errors."""
+def build(cache_dir, csrc=None, arch=900):
+    """The emulated library of the kernel sources in csrc (default kernel_testing.checked_csrc()) for architecture
+    arch (ARCANA_ARCH: the emulated GPU is an H100, an A100 or an sm_86 one), built into cache_dir unless a build
+    of the same sources is there (wherever their folder): its path, or None without g++ or the CUDA headers. Fails
+    with g++'s errors."""
     from kernel_testing import checked_csrc, emulator_sources
 
     csrc = csrc or checked_csrc()
-    if build_command("SOURCES", "OUTPUT") is None:
+    if build_command("SOURCES", "OUTPUT", arch) is None:
         return None
-    digest = hashlib.sha256(" ".join(build_command("SOURCES", "OUTPUT")).encode())
+    digest = hashlib.sha256(" ".join(build_command("SOURCES", "OUTPUT", arch)).encode())
     names = sorted(f for f in os.listdir(csrc) if f.endswith((".cu", ".cuh", ".cpp")))
     files = [(f, os.path.join(csrc, f)) for f in names]
     for name, path in files + [(f, os.path.join(TESTS, f)) for f in EMULATOR_FILES]:
@@ -81,7 +83,7 @@ def build(cache_dir, csrc=None):
     if not os.path.exists(output):
         partial = f"{output}.{os.getpid()}.tmp"
         sources = emulator_sources(f"{partial}_src", csrc)
-        cmd = build_command(sources, partial)
+        cmd = build_command(sources, partial, arch)
         try:
             res = subprocess.run(cmd, capture_output=True, text=True)
         finally:

@@ -73,11 +73,16 @@ def emulator_sources(folder, csrc=None):
     return folder
 
 
-def emulator_command(source, output, *flags):
-    """The g++ command that builds tests/<source> into output with flags, compiling the kernels of
-    checked_csrc() (copied next to output); a skip without g++ or the CUDA headers. Every build checks the
-    alignment of each typed access (UBSan), so a 16-byte load or store of misaligned data fails as it would on
-    a GPU."""
+# The architectures the emulators are built for (ARCANA_ARCH, emu_runtime.h): the H100, the usual build; the A100,
+# without sm_90's branches; and sm_86, for the branches of neither.
+ARCHS = {"sm90": 900, "sm80": 800, "sm86": 860}
+
+
+def emulator_command(source, output, *flags, arch=900):
+    """The g++ command that builds tests/<source> into output with flags for architecture arch (ARCANA_ARCH),
+    compiling the kernels of checked_csrc() (copied next to output); a skip without g++ or the CUDA headers. Every
+    build checks the alignment of each typed access (UBSan), so a 16-byte load or store of misaligned data fails
+    as it would on a GPU."""
     cxx, inc = shutil.which("g++"), cuda_include_dir()
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
@@ -87,6 +92,7 @@ def emulator_command(source, output, *flags):
         "-O1",
         "-fsanitize=alignment",
         "-fno-sanitize-recover=alignment",
+        f"-DARCANA_ARCH={arch}",
         *flags,
         "-pthread",
         f"-I{emulator_sources(output + '_src')}",
@@ -98,10 +104,11 @@ def emulator_command(source, output, *flags):
     ]
 
 
-def build_emulator(tmp_path_factory, source):
-    """tests/<source> built with g++ into a shared library, loaded with ctypes (its argtypes are the caller's)."""
+def build_emulator(tmp_path_factory, source, arch=900):
+    """tests/<source> built with g++ for architecture arch into a shared library, loaded with ctypes (its argtypes
+    are the caller's)."""
     lib_path = str(tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so"))
-    cmd = emulator_command(source, lib_path, "-shared", "-fPIC")
+    cmd = emulator_command(source, lib_path, "-shared", "-fPIC", arch=arch)
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, (
         f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"

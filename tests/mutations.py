@@ -474,8 +474,8 @@ MUTANTS = [
         "arch",
         "attention.cu",
         "the sm_80 kernels compiled only from sm_90 on (sm_80 gets the trapping ones)",
-        "#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800",
-        "#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900",
+        "#if ARCANA_ARCH == 0 || ARCANA_ARCH >= 800",
+        "#if ARCANA_ARCH == 0 || ARCANA_ARCH >= 900",
     ),
     M(
         "arch",

@@ -5,7 +5,7 @@
   off a 16-byte boundary, fast kernels against plain ones. AddressSanitizer reports any global access out of its
   buffer, UBSan a misaligned 16-byte access; ThreadSanitizer runs blocks unordered with cp.async copies landing
   when issued, so a missing barrier, a stage refilled while read, or two blocks writing one address without an
-  atomic is a reported race.
+  atomic is a reported race. Built for sm_90 (ARCANA_ARCH), the H100's branches.
 - ptxas's resource use of every kernel at sm_80 and sm_90, as the extension is built: no spills, and the
   registers of the block size and resident blocks each kernel's __launch_bounds__ asks for fit an SM.
 """
