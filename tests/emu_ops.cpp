@@ -8,8 +8,8 @@
 // The device is a GPU of the architecture the build emulates (ARCANA_ARCH, emu_runtime.h: by default an H100,
 // compute capability 9.0 with 227 KB of shared memory per block with opt-in; an A100 or an sm_86 GPU) with kSms
 // SMs, so that the persistent kernels loop at small sizes. Each launch must fit it: dynamic shared memory above
-// 48 KB only for a kernel that opted in with cudaFuncSetAttribute, never above the device's limit, and cp.async
-// reading only the tensors of its launch.
+// 48 KB only for a kernel that opted in with cudaFuncSetAttribute, never above the device's limit, a block within
+// its kernel's __launch_bounds__ (emu_runtime.h), and cp.async reading only the tensors of its launch.
 // tests/emulated_ops.py builds this file with -I pointing at a copy of the csrc/ it compiles
 // (kernel_testing.emulator_sources): the repository's, ARCANA_CSRC's, or a scratch copy with a planted bug.
 

@@ -23,6 +23,7 @@
 //   own to the sanitizer, and only barriers, the end of a grid and atomics on the same address (relaxed, as on
 //   a GPU: they order nothing else) order accesses, so two blocks writing the same address with plain stores, or
 //   one writing what another reads, is a reported race, as is a missing __syncthreads within a block.
+// - A launch fails where its block has more threads than the kernel's __launch_bounds__ (launch_bounds below).
 // - Approximate intrinsics (__expf, __fdividef, rsqrtf, ex2.approx.ftz through ex2_approx_ftz) return the exact
 //   result moved by a pseudo-random amount within their documented error bound, the same for the same input
 //   and seed, with their flush-to-zero and special cases.
@@ -585,6 +586,29 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
     }
   }
   race::acquire(&sched.grid_done);
+}
+
+// The running kernel's __launch_bounds__, checked as each of its threads starts: the emulators compile csrc/
+// through a copy in which every kernel's body begins with emu::launch_bounds(ITS BOUNDS)
+// (kernel_testing.emulator_sources), since g++ keeps no such attribute. A GPU refuses to launch a block of more
+// threads than max_threads. And where min_blocks blocks of max_threads threads exceed an SM of the architecture,
+// ptxas drops min_blocks with a warning, and the register cap it was asked for with it.
+inline void launch_bounds(int max_threads, int min_blocks = 1) {
+  const int threads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+  char what[256];
+  if (threads > max_threads) {
+    std::snprintf(what, sizeof what,
+                  "a block of %d threads, more than the kernel's __launch_bounds__ (%d): a GPU refuses the launch",
+                  threads, max_threads);
+    fail(what);
+  }
+  if (max_threads * min_blocks > kArch.threads_per_sm) {
+    std::snprintf(what, sizeof what,
+                  "__launch_bounds__(%d, %d) asks %d resident threads per SM, an sm_%d SM holds %d: ptxas drops "
+                  "the minimum of blocks, and with it the register cap",
+                  max_threads, min_blocks, max_threads * min_blocks, ARCANA_ARCH / 10, kArch.threads_per_sm);
+    fail(what);
+  }
 }
 
 // -----------------------------------------------------------------------------

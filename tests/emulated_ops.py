@@ -19,7 +19,7 @@ import traceback
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-EMULATOR_FILES = ("emu_ops.cpp", "emu_runtime.h", "attention_emu.h")
+EMULATOR_FILES = ("emu_ops.cpp", "emu_runtime.h", "attention_emu.h", "kernel_testing.py")
 
 
 def build_command(sources, output, arch):

@@ -7,6 +7,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,14 +63,38 @@ def checked_csrc():
     return os.environ.get("ARCANA_CSRC") or os.path.join(ROOT, "csrc")
 
 
+# A kernel's head: `__global__ void __launch_bounds__(BOUNDS) name(PARAMS) {`.
+KERNEL_HEAD = re.compile(r"__global__\s+void\s+__launch_bounds__\(")
+
+
+def with_launch_bounds_checked(source):
+    """source with each kernel's __launch_bounds__ arguments repeated as the first statement of its body,
+    `emu::launch_bounds(BOUNDS);` (emu_runtime.h), on the line of its `{`: g++ keeps no such attribute, and there
+    the bounds are evaluated as nvcc evaluates them, in the kernel's scope for each instantiation."""
+    parts, pos = [], 0
+    for m in KERNEL_HEAD.finditer(source):
+        depth, end = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        body = source.index("{", end) + 1
+        parts += [source[pos:body], f" emu::launch_bounds({source[m.end() : end - 1]});"]
+        pos = body
+    return "".join(parts) + source[pos:]
+
+
 def emulator_sources(folder, csrc=None):
     """The kernel sources of csrc (default checked_csrc()) copied into folder/csrc, where the emulators include
-    them from (`#include "csrc/layernorm.cu"`); returns folder, for g++'s -I."""
+    them from (`#include "csrc/layernorm.cu"`), every kernel checking its launch against its __launch_bounds__
+    (with_launch_bounds_checked); returns folder, for g++'s -I."""
     csrc = csrc or checked_csrc()
     os.makedirs(os.path.join(folder, "csrc"), exist_ok=True)
     for name in sorted(os.listdir(csrc)):
         if name.endswith((".cu", ".cuh", ".cpp")):
-            shutil.copyfile(os.path.join(csrc, name), os.path.join(folder, "csrc", name))
+            with open(os.path.join(csrc, name)) as f:
+                source = f.read()
+            with open(os.path.join(folder, "csrc", name), "w") as f:
+                f.write(with_launch_bounds_checked(source))
     return folder
 
 
