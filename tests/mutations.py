@@ -55,6 +55,7 @@ CLASSES = {
     "causal": "the causal diagonal",
     "bounds": "a launch against the kernel's declared resources",
     "arch": "an architecture-specific branch",
+    "ptx": "inline PTX, which the emulators replace (out of a CPU's sight)",
 }
 
 M = Mutant
@@ -483,6 +484,21 @@ MUTANTS = [
         "ce_fast_kernel asks 2 resident blocks of 1024 threads on every GPU (1536-thread SMs too)",
         "constexpr int kFastMinBlocks = 1;",
         "constexpr int kFastMinBlocks = kBlocksPerSm;",
+    ),
+    # -- inline PTX: the emulators run their own model of each instruction instead
+    M(
+        "ptx",
+        "attention.cu",
+        "ldsm_x4: the first two matrices of ldmatrix .x4 swapped in the asm's outputs",
+        '"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n"',
+        '"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%1, %0, %2, %3}, [%4];\\n"',
+    ),
+    M(
+        "ptx",
+        "attention.cu",
+        "cp_async_16: rows past T copied instead of zero-filled (src-size always 16)",
+        '"r"(valid ? 16 : 0)',
+        '"r"(16)',
     ),
 ]
 
