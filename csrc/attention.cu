@@ -41,8 +41,8 @@
 #include <type_traits>
 
 // mma.sync with bf16 operands, ldmatrix and cp.async need sm_80; older targets get kernels that trap (the
-// host refuses them first, see check_arch).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+// host refuses them first, see check_arch). ARCANA_ARCH is __CUDA_ARCH__, or 0 in the host pass (common.cuh).
+#if ARCANA_ARCH == 0 || ARCANA_ARCH >= 800
 #define ARCANA_ATTN_SM80 1
 #else
 #define ARCANA_ATTN_SM80 0
@@ -789,7 +789,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BIG>::THREADS) attention_bwd_kernel(
           const int q = q0 + r0 + 16 * r + frag_row(lane, 2 * hr);
           if (q < seqlen) {
             float* dst = gdq + q * od + c0 + n * 8 + frag_col(lane, 0);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if ARCANA_ARCH >= 900
             atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[r][n][2 * hr], dq[r][n][2 * hr + 1]));
 #else
             atomicAdd(dst, dq[r][n][2 * hr]);

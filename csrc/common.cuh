@@ -31,6 +31,17 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+// The architecture that device code is compiled for, in __CUDA_ARCH__'s numbers (800 for sm_80, 900 for sm_90), and
+// 0 in nvcc's host pass. Device code branches on this, not on __CUDA_ARCH__: the CPU emulators cannot define
+// __CUDA_ARCH__ (the CUDA headers would take g++ for nvcc), so they set ARCANA_ARCH instead, once per target.
+#ifndef ARCANA_ARCH
+#ifdef __CUDA_ARCH__
+#define ARCANA_ARCH __CUDA_ARCH__
+#else
+#define ARCANA_ARCH 0
+#endif
+#endif
+
 namespace arcana {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -72,7 +72,7 @@ constexpr int kPlainRowsPerBlock = 8;  // plain kernel: one warp per row, 256 th
 // at 32 registers per thread; 1 elsewhere (sm_86, sm_89: 1536 threads per SM, where two 1024-thread blocks never
 // fit and ptxas would ignore the request with a warning). The launcher keeps rows in shared memory only where
 // kBlocksPerSm blocks fit an SM (ce_row_fits_shared_memory), so on those GPUs variant 1 re-reads them from L2.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 800 && __CUDA_ARCH__ != 900
+#if ARCANA_ARCH != 0 && ARCANA_ARCH != 800 && ARCANA_ARCH != 900
 constexpr int kFastMinBlocks = 1;
 #else
 constexpr int kFastMinBlocks = kBlocksPerSm;

@@ -20,7 +20,7 @@ inline cudaError_t check(cudaError_t e) {
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaMemsetAsync(ptr, value, bytes, stream) (std::memset((ptr), (value), (bytes)), cudaSuccess)
 
-#include "../csrc/attention.cu"
+#include "csrc/attention.cu"
 
 // -----------------------------------------------------------------------------
 // entry points for ctypes: dtype 0 = bfloat16, 1 = float16; the caller owns every buffer

@@ -32,8 +32,8 @@ void ce_allow_shared_memory(void (*)(Params...), size_t) {}
 // The kernel's emulated fast_exp2 calls exp2f where the GPU runs ex2.approx.ftz: its error and flush-to-zero.
 #define exp2f(x) emu::ex2_approx_ftz(x)
 
-#include "../csrc/common.cuh"
-#include "../csrc/cross_entropy.cu"
+#include "csrc/common.cuh"
+#include "csrc/cross_entropy.cu"
 
 // -----------------------------------------------------------------------------
 // entry point for ctypes: dtype 0 = float32, 1 = bfloat16, 2 = float16; the caller owns every buffer

@@ -5,11 +5,13 @@
 // the same input checks, allocation, dtype dispatch and launchers as a GPU run: a view whose data is not 16-byte
 // aligned, or a wrong saved tensor, reaches the kernels as it would there.
 //
-// The device is an emulated H100 (compute capability 9.0, 227 KB of shared memory per block with opt-in) with
-// kSms SMs, so that the persistent kernels loop at small sizes. Each launch must fit it: dynamic shared memory
-// above 48 KB only for a kernel that opted in with cudaFuncSetAttribute, never above the device's limit, and
-// cp.async reading only the tensors of its launch. tests/emulated_ops.py builds this file with -I pointing at
-// the folder whose csrc/ it compiles: the repository's, or a scratch copy with a planted bug.
+// The device is a GPU of the architecture the build emulates (ARCANA_ARCH, emu_runtime.h: by default an H100,
+// compute capability 9.0 with 227 KB of shared memory per block with opt-in; an A100 or an sm_86 GPU) with kSms
+// SMs, so that the persistent kernels loop at small sizes. Each launch must fit it: dynamic shared memory above
+// 48 KB only for a kernel that opted in with cudaFuncSetAttribute, never above the device's limit, a block within
+// its kernel's __launch_bounds__ (emu_runtime.h), and cp.async reading only the tensors of its launch.
+// tests/emulated_ops.py builds this file with -I pointing at a copy of the csrc/ it compiles
+// (kernel_testing.emulator_sources): the repository's, ARCANA_CSRC's, or a scratch copy with a planted bug.
 
 #include <Python.h>  // first, as Python asks
 
@@ -28,8 +30,8 @@
 
 namespace emu {
 
-constexpr int kSms = 2, kThreadsPerSm = 2048, kBlockSmemDefault = 48 * 1024, kBlockSmemOptin = 227 * 1024,
-              kSmSmem = 228 * 1024;
+constexpr int kSms = 2, kThreadsPerSm = kArch.threads_per_sm, kBlockSmemDefault = 48 * 1024,
+              kBlockSmemOptin = kArch.smem_per_block_optin, kSmSmem = kArch.smem_per_sm;
 
 inline std::map<const void*, int> g_smem_optin;  // kernel -> the dynamic shared memory it opted into
 
@@ -87,7 +89,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = emu::kThreadsPerSm; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kBlockSmemOptin; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = emu::kSmSmem; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = ARCANA_ARCH / 100; break;
     default: emu::fail("cudaDeviceGetAttribute: an attribute the emulated device does not have");
   }
   return cudaSuccess;

@@ -12,6 +12,9 @@
 // in different collectives. The fibers that a barrier releases, and the blocks of a grid, run in an order
 // shuffled by the seed (emu_set_seed), as a GPU promises no order either.
 //
+// Each build emulates one architecture, ARCANA_ARCH (800, 860, 890 or 900; by default 900, the H100): the device
+// code's branches for it (csrc/common.cuh) and the limits of its SMs.
+//
 // What a GPU does and plain C++ would hide:
 // - Shared memory starts as garbage: the dynamic shared memory (16-byte aligned, sized exactly, with an 8-byte
 //   guard after it whose change is reported) and every static __shared__ variable are filled with all-ones bytes
@@ -20,6 +23,7 @@
 //   own to the sanitizer, and only barriers, the end of a grid and atomics on the same address (relaxed, as on
 //   a GPU: they order nothing else) order accesses, so two blocks writing the same address with plain stores, or
 //   one writing what another reads, is a reported race, as is a missing __syncthreads within a block.
+// - A launch fails where its block has more threads than the kernel's __launch_bounds__ (launch_bounds below).
 // - Approximate intrinsics (__expf, __fdividef, rsqrtf, ex2.approx.ftz through ex2_approx_ftz) return the exact
 //   result moved by a pseudo-random amount within their documented error bound, the same for the same input
 //   and seed, with their flush-to-zero and special cases.
@@ -52,6 +56,11 @@
 #include <string>
 #include <vector>
 
+// The architecture that the device code is built for (csrc/common.cuh): set by each emulator build.
+#ifndef ARCANA_ARCH
+#define ARCANA_ARCH 900
+#endif
+
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 extern "C" void __tsan_java_init(unsigned long heap_begin, unsigned long heap_size);
@@ -82,6 +91,20 @@ namespace emu {
 }
 
 inline uint32_t g_seed = 1;  // emu_set_seed: the schedule and the errors of the approximate intrinsics
+
+// -----------------------------------------------------------------------------
+// the architecture
+
+// What an SM of the emulated architecture holds (CUDA C++ Programming Guide, technical specifications per compute
+// capability): resident threads, and shared memory per block (with the opt-in) and per SM.
+struct Arch {
+  int threads_per_sm, smem_per_block_optin, smem_per_sm;
+};
+constexpr Arch kArch = ARCANA_ARCH == 900   ? Arch{2048, 227 * 1024, 228 * 1024}
+                       : ARCANA_ARCH == 800 ? Arch{2048, 163 * 1024, 164 * 1024}
+                       : ARCANA_ARCH == 860 || ARCANA_ARCH == 890 ? Arch{1536, 99 * 1024, 100 * 1024}
+                                                                  : Arch{};
+static_assert(kArch.threads_per_sm > 0, "ARCANA_ARCH must be 800, 860, 890 or 900");
 
 constexpr size_t kPage = 4096;
 
@@ -565,6 +588,29 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
   race::acquire(&sched.grid_done);
 }
 
+// The running kernel's __launch_bounds__, checked as each of its threads starts: the emulators compile csrc/
+// through a copy in which every kernel's body begins with emu::launch_bounds(ITS BOUNDS)
+// (kernel_testing.emulator_sources), since g++ keeps no such attribute. A GPU refuses to launch a block of more
+// threads than max_threads. And where min_blocks blocks of max_threads threads exceed an SM of the architecture,
+// ptxas drops min_blocks with a warning, and the register cap it was asked for with it.
+inline void launch_bounds(int max_threads, int min_blocks = 1) {
+  const int threads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+  char what[256];
+  if (threads > max_threads) {
+    std::snprintf(what, sizeof what,
+                  "a block of %d threads, more than the kernel's __launch_bounds__ (%d): a GPU refuses the launch",
+                  threads, max_threads);
+    fail(what);
+  }
+  if (max_threads * min_blocks > kArch.threads_per_sm) {
+    std::snprintf(what, sizeof what,
+                  "__launch_bounds__(%d, %d) asks %d resident threads per SM, an sm_%d SM holds %d: ptxas drops "
+                  "the minimum of blocks, and with it the register cap",
+                  max_threads, min_blocks, max_threads * min_blocks, ARCANA_ARCH / 10, kArch.threads_per_sm);
+    fail(what);
+  }
+}
+
 // -----------------------------------------------------------------------------
 // approximate intrinsics: the exact result moved by a pseudo-random error within the documented bound
 
@@ -657,6 +703,16 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int = 32) {
 inline float atomicAdd(float* p, float v) {
   return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed);
 }
+
+#if ARCANA_ARCH >= 900
+// sm_90's vector atomic (CUDA declares it for sm_90 only): each of the two floats is added atomically (not the
+// pair as one access), at an address that must be 8-byte aligned.
+inline float2 atomicAdd(float2* p, float2 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 8) emu::fail("a float2 atomicAdd at an address that is not 8-byte aligned");
+  float* f = reinterpret_cast<float*>(p);
+  return make_float2(atomicAdd(f, v.x), atomicAdd(f + 1, v.y));
+}
+#endif
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

@@ -19,12 +19,13 @@ import traceback
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-EMULATOR_FILES = ("emu_ops.cpp", "emu_runtime.h", "attention_emu.h")
+EMULATOR_FILES = ("emu_ops.cpp", "emu_runtime.h", "attention_emu.h", "kernel_testing.py")
 
 
-def build_command(root, output):
-    """g++ for tests/emu_ops.cpp with root/csrc as its csrc/ into output, or None without g++ or the CUDA headers.
-    Alignment-checked (UBSan), as every emulator build: a 16-byte load of misaligned data fails as on a GPU."""
+def build_command(sources, output, arch):
+    """g++ for tests/emu_ops.cpp with sources/csrc as its csrc/ into output, for architecture arch (ARCANA_ARCH),
+    or None without g++ or the CUDA headers. Alignment-checked (UBSan), as every emulator build: a 16-byte load of
+    misaligned data fails as on a GPU."""
     import torch
     from kernel_testing import cuda_include_dir
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -46,7 +47,8 @@ def build_command(root, output):
         "-pthread",
         "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        f"-I{root}",
+        f"-DARCANA_ARCH={arch}",
+        f"-I{sources}",
         f"-I{cuda}",
         f"-I{sysconfig.get_paths()['include']}",
         *[f"-I{p}" for p in include_paths()],
@@ -61,14 +63,17 @@ def build_command(root, output):
     ]
 
 
-def build(cache_dir, root=ROOT):
-    """The emulated library of root/csrc, built into cache_dir unless a build of the same sources is there (wherever
-    their root): its path, or None without g++ or the CUDA headers. Fails with g++'s errors."""
-    cmd = build_command(root, "OUTPUT")
-    if cmd is None:
+def build(cache_dir, csrc=None, arch=900):
+    """The emulated library of the kernel sources in csrc (default kernel_testing.checked_csrc()) for architecture
+    arch (ARCANA_ARCH: the emulated GPU is an H100, an A100 or an sm_86 one), built into cache_dir unless a build
+    of the same sources is there (wherever their folder): its path, or None without g++ or the CUDA headers. Fails
+    with g++'s errors."""
+    from kernel_testing import checked_csrc, emulator_sources
+
+    csrc = csrc or checked_csrc()
+    if build_command("SOURCES", "OUTPUT", arch) is None:
         return None
-    digest = hashlib.sha256(" ".join(build_command("ROOT", "OUTPUT")).encode())
-    csrc = os.path.join(root, "csrc")
+    digest = hashlib.sha256(" ".join(build_command("SOURCES", "OUTPUT", arch)).encode())
     names = sorted(f for f in os.listdir(csrc) if f.endswith((".cu", ".cuh", ".cpp")))
     files = [(f, os.path.join(csrc, f)) for f in names]
     for name, path in files + [(f, os.path.join(TESTS, f)) for f in EMULATOR_FILES]:
@@ -77,8 +82,12 @@ def build(cache_dir, root=ROOT):
     output = os.path.join(cache_dir, f"arcana_kernels_emulated_{digest.hexdigest()[:16]}.so")
     if not os.path.exists(output):
         partial = f"{output}.{os.getpid()}.tmp"
-        cmd[cmd.index("OUTPUT")] = partial
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        sources = emulator_sources(f"{partial}_src", csrc)
+        cmd = build_command(sources, partial, arch)
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        finally:
+            shutil.rmtree(sources)
         assert res.returncode == 0, (
             f"building the emulated library failed:\n{' '.join(cmd)}\n{res.stderr[-6000:]}"
         )

@@ -7,6 +7,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,10 +57,57 @@ def cuda_include_dir():
     return None
 
 
-def emulator_command(source, output, *flags):
-    """The g++ command that builds tests/<source> into output with flags; a skip without g++ or the CUDA
-    headers. Every build checks the alignment of each typed access (UBSan), so a 16-byte load or store of
-    misaligned data fails as it would on a GPU."""
+def checked_csrc():
+    """The csrc/ folder that the CPU checks of the kernels compile (the emulators, ptxas): ARCANA_CSRC where it is
+    set (tests/mutations.py points it at a scratch copy with a planted bug), else the repository's."""
+    return os.environ.get("ARCANA_CSRC") or os.path.join(ROOT, "csrc")
+
+
+# A kernel's head: `__global__ void __launch_bounds__(BOUNDS) name(PARAMS) {`.
+KERNEL_HEAD = re.compile(r"__global__\s+void\s+__launch_bounds__\(")
+
+
+def with_launch_bounds_checked(source):
+    """source with each kernel's __launch_bounds__ arguments repeated as the first statement of its body,
+    `emu::launch_bounds(BOUNDS);` (emu_runtime.h), on the line of its `{`: g++ keeps no such attribute, and there
+    the bounds are evaluated as nvcc evaluates them, in the kernel's scope for each instantiation."""
+    parts, pos = [], 0
+    for m in KERNEL_HEAD.finditer(source):
+        depth, end = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        body = source.index("{", end) + 1
+        parts += [source[pos:body], f" emu::launch_bounds({source[m.end() : end - 1]});"]
+        pos = body
+    return "".join(parts) + source[pos:]
+
+
+def emulator_sources(folder, csrc=None):
+    """The kernel sources of csrc (default checked_csrc()) copied into folder/csrc, where the emulators include
+    them from (`#include "csrc/layernorm.cu"`), every kernel checking its launch against its __launch_bounds__
+    (with_launch_bounds_checked); returns folder, for g++'s -I."""
+    csrc = csrc or checked_csrc()
+    os.makedirs(os.path.join(folder, "csrc"), exist_ok=True)
+    for name in sorted(os.listdir(csrc)):
+        if name.endswith((".cu", ".cuh", ".cpp")):
+            with open(os.path.join(csrc, name)) as f:
+                source = f.read()
+            with open(os.path.join(folder, "csrc", name), "w") as f:
+                f.write(with_launch_bounds_checked(source))
+    return folder
+
+
+# The architectures the emulators are built for (ARCANA_ARCH, emu_runtime.h): the H100, the usual build; the A100,
+# without sm_90's branches; and sm_86, for the branches of neither.
+ARCHS = {"sm90": 900, "sm80": 800, "sm86": 860}
+
+
+def emulator_command(source, output, *flags, arch=900):
+    """The g++ command that builds tests/<source> into output with flags for architecture arch (ARCANA_ARCH),
+    compiling the kernels of checked_csrc() (copied next to output); a skip without g++ or the CUDA headers. Every
+    build checks the alignment of each typed access (UBSan), so a 16-byte load or store of misaligned data fails
+    as it would on a GPU."""
     cxx, inc = shutil.which("g++"), cuda_include_dir()
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
@@ -69,8 +117,10 @@ def emulator_command(source, output, *flags):
         "-O1",
         "-fsanitize=alignment",
         "-fno-sanitize-recover=alignment",
+        f"-DARCANA_ARCH={arch}",
         *flags,
         "-pthread",
+        f"-I{emulator_sources(output + '_src')}",
         f"-I{inc}",
         "-w",
         os.path.join(TESTS, source),
@@ -79,10 +129,11 @@ def emulator_command(source, output, *flags):
     ]
 
 
-def build_emulator(tmp_path_factory, source):
-    """tests/<source> built with g++ into a shared library, loaded with ctypes (its argtypes are the caller's)."""
+def build_emulator(tmp_path_factory, source, arch=900):
+    """tests/<source> built with g++ for architecture arch into a shared library, loaded with ctypes (its argtypes
+    are the caller's)."""
     lib_path = str(tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so"))
-    cmd = emulator_command(source, lib_path, "-shared", "-fPIC")
+    cmd = emulator_command(source, lib_path, "-shared", "-fPIC", arch=arch)
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, (
         f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"

@@ -36,7 +36,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
 }
 }  // namespace arcana
 
-#include "../csrc/common.cuh"
+#include "csrc/common.cuh"
 
 namespace arcana {
 inline DeviceShape device_shape() { return DeviceShape{emu::g_shape.sms, emu::g_shape.threads_per_sm}; }
@@ -44,8 +44,8 @@ template <typename... Params>
 int resident_blocks_per_sm(void (*)(Params...), int, size_t) { return emu::g_shape.blocks_per_sm; }
 }  // namespace arcana
 
-#include "../csrc/layernorm.cu"
-#include "../csrc/gelu.cu"
+#include "csrc/layernorm.cu"
+#include "csrc/gelu.cu"
 
 // -----------------------------------------------------------------------------
 // entry points for ctypes: dtype 0 = float32, 1 = bfloat16, 2 = float16; the caller owns every buffer

@@ -5,9 +5,10 @@ Three parts:
   for CPU tensors, and CudaOps.attention's fallbacks. Needs the built extension: skipped without it, failed
   without it when ARCANA_REQUIRE_KERNELS=1 (CI).
 - CPU emulation: tests/attention_emu.cpp compiles the kernels and launchers of csrc/attention.cu for the CPU,
-  with ldmatrix, mma, cp.async and shuffles emulated per warp, and runs them on small shapes; no extension
-  needed, only g++ and the CUDA headers. This checks the kernels' index arithmetic; the GPU part checks the
-  rest.
+  with ldmatrix, mma, cp.async and shuffles emulated per warp, and runs them on small shapes, each built for the
+  architecture of the GPU whose tiles it runs (sm_90's float2 atomics for dQ, sm_80's and sm_86's scalar ones);
+  no extension needed, only g++ and the CUDA headers. This checks the kernels' index arithmetic; the GPU part
+  checks the rest.
 - GPU (marker cuda): the fragment self-test first, then both variants (the plain and the fast kernels, chosen
   with torch.ops.arcana._set_variant by the `variant` fixture) against an fp32 reference for the output, lse and
   the three gradients, the kernels autograd launches under the switch, the errors, peak memory against SDPA,
@@ -29,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_testing import (
+    ARCHS,
     build_emulator,
     emulator_command,
     format_table,
@@ -243,14 +245,22 @@ def test_cuda_ops_attention_falls_back_for_float32_and_other_head_sizes():
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    """tests/attention_emu.cpp built with g++ into a shared library, loaded with ctypes."""
-    lib = build_emulator(tmp_path_factory, "attention_emu.cpp")
-    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.emu_attention_selftest.argtypes = [I, P, P]
-    lib.emu_attention_fwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P]
-    lib.emu_attention_bwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P, P, P, I]
-    return lib
+def emulators(tmp_path_factory):
+    """emulators(arch): tests/attention_emu.cpp built with g++ for architecture arch (ARCHS) into a shared
+    library, loaded with ctypes; each architecture built once."""
+    libs = {}
+
+    def get(arch):
+        if arch not in libs:
+            lib = build_emulator(tmp_path_factory, "attention_emu.cpp", arch=ARCHS[arch])
+            P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+            lib.emu_attention_selftest.argtypes = [I, P, P]
+            lib.emu_attention_fwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P]
+            lib.emu_attention_bwd.argtypes = [I, I, P, L, L, L, L, L, I, I, I, I, P, P, P, P, I]
+            libs[arch] = lib
+        return libs[arch]
+
+    return get
 
 
 def emu_dtype(dtype):
@@ -265,6 +275,8 @@ def emu_qkv_args(qkv):
 
 # Shared memory per block (bytes) that the backward's launcher is told the GPU has: it picks the tiles.
 H100_SMEM, A100_SMEM, SM86_SMEM = 227 * 1024, 163 * 1024, 99 * 1024
+# The architecture each GPU's cases are built for: dQ's float2 atomics on sm_90, scalar ones before it.
+ARCH = {"H100": "sm90", "A100": "sm80", "sm86": "sm86"}
 
 
 def emu_attention(lib, qkv, dout, variant, max_smem=H100_SMEM):
@@ -317,11 +329,11 @@ def selftest_expected(x):
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_emulated_fragment_selftest(emu, dtype):
+def test_emulated_fragment_selftest(emulators, dtype):
     for seed in (fresh_seed(), 1):
         x = selftest_inputs(dtype, seed)
         out = torch.full((4, 16, 16), float("nan"))
-        emu.emu_attention_selftest(emu_dtype(dtype), x.data_ptr(), out.data_ptr())
+        emulators("sm90").emu_attention_selftest(emu_dtype(dtype), x.data_ptr(), out.data_ptr())
         assert torch.equal(out, selftest_expected(x)), f"seed {seed}"
 
 
@@ -329,7 +341,8 @@ def test_emulated_fragment_selftest(emu, dtype):
 # forward's last query block, 9 query tiles behind the backward's first key tile, so every double-buffered stage
 # is refilled many times while the other is read); both head sizes and dtypes; B, H > 1; the packed, stacked and
 # padded layouts; the backward's tiles for an H100, an A100 and an sm_86 (each head size has a big and a small
-# tile, picked by the shared memory per block). Variant 0 on tiny T (it takes a warp barrier per key here).
+# tile, picked by the shared memory per block), each on an emulator built for that GPU's architecture. Variant 0
+# on tiny T (it takes a warp barrier per key here).
 EMU_CASES = [
     (1, 1, 1, 64, "bf16", 1, "packed", "H100"),
     (2, 7, 3, 64, "fp16", 1, "stacked", "sm86"),
@@ -355,12 +368,12 @@ SMEM = {"H100": H100_SMEM, "A100": A100_SMEM, "sm86": SM86_SMEM}
     EMU_CASES,
     ids=["B{}-T{}-H{}-D{}-{}-v{}-{}-{}".format(*c) for c in EMU_CASES],
 )
-def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layout, gpu):
+def test_emulated_kernels_match_reference(emulators, B, T, H, D, dtype, variant, layout, gpu):
     seed = fresh_seed()
     qkv, dout = make_inputs(B, T, H, D, DTYPES[dtype], seed, layout=layout)
     assert qkv.is_contiguous() == (layout == "packed")
     t0 = time.perf_counter()
-    out, lse, dqkv = emu_attention(emu, qkv, dout, variant, SMEM[gpu])
+    out, lse, dqkv = emu_attention(emulators(ARCH[gpu]), qkv, dout, variant, SMEM[gpu])
     check_against_reference(
         f"emu B{B} T{T} H{H} D{D} {dtype} v{variant} {layout} {gpu} s{seed}",
         qkv,
@@ -374,9 +387,13 @@ def test_emulated_kernels_match_reference(emu, B, T, H, D, dtype, variant, layou
 
 def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
     """The fast kernels under ThreadSanitizer: every shared-memory write and read of two different threads
-    must be ordered by a barrier (a __syncthreads left out shows up here as a data race)."""
+    must be ordered by a barrier (a __syncthreads left out shows up here as a data race), and blocks add into dQ
+    with atomics only. Built for sm_80, whose dQ atomics are scalar (test_emulation.py's hardened run has sm_90's
+    float2 ones)."""
     exe = str(tmp_path / "attention_emu_tsan")
-    cmd = emulator_command("attention_emu.cpp", exe, "-g", "-fsanitize=thread", "-DARCANA_EMU_MAIN")
+    cmd = emulator_command(
+        "attention_emu.cpp", exe, "-g", "-fsanitize=thread", "-DARCANA_EMU_MAIN", arch=ARCHS["sm80"]
+    )
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and "tsan" in res.stderr:
         pytest.skip(f"no ThreadSanitizer runtime for g++: {res.stderr.strip().splitlines()[-1]}")

@@ -7,7 +7,8 @@ Three parts:
   it when ARCANA_REQUIRE_KERNELS=1 (CI).
 - CPU emulation: tests/cross_entropy_emu.cpp compiles the kernels and the launcher for the CPU (threads as OS
   threads, shuffles and barriers emulated) and runs every variant, both vector widths and both places the row
-  is kept between the sweeps, on small shapes; needs only g++ and the CUDA headers.
+  is kept between the sweeps, on small shapes, built for sm_90 and for sm_86 (the other branch of the fast
+  kernel's launch bounds); needs only g++ and the CUDA headers.
 - GPU (marker cuda): every variant (torch.ops.arcana._set_variant, set by the `variant` fixture) against a
   float64 reference for fp32/bf16/fp16 at V = 50304, 50257, 1000, 7 and 1, 7, 4097 rows with -1 targets mixed
   in and the outputs poisoned with NaN; out-of-range targets, misaligned rows, input checks, determinism,
@@ -28,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_testing import (
+    ARCHS,
     WorstErrors,
     build_emulator,
     print_after_tests,
@@ -162,13 +164,27 @@ def test_cuda_ops_loss_paths(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    """tests/cross_entropy_emu.cpp built with g++ into a shared library, loaded with ctypes."""
-    lib = build_emulator(tmp_path_factory, "cross_entropy_emu.cpp")
-    P, I, L, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.emu_cross_entropy.argtypes = [I, I, I, I, P, P, P, P, L, I, Fl]
-    lib.emu_cross_entropy.restype = I
-    return lib
+def emulators(tmp_path_factory):
+    """emulators(arch): tests/cross_entropy_emu.cpp built with g++ for architecture arch (ARCHS) into a shared
+    library, loaded with ctypes; each architecture built once."""
+    libs = {}
+
+    def get(arch):
+        if arch not in libs:
+            lib = build_emulator(tmp_path_factory, "cross_entropy_emu.cpp", arch=ARCHS[arch])
+            P, I, L, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+            lib.emu_cross_entropy.argtypes = [I, I, I, I, P, P, P, P, L, I, Fl]
+            lib.emu_cross_entropy.restype = I
+            libs[arch] = lib
+        return libs[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def emu(emulators):
+    """The emulator built for the H100 (sm_90)."""
+    return emulators("sm90")
 
 
 GUARD = 64  # elements after dlogits that must stay untouched
@@ -211,16 +227,24 @@ def emu_run(lib, logits, targets, grad_scale, compute_grad, variant, row_fits, o
 EMU_PATHS = [(0, True), (1, True), (1, False), (2, True)]
 
 
-# small rows in every dtype, GPT-2-sized ones (1024 threads per block) in fp32 and bf16 (emulation time)
-EMU_CASES = [(n, V, dtype) for n, V in [(3, 7), (6, 1000), (2, 4100)] for dtype in DTYPES] + [
-    (n, V, dtype) for n, V in [(3, 50257), (2, 50304)] for dtype in (torch.float32, torch.bfloat16)
-]
+# small rows in every dtype, GPT-2-sized ones (1024 threads per block) in fp32 and bf16 (emulation time), built for
+# sm_90; and on sm_86, whose fast kernel asks one resident block per SM, not two (sm_80's build is sm_90's)
+EMU_CASES = (
+    [(n, V, dtype, "sm90") for n, V in [(3, 7), (6, 1000), (2, 4100)] for dtype in DTYPES]
+    + [
+        (n, V, dtype, "sm90")
+        for n, V in [(3, 50257), (2, 50304)]
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    + [(6, 1000, torch.bfloat16, "sm86"), (2, 50304, torch.bfloat16, "sm86")]
+)
 
 
 @pytest.mark.parametrize(
-    "n,V,dtype", EMU_CASES, ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v)
+    "n,V,dtype,arch", EMU_CASES, ids=lambda v: short(v) if isinstance(v, torch.dtype) else str(v)
 )
-def test_emulated_kernels_match_reference(emu, n, V, dtype):
+def test_emulated_kernels_match_reference(emulators, n, V, dtype, arch):
+    emu = emulators(arch)
     seed = n * 100003 + V
     logits, targets, grad_scale = random_case(n, V, dtype, "cpu", seed)
     ref_losses, ref_grad = reference(logits, targets, grad_scale)

@@ -9,7 +9,8 @@ CudaOps and the check on top, as on a GPU. Select these tests with `-k emulated_
   matches TorchOps with the tolerances of the GPU tests: in float32, and under CPU autocast to bfloat16, which gives
   the ops the dtypes bf16 autocast gives them on a GPU (float32 residual stream, bf16 branch outputs, LayerNorm
   outputs and attention inputs; checked op by op). Fast kernels, plain ones (variant 0) and the cross-entropy's
-  L2 re-read (variant 2).
+  L2 re-read (variant 2), on an emulated H100; the fast ones also on an A100 and an sm_86 GPU, each from a build
+  for its architecture (ARCANA_ARCH: its branches, its shared memory and threads per SM).
 - torch.compile(fullgraph=True) of that model (inductor) runs the emulated ops and matches eager.
 - torch.library.opcheck on every op with real data; contiguous views off a 16-byte boundary through the bindings.
 - The start-of-run check (train_gpt.checked_kernels over csrc.check_kernels) passes the kernels, and catches a
@@ -27,7 +28,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 from emulated_ops import build, run_emulated
-from kernel_testing import ROOT, require_kernels
+from kernel_testing import ARCHS, ROOT, require_kernels
 
 import train_gpt
 from prepare import UserError
@@ -68,9 +69,16 @@ def built(library):
 
 
 @pytest.fixture(scope="session")
-def emulated_library(build_dir):
-    """tests/emu_ops.cpp built from csrc/, or a skip without g++ or the CUDA headers."""
-    return built(build(build_dir))
+def emulated_libraries(build_dir):
+    """emulated_libraries(arch): tests/emu_ops.cpp built from csrc/ for the GPU of architecture arch (ARCHS), or
+    a skip without g++ or the CUDA headers."""
+    return lambda arch: built(build(build_dir, arch=ARCHS[arch]))
+
+
+@pytest.fixture(scope="session")
+def emulated_library(emulated_libraries):
+    """The library on an emulated H100 (sm_90)."""
+    return emulated_libraries("sm90")
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +92,7 @@ def planted_library(build_dir, tmp_path_factory):
     source = gelu.read_text()
     assert source.count(PLANTED_BUG[0]) == 1, "gelu.cu changed: update PLANTED_BUG"
     gelu.write_text(source.replace(*PLANTED_BUG))
-    return built(build(build_dir, root=str(root)))
+    return built(build(build_dir, csrc=str(root / "csrc")))
 
 
 # -----------------------------------------------------------------------------
@@ -92,16 +100,28 @@ def planted_library(build_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "model,dtype,variant",
+    "model,dtype,variant,arch",
     [
-        ("hs64", "bfloat16", "1"),  # vector rows of logits kept in shared memory
-        ("hs64", "bfloat16", "0"),  # the plain kernels
-        ("hs64", "float32", "1"),  # attention on SDPA; the other kernels in float32
-        ("hs128", "bfloat16", "2"),  # odd vocabulary: scalar rows of logits, re-read from L2
+        ("hs64", "bfloat16", "1", "sm90"),  # vector rows of logits kept in shared memory
+        ("hs64", "bfloat16", "0", "sm90"),  # the plain kernels
+        ("hs64", "float32", "1", "sm90"),  # attention on SDPA; the other kernels in float32
+        (
+            "hs128",
+            "bfloat16",
+            "2",
+            "sm90",
+        ),  # odd vocabulary: scalar rows of logits, re-read from L2
+        ("hs64", "bfloat16", "1", "sm80"),  # an A100: dQ's scalar atomics
+        (
+            "hs64",
+            "bfloat16",
+            "1",
+            "sm86",
+        ),  # an sm_86 GPU: the small backward tiles, rows re-read from L2
     ],
 )
-def test_emulated_model_matches_torch_ops(emulated_library, model, dtype, variant):
-    run_emulated(emulated_library, MODULE, "model_matches_torch_ops", model, dtype, variant)
+def test_emulated_model_matches_torch_ops(emulated_libraries, model, dtype, variant, arch):
+    run_emulated(emulated_libraries(arch), MODULE, "model_matches_torch_ops", model, dtype, variant)
 
 
 def test_emulated_model_compiled_matches_eager(emulated_library):

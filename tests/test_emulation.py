@@ -5,7 +5,10 @@
   off a 16-byte boundary, fast kernels against plain ones. AddressSanitizer reports any global access out of its
   buffer, UBSan a misaligned 16-byte access; ThreadSanitizer runs blocks unordered with cp.async copies landing
   when issued, so a missing barrier, a stage refilled while read, or two blocks writing one address without an
-  atomic is a reported race.
+  atomic is a reported race. Built for sm_90 (ARCANA_ARCH), the H100's branches.
+- Launch bounds: every kernel of csrc/ has its __launch_bounds__ checked by the emulators, which refuse a block
+  larger than them, as a GPU's launch fails, and bounds whose resident blocks an SM of the architecture cannot
+  hold (planted in a scratch copy of csrc/).
 - ptxas's resource use of every kernel at sm_80 and sm_90, as the extension is built: no spills, and the
   registers of the block size and resident blocks each kernel's __launch_bounds__ asks for fit an SM.
 """
@@ -16,7 +19,12 @@ import shutil
 import subprocess
 
 import pytest
-from kernel_testing import ROOT, cuda_include_dir, emulator_command
+from kernel_testing import (
+    checked_csrc,
+    cuda_include_dir,
+    emulator_command,
+    with_launch_bounds_checked,
+)
 
 SANITIZERS = {"asan": ["-fsanitize=address"], "tsan": ["-g", "-fsanitize=thread"]}
 
@@ -38,6 +46,69 @@ def test_hardened_emulation(tmp_path, family, sanitizer):
     assert run.returncode == 0, report
     assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, report
     assert "0 mismatches" in run.stdout, report
+
+
+# -----------------------------------------------------------------------------
+# launch bounds: what a GPU refuses at launch, refused by the emulators
+
+# A launch of more threads per block than the kernel's __launch_bounds__, and bounds asking more blocks of
+# threads than an SM of the architecture holds, each planted in a scratch copy of csrc/: (emulator family,
+# architecture, file, text, planted text, the emulator's refusal)
+OVER_BOUNDS = {
+    "block": (
+        "NORM_GELU",
+        900,
+        "gelu.cu",
+        "__launch_bounds__(32 * kBiasRows) gelu_bias_kernel",
+        "__launch_bounds__(128) gelu_bias_kernel",
+        "a block of 256 threads, more than the kernel's __launch_bounds__ (128)",
+    ),
+    "blocks_per_sm": (
+        "CROSS_ENTROPY",
+        860,
+        "cross_entropy.cu",
+        "constexpr int kFastMinBlocks = 1;",
+        "constexpr int kFastMinBlocks = kBlocksPerSm;",
+        "__launch_bounds__(1024, 2) asks 2048 resident threads per SM, an sm_86 SM holds 1536",
+    ),
+}
+
+
+def test_every_kernel_checks_its_launch_bounds():
+    """Each __global__ function of csrc/ is written `__global__ void __launch_bounds__(...) name(...) {`, the form
+    whose bounds the emulators' copy of the sources checks (kernel_testing.with_launch_bounds_checked)."""
+    for name in sorted(os.listdir(checked_csrc())):
+        if name.endswith((".cu", ".cuh")):
+            with open(os.path.join(checked_csrc(), name)) as f:
+                source = f.read()
+            checked = with_launch_bounds_checked(source).count("emu::launch_bounds(")
+            assert checked == source.count("__global__"), (
+                f"{name}: {source.count('__global__')} kernels, {checked} with their launch bounds checked; "
+                "write each as `__global__ void __launch_bounds__(THREADS) name(...) {`"
+            )
+
+
+@pytest.mark.parametrize("case", OVER_BOUNDS)
+def test_launches_beyond_the_launch_bounds_are_refused(tmp_path, monkeypatch, case):
+    """A GPU refuses to launch a block larger than its kernel's __launch_bounds__; so does the emulator (GELU's
+    bias kernel declared for 128 threads and launched with 256). And where the bounds' minimum of resident blocks
+    exceeds an SM of the architecture, ptxas drops it and the register cap it sets; the emulator refuses those
+    bounds (the fast cross-entropy kernel asking 2 blocks of 1024 threads on an sm_86 SM of 1536)."""
+    family, arch, name, text, planted, refusal = OVER_BOUNDS[case]
+    csrc = tmp_path / "csrc"
+    shutil.copytree(checked_csrc(), csrc, ignore=shutil.ignore_patterns("*.so", "*.py*"))
+    source = (csrc / name).read_text()
+    assert source.count(text) == 1, f"{name} changed: update OVER_BOUNDS"
+    (csrc / name).write_text(source.replace(text, planted))
+    monkeypatch.setenv("ARCANA_CSRC", str(csrc))
+    exe = str(tmp_path / "emu")
+    cmd = emulator_command("emu_hardened.cpp", exe, f"-DEMU_{family}", arch=arch)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, (
+        f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    )
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and refusal in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 # -----------------------------------------------------------------------------
@@ -105,7 +176,7 @@ def test_kernels_fit_the_sm_without_spills(tmp_path, nvcc_flags, source, arch):
             *nvcc_flags,
             f"-arch=compute_{arch}",
             "-ptx",
-            os.path.join(ROOT, "csrc", source),
+            os.path.join(checked_csrc(), source),
             "-o",
             ptx,
         ],
