@@ -1,11 +1,12 @@
 """
-ArcanaGPT's CUDA kernels as torch.ops.arcana.*, and the Python half that makes them a drop-in for the model's ops.
+ArcanaGPT's CUDA kernels as torch.ops.arcana.*,
+and the Python half that makes them a drop-in for the model's ops.
 
-`import csrc` loads the compiled extension (csrc/arcana_kernels*.so, built by `python setup.py build_ext
---inplace`), whose C++ side declares every op (ops.cpp) and its CUDA implementation (*.cu); this file then adds
-what torch.compile and autograd need (a fake implementation per op, each forward's backward), the chunked
-lm_head loss, and CudaOps, the kernels behind train_gpt.py's TorchOps interface. The kernels themselves are
-described in csrc/README.md.
+`import csrc` loads the compiled extension (csrc/arcana_kernels*.so, built by
+`python setup.py build_ext --inplace`), whose C++ side declares every op (ops.cpp) and its CUDA
+implementation (*.cu); this file then adds what torch.compile and autograd need (a fake
+implementation per op, each forward's backward), the chunked lm_head loss, and CudaOps, the kernels
+behind train_gpt.py's TorchOps interface. The kernels themselves are described in csrc/README.md.
 """
 
 import math
@@ -96,8 +97,8 @@ def _add_layer_norm_setup(ctx, inputs, output):
 
 
 def _add_layer_norm_backward(ctx, dr, dout, dmean, drstd):
-    # r's gradient: dr from the blocks after it, plus the one through LayerNorm(r); x and y both get it, y in its
-    # own dtype from the same kernel (else autograd would add a cast kernel)
+    # r's gradient: dr from the blocks after it, plus the one through LayerNorm(r); x and y both get
+    # it, y in its own dtype from the same kernel (else autograd would add a cast kernel)
     dx, dweight, dbias, dy = torch.ops.arcana.layer_norm_bwd(
         dout.contiguous(), *ctx.saved_tensors, dr.contiguous(), ctx.y_dtype
     )
@@ -136,8 +137,9 @@ for _op, _backward, _setup in [
 
 
 def cross_entropy_rows(logits, targets, grad_scale, compute_grad):
-    """The PyTorch twin of arcana::cross_entropy_fwd_bwd: per-row cross-entropy (0 where the target is -1) and, with
-    compute_grad, d(sum of losses)/d(logits) * grad_scale in the logits' dtype (else an empty tensor)."""
+    """The PyTorch twin of arcana::cross_entropy_fwd_bwd: per-row cross-entropy (0 where the target
+    is -1) and, with compute_grad, d(sum of losses)/d(logits) * grad_scale in the logits' dtype
+    (else an empty tensor)."""
     valid = targets != -1
     safe = targets.clamp(min=0).unsqueeze(1)
     lf = logits.float()
@@ -167,9 +169,10 @@ def lm_head_loss_op(
     compute_grad: bool,
     use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of logits = h @ weight.T against targets (-1 = ignore), chunk_rows rows at a time so the
-    logits never exist whole. The gradients are made on the way (each chunk's dlogits is used at once and
-    dropped): returns (loss, dh, dweight), the last two empty without compute_grad."""
+    """Mean cross-entropy of logits = h @ weight.T against targets (-1 = ignore), chunk_rows rows at
+    a time so the logits never exist whole. The gradients are made on the way (each chunk's dlogits
+    is used at once and dropped): returns (loss, dh, dweight), the last two empty without
+    compute_grad."""
     h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     count = (t != -1).sum()
     grad_scale = (
@@ -192,7 +195,8 @@ def lm_head_loss_op(
                 dlogits, weight, out=dh[start : start + chunk_rows]
             )  # written in place, no temporary
             if ADDMM_OUT_DTYPE and dlogits.is_cuda and dlogits.dtype != torch.float32:
-                # cuBLAS adds the bf16 product into the fp32 sum itself: no (vocab, C) fp32 temporary per chunk
+                # cuBLAS adds the bf16 product into the fp32 sum itself:
+                # no (vocab, C) fp32 temporary per chunk
                 torch.addmm(dweight, dlogits.t(), hc, out_dtype=torch.float32, out=dweight)
             else:
                 dweight += (dlogits.t() @ hc).float()
@@ -229,8 +233,9 @@ lm_head_loss_op.register_autograd(_lm_head_loss_backward, setup_context=_lm_head
 
 
 def chunked_lm_head_loss(h, weight, targets, chunk_rows=8192, use_kernel=False):
-    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) holding one chunk of (chunk_rows, vocab) logits at
-    a time instead of all (B*T, vocab). Under autocast the matmuls run in the autocast dtype, as F.linear's."""
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) holding one chunk of
+    (chunk_rows, vocab) logits at a time instead of all (B*T, vocab). Under autocast the matmuls run
+    in the autocast dtype, as F.linear's."""
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
@@ -263,10 +268,11 @@ OPS = (
 
 
 class CudaOps:
-    """train_gpt.py's TorchOps interface on the kernels, for the ops named in `kernels` (all by default); the others,
-    and those where a kernel does not apply, call the PyTorch ops it is given. Under autocast the residual stream x
-    is float32 and the branch outputs bf16: the kernels take that pair as it is and give what the PyTorch path
-    gives, but for LayerNorm outputs already in the autocast dtype that the Linear after them would cast them to."""
+    """train_gpt.py's TorchOps interface on the kernels, for the ops named in `kernels`
+    (all by default); the others, and those where a kernel does not apply, call the PyTorch ops it
+    is given. Under autocast the residual stream x is float32 and the branch outputs bf16: the
+    kernels take that pair as it is and give what the PyTorch path gives, but for LayerNorm outputs
+    already in the autocast dtype that the Linear after them would cast them to."""
 
     name = "cuda"
 
@@ -278,8 +284,9 @@ class CudaOps:
                 setattr(self, op, getattr(torch_ops, op))
 
     def layer_norm(self, x, ln):
-        """LayerNorm's output in the dtype of the matmul it feeds (autocast's, else x's): the PyTorch path's float32
-        result rounded once, with no cast kernel after it, nor one for its gradient."""
+        """LayerNorm's output in the dtype of the matmul it feeds (autocast's, else x's): the
+        PyTorch path's float32 result rounded once, with no cast kernel after it, nor one for its
+        gradient."""
         return torch.ops.arcana.layer_norm_fwd(
             x.contiguous(), ln.weight, ln.bias, ln.eps, matmul_dtype(x)
         )[0]
@@ -292,12 +299,13 @@ class CudaOps:
         return r, h
 
     def linear_gelu(self, x, fc):
-        """The matmul without its bias, then one pass over the (B, T, 4C) activation adding the bias and GELU."""
+        """The matmul without its bias,
+        then one pass over the (B, T, 4C) activation adding the bias and GELU."""
         return torch.ops.arcana.gelu_fwd(F.linear(x, fc.weight).contiguous(), fc.bias)
 
     def attention(self, qkv, n_head):
-        """The fused kernel reads q, k and v in place. It takes bf16/fp16 (autocast) and head sizes 64 and 128;
-        float32 runs keep SDPA rather than lose precision to a cast."""
+        """The fused kernel reads q, k and v in place. It takes bf16/fp16 (autocast) and head sizes
+        64 and 128; float32 runs keep SDPA rather than lose precision to a cast."""
         B, T, C3 = qkv.shape
         hs = C3 // (3 * n_head)
         if qkv.dtype not in (torch.bfloat16, torch.float16) or hs not in (64, 128):
@@ -305,8 +313,9 @@ class CudaOps:
         return torch.ops.arcana.attention_fwd(qkv.view(B, T, 3, n_head, hs))[0].view(B, T, C3 // 3)
 
     def lm_head_loss(self, h, weight, targets):
-        """The loss without the full logits; no logits are returned. float16 runs keep the PyTorch path: their
-        GradScaler factor arrives after dlogits (down to 1e-10) would have flushed to zero in fp16."""
+        """The loss without the full logits; no logits are returned. float16 runs keep the PyTorch
+        path: their GradScaler factor arrives after dlogits (down to 1e-10) would have flushed to
+        zero in fp16."""
         if autocast_dtype(h) == torch.float16:
             return self.torch_ops.lm_head_loss(h, weight, targets)
         return None, chunked_lm_head_loss(h, weight, targets, use_kernel=True)
@@ -321,8 +330,9 @@ CHECK_LOSS_ROWS = (
 
 
 class Verdict(NamedTuple):
-    """One op of the start-of-run check: whether its kernels gave PyTorch's results, why not, and the time of one
-    forward and backward with the kernels and with PyTorch's op (ms; NaN where not measured)."""
+    """One op of the start-of-run check: whether its kernels gave PyTorch's results, why not, and
+    the time of one forward and backward with the kernels and with PyTorch's op (ms; NaN where not
+    measured)."""
 
     op: str
     passed: bool
@@ -332,18 +342,19 @@ class Verdict(NamedTuple):
 
 
 class KernelCrash(RuntimeError):
-    """A kernel broke the device during the check (an illegal address, a trap): the CUDA context is lost, and
-    this process can run nothing more on the GPU."""
+    """A kernel broke the device during the check (an illegal address, a trap): the CUDA context is
+    lost, and this process can run nothing more on the GPU."""
 
 
 def check_kernels(
     torch_ops, device, dtype, batch_size, block_size, n_embd, n_head, vocab_size, repeats=10
 ):
-    """Each of the model's ops whose kernels apply to a run of these shapes and dtype (float32, or bfloat16/float16
-    under autocast) run forward and backward on random inputs with CudaOps and with torch_ops: the Verdicts, in
-    OPS order. A result passes where its error against a float32 reference (float64 for float32 runs) is at most
-    twice PyTorch's own plus a floor (the kernel tests' rule); both are then timed, `repeats` calls after a warm-up.
-    The lm_head loss takes at most CHECK_LOSS_ROWS rows. Raises KernelCrash where the device fails."""
+    """Each of the model's ops whose kernels apply to a run of these shapes and dtype (float32, or
+    bfloat16/float16 under autocast) run forward and backward on random inputs with CudaOps and with
+    torch_ops: the Verdicts, in OPS order. A result passes where its error against a float32
+    reference (float64 for float32 runs) is at most twice PyTorch's own plus a floor (the kernel
+    tests' rule); both are then timed, `repeats` calls after a warm-up. The lm_head loss takes at
+    most CHECK_LOSS_ROWS rows. Raises KernelCrash where the device fails."""
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(0)  # the same inputs on every process of a run
     B, T, C = batch_size, block_size, n_embd
@@ -368,9 +379,10 @@ class _Case(NamedTuple):
 
 
 def _check_cases(B, T, C, n_head, V, dtype, device, gen):
-    """{op: _Case} at the run's shapes, for the ops whose kernels apply: attention on bf16/fp16 with head size 64 or
-    128, the lm_head loss but under float16 autocast. The inputs are the model's: a float32 residual stream, branch
-    outputs and activations in the autocast dtype, float32 parameters."""
+    """{op: _Case} at the run's shapes, for the ops whose kernels apply: attention on bf16/fp16 with
+    head size 64 or 128, the lm_head loss but under float16 autocast. The inputs are the model's: a
+    float32 residual stream, branch outputs and activations in the autocast dtype, float32
+    parameters."""
 
     def randn(*shape, scale=1.0, shift=0.0, dt=torch.float32):
         return (torch.randn(shape, generator=gen, device=device) * scale + shift).to(dt)
@@ -420,8 +432,8 @@ def _check_cases(B, T, C, n_head, V, dtype, device, gen):
 
 
 def _run(case, ops, leaves, dtype):
-    """case's op with ops on leaves, forward (under autocast for a 16-bit dtype) and backward: its outputs, then its
-    leaves' gradients."""
+    """case's op with ops on leaves, forward (under autocast for a 16-bit dtype) and backward: its
+    outputs, then its leaves' gradients."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in leaves]
     low = dtype in (torch.bfloat16, torch.float16)
     with torch.autocast(leaves[0].device.type, dtype=dtype if low else None, enabled=low):
@@ -434,7 +446,8 @@ def _run(case, ops, leaves, dtype):
 
 
 def _check_accuracy(op, case, kernels, torch_ops, dtype, device):
-    """ "" where every result of the kernels is within its tolerance, else the first that is not, and why."""
+    """ "" where every result of the kernels is within its tolerance, else the first that is not,
+    and why."""
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(
         "highest"
@@ -456,7 +469,8 @@ def _check_accuracy(op, case, kernels, torch_ops, dtype, device):
     for name, a, b, r in zip(case.names, ours, theirs, ref):
         r = r.double()
         err = (a.double() - r).abs().max().item()
-        # PyTorch's result as the model hands it on: a LayerNorm output in the dtype of the matmul after it
+        # PyTorch's result as the model hands it on:
+        # a LayerNorm output in the dtype of the matmul after it
         err_torch = (b.to(a.dtype).double() - r).abs().max().item()
         tol = 2 * err_torch + floor * r.abs().max().item()
         if not err <= tol:  # NaN fails
@@ -487,7 +501,8 @@ def _synchronize(device):
 
 
 def _raise_if_device_fault(op, e):
-    """A CUDA error (as opposed to an input the op refused) leaves the context broken: KernelCrash."""
+    """A CUDA error (as opposed to an input the op refused)
+    leaves the context broken: KernelCrash."""
     if isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e):
         raise KernelCrash(
             f"the {op} kernels broke the GPU in the start-of-run check ({_first_line(e)})"

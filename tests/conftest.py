@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def arcana():
-    """torch.ops.arcana with the Python half registered, or a skip (a failure under ARCANA_REQUIRE_KERNELS=1)."""
+    """torch.ops.arcana with the Python half registered, or a skip (a failure under
+    ARCANA_REQUIRE_KERNELS=1)."""
     import kernel_testing
     import torch
 
@@ -36,8 +37,9 @@ def arcana():
 
 @pytest.fixture
 def poison(arcana):
-    """While a test runs, every output and scratch buffer of the arcana ops starts as NaN (all bits set), so an
-    element a kernel forgets to write fails the comparison instead of passing on leftover memory."""
+    """While a test runs, every output and scratch buffer of the arcana ops starts as NaN
+    (all bits set), so an element a kernel forgets to write fails the comparison instead of passing
+    on leftover memory."""
     arcana._set_poison(True)
     yield
     arcana._set_poison(False)
@@ -45,10 +47,11 @@ def poison(arcana):
 
 @pytest.fixture
 def variant(arcana, request):
-    """The kernels every arcana op runs while a test runs (torch.ops.arcana._set_variant: 0 plain, 1 fast, 2 fast
-    with cross-entropy rows re-read from L2), from the test's `@pytest.mark.parametrize("variant", [...],
-    indirect=True)`; 1, the default, is restored afterwards whatever happens. (The emulator tests parametrize
-    `variant` directly: they pass it to the launchers themselves and never touch the switch.)"""
+    """The kernels every arcana op runs while a test runs (torch.ops.arcana._set_variant: 0 plain, 1
+    fast, 2 fast with cross-entropy rows re-read from L2), from the test's
+    `@pytest.mark.parametrize("variant", [...], indirect=True)`; 1, the default, is restored
+    afterwards whatever happens. (The emulator tests parametrize `variant` directly: they pass it to
+    the launchers themselves and never touch the switch.)"""
     arcana._set_variant(request.param)
     yield request.param
     arcana._set_variant(1)

@@ -1,11 +1,12 @@
-"""The arcana ops on the CPU, through the emulated kernels: tests/emu_ops.cpp (the csrc/ source, kernels and torch
-bindings, built for the CPU with g++) imported as csrc.arcana_kernels in place of the real extension, so that
-`import csrc` gives torch.ops.arcana.*, autograd, CudaOps and the start-of-run check on CPU tensors.
+"""The arcana ops on the CPU, through the emulated kernels: tests/emu_ops.cpp (the csrc/ source,
+kernels and torch bindings, built for the CPU with g++) imported as csrc.arcana_kernels in place of
+the real extension, so that `import csrc` gives torch.ops.arcana.*, autograd, CudaOps and the
+start-of-run check on CPU tensors.
 
-A process holds one arcana library (each declares the ops' schemas), and pytest's has the real one: the emulated
-one runs in a fresh process, `python tests/emulated_ops.py LIBRARY MODULE FUNCTION [ARG...]`, which loads it,
-imports csrc, then calls MODULE.FUNCTION(*ARGS) (run_emulated does that from a test). Builds are cached by the
-content of every file they compile.
+A process holds one arcana library (each declares the ops' schemas), and pytest's has the real one:
+the emulated one runs in a fresh process, `python tests/emulated_ops.py LIBRARY MODULE FUNCTION
+[ARG...]`, which loads it, imports csrc, then calls MODULE.FUNCTION(*ARGS) (run_emulated does that
+from a test). Builds are cached by the content of every file they compile.
 """
 
 import hashlib
@@ -23,9 +24,9 @@ EMULATOR_FILES = ("emu_ops.cpp", "emu_runtime.h", "attention_emu.h", "kernel_tes
 
 
 def build_command(sources, output, arch):
-    """g++ for tests/emu_ops.cpp with sources/csrc as its csrc/ into output, for architecture arch (ARCANA_ARCH),
-    or None without g++ or the CUDA headers. Alignment-checked (UBSan), as every emulator build: a 16-byte load of
-    misaligned data fails as on a GPU."""
+    """g++ for tests/emu_ops.cpp with sources/csrc as its csrc/ into output, for architecture arch
+    (ARCANA_ARCH), or None without g++ or the CUDA headers. Alignment-checked (UBSan), as every
+    emulator build: a 16-byte load of misaligned data fails as on a GPU."""
     import torch
     from kernel_testing import cuda_include_dir
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -64,10 +65,10 @@ def build_command(sources, output, arch):
 
 
 def build(cache_dir, csrc=None, arch=900):
-    """The emulated library of the kernel sources in csrc (default kernel_testing.checked_csrc()) for architecture
-    arch (ARCANA_ARCH: the emulated GPU is an H100, an A100 or an sm_86 one), built into cache_dir unless a build
-    of the same sources is there (wherever their folder): its path, or None without g++ or the CUDA headers. Fails
-    with g++'s errors."""
+    """The emulated library of the kernel sources in csrc (default kernel_testing.checked_csrc())
+    for architecture arch (ARCANA_ARCH: the emulated GPU is an H100, an A100 or an sm_86 one), built
+    into cache_dir unless a build of the same sources is there (wherever their folder): its path, or
+    None without g++ or the CUDA headers. Fails with g++'s errors."""
     from kernel_testing import checked_csrc, emulator_sources
 
     csrc = csrc or checked_csrc()
@@ -96,8 +97,8 @@ def build(cache_dir, csrc=None, arch=900):
 
 
 def load(library):
-    """Import library (a build of emu_ops.cpp) as csrc.arcana_kernels, then csrc itself, which finds it there: the
-    arcana ops on CPU tensors. Once per process, before anything imports csrc."""
+    """Import library (a build of emu_ops.cpp) as csrc.arcana_kernels, then csrc itself, which finds
+    it there: the arcana ops on CPU tensors. Once per process, before anything imports csrc."""
     assert "csrc" not in sys.modules, "csrc is imported already, with the real extension"
     spec = importlib.util.spec_from_file_location("csrc.arcana_kernels", library)
     module = importlib.util.module_from_spec(spec)
@@ -109,8 +110,9 @@ def load(library):
 
 
 def run_emulated(library, module, function, *args, timeout=600):
-    """module.function(*args) (strings) in a fresh process with the emulated library loaded: its output, or a test
-    failure with it where the function raises (or the emulator aborts: a kernel fault)."""
+    """module.function(*args) (strings) in a fresh process with the emulated library loaded: its
+    output, or a test failure with it where the function raises (or the emulator aborts: a kernel
+    fault)."""
     cmd = [sys.executable, os.path.join(TESTS, "emulated_ops.py"), library, module, function, *args]
     env = {
         **os.environ,

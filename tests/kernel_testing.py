@@ -1,7 +1,7 @@
-"""What the kernel tests (test_kernels.py, test_cross_entropy.py, test_attention.py) share: the rule for a missing
-arcana_kernels extension, building the CPU emulators (tests/*_emu.cpp) with g++, the table of errors printed
-after a module's tests, and short training runs compared through their logs. The `arcana`, `poison` and
-`variant` fixtures are in conftest.py."""
+"""What the kernel tests (test_kernels.py, test_cross_entropy.py, test_attention.py) share: the rule
+for a missing arcana_kernels extension, building the CPU emulators (tests/*_emu.cpp) with g++, the
+table of errors printed after a module's tests, and short training runs compared through their logs.
+The `arcana`, `poison` and `variant` fixtures are in conftest.py."""
 
 import ctypes
 import json
@@ -20,9 +20,9 @@ ROOT = os.path.dirname(TESTS)
 
 
 def require_kernels():
-    """The csrc package (the arcana_kernels extension with the Python half of its ops: fake implementations,
-    autograd, CudaOps), imported: a skip without the built extension, a failure where CI requires it
-    (ARCANA_REQUIRE_KERNELS=1)."""
+    """The csrc package (the arcana_kernels extension with the Python half of its ops: fake
+    implementations, autograd, CudaOps), imported: a skip without the built extension, a failure
+    where CI requires it (ARCANA_REQUIRE_KERNELS=1)."""
     try:
         import csrc
     except ImportError as e:
@@ -58,8 +58,9 @@ def cuda_include_dir():
 
 
 def checked_csrc():
-    """The csrc/ folder that the CPU checks of the kernels compile (the emulators, ptxas): ARCANA_CSRC where it is
-    set (tests/mutations.py points it at a scratch copy with a planted bug), else the repository's."""
+    """The csrc/ folder that the CPU checks of the kernels compile (the emulators, ptxas):
+    ARCANA_CSRC where it is set (tests/mutations.py points it at a scratch copy with a planted bug),
+    else the repository's."""
     return os.environ.get("ARCANA_CSRC") or os.path.join(ROOT, "csrc")
 
 
@@ -68,9 +69,10 @@ KERNEL_HEAD = re.compile(r"__global__\s+void\s+__launch_bounds__\(")
 
 
 def with_launch_bounds_checked(source):
-    """source with each kernel's __launch_bounds__ arguments repeated as the first statement of its body,
-    `emu::launch_bounds(BOUNDS);` (emu_runtime.h), on the line of its `{`: g++ keeps no such attribute, and there
-    the bounds are evaluated as nvcc evaluates them, in the kernel's scope for each instantiation."""
+    """source with each kernel's __launch_bounds__ arguments repeated as the first statement of its
+    body, `emu::launch_bounds(BOUNDS);` (emu_runtime.h), on the line of its `{`: g++ keeps no such
+    attribute, and there the bounds are evaluated as nvcc evaluates them, in the kernel's scope for
+    each instantiation."""
     parts, pos = [], 0
     for m in KERNEL_HEAD.finditer(source):
         depth, end = 1, m.end()
@@ -84,9 +86,9 @@ def with_launch_bounds_checked(source):
 
 
 def emulator_sources(folder, csrc=None):
-    """The kernel sources of csrc (default checked_csrc()) copied into folder/csrc, where the emulators include
-    them from (`#include "csrc/layernorm.cu"`), every kernel checking its launch against its __launch_bounds__
-    (with_launch_bounds_checked); returns folder, for g++'s -I."""
+    """The kernel sources of csrc (default checked_csrc()) copied into folder/csrc, where the
+    emulators include them from (`#include "csrc/layernorm.cu"`), every kernel checking its launch
+    against its __launch_bounds__ (with_launch_bounds_checked); returns folder, for g++'s -I."""
     csrc = csrc or checked_csrc()
     os.makedirs(os.path.join(folder, "csrc"), exist_ok=True)
     for name in sorted(os.listdir(csrc)):
@@ -98,16 +100,16 @@ def emulator_sources(folder, csrc=None):
     return folder
 
 
-# The architectures the emulators are built for (ARCANA_ARCH, emu_runtime.h): the H100, the usual build; the A100,
-# without sm_90's branches; and sm_86, for the branches of neither.
+# The architectures the emulators are built for (ARCANA_ARCH, emu_runtime.h): the H100, the usual
+# build; the A100, without sm_90's branches; and sm_86, for the branches of neither.
 ARCHS = {"sm90": 900, "sm80": 800, "sm86": 860}
 
 
 def emulator_command(source, output, *flags, arch=900):
-    """The g++ command that builds tests/<source> into output with flags for architecture arch (ARCANA_ARCH),
-    compiling the kernels of checked_csrc() (copied next to output); a skip without g++ or the CUDA headers. Every
-    build checks the alignment of each typed access (UBSan), so a 16-byte load or store of misaligned data fails
-    as it would on a GPU."""
+    """The g++ command that builds tests/<source> into output with flags for architecture arch
+    (ARCANA_ARCH), compiling the kernels of checked_csrc() (copied next to output); a skip without
+    g++ or the CUDA headers. Every build checks the alignment of each typed access (UBSan), so a
+    16-byte load or store of misaligned data fails as it would on a GPU."""
     cxx, inc = shutil.which("g++"), cuda_include_dir()
     if cxx is None or inc is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h); set CUDA_HOME")
@@ -130,8 +132,8 @@ def emulator_command(source, output, *flags, arch=900):
 
 
 def build_emulator(tmp_path_factory, source, arch=900):
-    """tests/<source> built with g++ for architecture arch into a shared library, loaded with ctypes (its argtypes
-    are the caller's)."""
+    """tests/<source> built with g++ for architecture arch into a shared library, loaded with ctypes
+    (its argtypes are the caller's)."""
     lib_path = str(tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so"))
     cmd = emulator_command(source, lib_path, "-shared", "-fPIC", arch=arch)
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -146,8 +148,8 @@ def build_emulator(tmp_path_factory, source, arch=900):
 
 
 def format_table(header, rows, left=1):
-    """Rows of cells under header, each column as wide as its widest cell: the first `left` columns (names)
-    left-aligned, the others (numbers) right-aligned."""
+    """Rows of cells under header, each column as wide as its widest cell: the first `left` columns
+    (names) left-aligned, the others (numbers) right-aligned."""
     cells = [list(map(str, header))] + [list(map(str, row)) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return [
@@ -159,7 +161,8 @@ def format_table(header, rows, left=1):
 
 
 def print_after_tests(config, lines):
-    """Write lines to the terminal from a fixture's teardown (also under -q, and with output captured)."""
+    """Write lines to the terminal from a fixture's
+    teardown (also under -q, and with output captured)."""
     if not lines:
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -174,12 +177,13 @@ def print_after_tests(config, lines):
 
 
 class WorstErrors:
-    """The worst error of each kind of result (a key such as op, output, dtype, variant) over a module's tests,
-    relative to its tolerance, for the table printed after them."""
+    """The worst error of each kind of result (a key such as op, output, dtype, variant) over a
+    module's tests, relative to its tolerance, for the table printed after them."""
 
     def __init__(self, *key_names):
         self.key_names = key_names
-        self.worst = {}  # key -> (error / tolerance, shape, error, PyTorch's own error or None, tolerance)
+        # key -> (error / tolerance, shape, error, PyTorch's own error or None, tolerance)
+        self.worst = {}
 
     def record(self, key, shape, err, torch_err, tol):
         """Keep this result if it is the worst of its key so far; True when err is within tol."""
@@ -212,8 +216,9 @@ class WorstErrors:
 
 
 def write_shards(folder, seed, vocab, period, n_train, n_val):
-    """A learnable token stream in train_gpt.py's shard format: a fixed random sequence of `period` tokens
-    below `vocab`, repeated, 5% of them replaced; n_train tokens in one train shard, n_val in the val shard."""
+    """A learnable token stream in train_gpt.py's shard format: a fixed random sequence of `period`
+    tokens below `vocab`, repeated, 5% of them replaced; n_train tokens in one train shard, n_val in
+    the val shard."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     pattern = rng.integers(0, vocab, size=period)
@@ -237,8 +242,8 @@ def read_train_losses(log_dir):
 
 
 def train_losses(args, log_dir, kernels, timeout):
-    """python train_gpt.py with args, --kernels kernels and --log_dir log_dir, in a fresh process: the train
-    loss of every step. The run must succeed and record the kernels it used."""
+    """python train_gpt.py with args, --kernels kernels and --log_dir log_dir, in a fresh process:
+    the train loss of every step. The run must succeed and record the kernels it used."""
     cmd = [sys.executable, "train_gpt.py", *args, "--kernels", kernels, "--log_dir", log_dir]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (

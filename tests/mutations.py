@@ -1,20 +1,22 @@
-"""What the CPU checks of the kernels catch, measured: realistic GPU bugs, by class, planted one at a time in a
-scratch copy of csrc/ and run against the emulated tests that cover the file (ARCANA_CSRC points the emulator
-builds and the ptxas check at the copy; csrc/ itself is never touched). A mutant is killed by the first test that
-fails on it; one that every stage passes SURVIVED.
+"""What the CPU checks of the kernels catch, measured: realistic GPU bugs, by class, planted one at
+a time in a scratch copy of csrc/ and run against the emulated tests that cover the file
+(ARCANA_CSRC points the emulator builds and the ptxas check at the copy; csrc/ itself is never
+touched). A mutant is killed by the first test that fails on it; one that every stage passes
+SURVIVED.
 
     python tests/mutations.py                          # every mutant: hours on two cores
     python tests/mutations.py --classes race,causal    # some classes
     python tests/mutations.py --list                   # the mutants, without running them
     python tests/mutations.py --json results.json      # also write the results
 
-The stages, cheapest first (--all-stages runs every stage of every mutant, to see which ones catch it):
-  emulated  the family's ctypes emulator tests (test_kernels.py, test_cross_entropy.py or test_attention.py,
-            -k emulated; test_attention.py's ThreadSanitizer run among them)
+The stages, cheapest first (--all-stages runs every stage of every mutant, to see which ones
+catch it):
+  emulated  the family's ctypes emulator tests (test_kernels.py, test_cross_entropy.py or
+            test_attention.py, -k emulated; test_attention.py's ThreadSanitizer run among them)
   hardened  test_emulation.py's AddressSanitizer and ThreadSanitizer builds of the family
   ptxas     test_emulation.py's register and spill check of the file's kernels
-  model     test_emulated_model.py: the tiny GPT on the whole library through its bindings (not its planted-bug
-            test, which builds a copy of csrc/ of its own)
+  model     test_emulated_model.py: the tiny GPT on the whole library through its bindings (not its
+            planted-bug test, which builds a copy of csrc/ of its own)
 Not collected by pytest (its name does not start with test_), and not part of CI.
 """
 
@@ -135,7 +137,8 @@ MUTANTS = [
         "race",
         "attention.cu",
         "attention_fwd_kernel: no __syncwarp between the output's staging and its 16-byte stores",
-        "  __syncwarp();\n  constexpr int kChunks = D / 8;\n#pragma unroll\n  for (int it = 0; it < WR * kChunks",
+        "  __syncwarp();\n  constexpr int kChunks = D / 8;\n#pragma unroll\n"
+        "  for (int it = 0; it < WR * kChunks",
         "  constexpr int kChunks = D / 8;\n#pragma unroll\n  for (int it = 0; it < WR * kChunks",
     ),
     M(
@@ -177,7 +180,8 @@ MUTANTS = [
     M(
         "tile",
         "layernorm.cu",
-        "ln_bwd_kernel: per-block partial rows C apart instead of 2 C (dweight of one is dbias of the last)",
+        "ln_bwd_kernel: per-block partial rows C apart instead of 2 C "
+        "(dweight of one is dbias of the last)",
         "float* part_w = part + (int64_t)blockIdx.x * 2 * C;",
         "float* part_w = part + (int64_t)blockIdx.x * C;",
     ),
@@ -198,7 +202,8 @@ MUTANTS = [
     M(
         "tile",
         "cross_entropy.cu",
-        "ce_fast_kernel: the target's place in a vector taken from the loop index, not the vector's",
+        "ce_fast_kernel: the target's place in a vector taken from the loop index, "
+        "not the vector's",
         "const int k = target - jj * N;",
         "const int k = target - j * N;",
     ),
@@ -250,7 +255,8 @@ MUTANTS = [
         "atomic",
         "attention.cu",
         "attention_bwd_kernel, before sm_90: dQ added with plain loads and stores",
-        "            atomicAdd(dst, dq[r][n][2 * hr]);\n            atomicAdd(dst + 1, dq[r][n][2 * hr + 1]);",
+        "            atomicAdd(dst, dq[r][n][2 * hr]);\n"
+        "            atomicAdd(dst + 1, dq[r][n][2 * hr + 1]);",
         "            dst[0] += dq[r][n][2 * hr];\n            dst[1] += dq[r][n][2 * hr + 1];",
     ),
     M(
@@ -263,8 +269,10 @@ MUTANTS = [
     M(
         "atomic",
         "attention.cu",
-        "attention_bwd_kernel, sm_90: dQ added with plain loads and stores instead of float2 atomics",
-        "atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[r][n][2 * hr], dq[r][n][2 * hr + 1]));",
+        "attention_bwd_kernel, sm_90: dQ added with plain loads and stores "
+        "instead of float2 atomics",
+        "atomicAdd(reinterpret_cast<float2*>(dst), "
+        "make_float2(dq[r][n][2 * hr], dq[r][n][2 * hr + 1]));",
         "dst[0] += dq[r][n][2 * hr];\n            dst[1] += dq[r][n][2 * hr + 1];",
     ),
     # -- misaligned vector access: each alignment condition of a fast path
@@ -322,8 +330,10 @@ MUTANTS = [
         "grid",
         "layernorm.cu",
         "ln_fwd_kernel: rows past N not left out of the last row group",
-        "const bool active = owner && row < N;\n    const int64_t off = row * C + (int64_t)j * V;\n    float v[V];",
-        "const bool active = owner;\n    const int64_t off = row * C + (int64_t)j * V;\n    float v[V];",
+        "const bool active = owner && row < N;\n"
+        "    const int64_t off = row * C + (int64_t)j * V;\n    float v[V];",
+        "const bool active = owner;\n"
+        "    const int64_t off = row * C + (int64_t)j * V;\n    float v[V];",
     ),
     M(
         "grid",
@@ -343,9 +353,11 @@ MUTANTS = [
         "grid",
         "cross_entropy.cu",
         "ce_fast_kernel: sweep 1's paired loop runs to the end of the row, the second load past it",
-        "for (; j + stride < nvec; j += 2 * stride) {\n    const Raw r0 = x[j];\n    const Raw r1 = x[j + stride];\n"
+        "for (; j + stride < nvec; j += 2 * stride) {\n"
+        "    const Raw r0 = x[j];\n    const Raw r1 = x[j + stride];\n"
         "    if constexpr (SMEM) {",
-        "for (; j < nvec; j += 2 * stride) {\n    const Raw r0 = x[j];\n    const Raw r1 = x[j + stride];\n"
+        "for (; j < nvec; j += 2 * stride) {\n"
+        "    const Raw r0 = x[j];\n    const Raw r1 = x[j + stride];\n"
         "    if constexpr (SMEM) {",
     ),
     M(
@@ -360,8 +372,10 @@ MUTANTS = [
         "causal",
         "attention.cu",
         "attention_fwd_kernel: the mask hides the diagonal too (>=)",
-        "if (k0 + nt * 8 + frag_col(lane, i) > wq0 + 16 * r + frag_row(lane, i)) s[r][nt][i] = -INFINITY;",
-        "if (k0 + nt * 8 + frag_col(lane, i) >= wq0 + 16 * r + frag_row(lane, i)) s[r][nt][i] = -INFINITY;",
+        "if (k0 + nt * 8 + frag_col(lane, i) > wq0 + 16 * r + frag_row(lane, i)) "
+        "s[r][nt][i] = -INFINITY;",
+        "if (k0 + nt * 8 + frag_col(lane, i) >= wq0 + 16 * r + frag_row(lane, i)) "
+        "s[r][nt][i] = -INFINITY;",
     ),
     M(
         "causal",
@@ -452,7 +466,8 @@ MUTANTS = [
         "bounds",
         "attention.cu",
         "launch_bwd_tiles: the backward's shared memory without its opt-in",
-        "  ARCANA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));\n"
+        "  ARCANA_CUDA_CHECK(cudaFuncSetAttribute(kernel, "
+        "cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));\n"
         "  const dim3 grid(p.B * p.H, (p.T + Cfg::BC - 1) / Cfg::BC);",
         "  const dim3 grid(p.B * p.H, (p.T + Cfg::BC - 1) / Cfg::BC);",
     ),
@@ -522,7 +537,8 @@ PTXAS = {
 
 
 def stages(family):
-    """(name, pytest arguments) of the stages that run a mutant of a file of family, cheapest first."""
+    """(name, pytest arguments) of the stages that run
+    a mutant of a file of family, cheapest first."""
     return [
         ("emulated", [EMULATED[family], "-k", "emulated"]),
         ("hardened", ["tests/test_emulation.py", "-k", f"hardened and {family.upper()}"]),

@@ -1,21 +1,23 @@
 """Causal attention kernels (csrc/attention.cu, torch.ops.arcana.attention_*).
 
 Three parts:
-- CPU: schemas, fake implementations and autograd registration (traced on meta tensors), the clear error
-  for CPU tensors, and CudaOps.attention's fallbacks. Needs the built extension: skipped without it, failed
-  without it when ARCANA_REQUIRE_KERNELS=1 (CI).
-- CPU emulation: tests/attention_emu.cpp compiles the kernels and launchers of csrc/attention.cu for the CPU,
-  with ldmatrix, mma, cp.async and shuffles emulated per warp, and runs them on small shapes, each built for the
-  architecture of the GPU whose tiles it runs (sm_90's float2 atomics for dQ, sm_80's and sm_86's scalar ones);
-  no extension needed, only g++ and the CUDA headers. This checks the kernels' index arithmetic; the GPU part
-  checks the rest.
-- GPU (marker cuda): the fragment self-test first, then both variants (the plain and the fast kernels, chosen
-  with torch.ops.arcana._set_variant by the `variant` fixture) against an fp32 reference for the output, lse and
-  the three gradients, the kernels autograd launches under the switch, the errors, peak memory against SDPA,
-  opcheck, torch.compile and a tiny training run. A table of the errors is printed at the end.
+- CPU: schemas, fake implementations and autograd registration (traced on meta tensors), the clear
+  error for CPU tensors, and CudaOps.attention's fallbacks. Needs the built extension: skipped
+  without it, failed without it when ARCANA_REQUIRE_KERNELS=1 (CI).
+- CPU emulation: tests/attention_emu.cpp compiles the kernels and launchers of csrc/attention.cu for
+  the CPU, with ldmatrix, mma, cp.async and shuffles emulated per warp, and runs them on small
+  shapes, each built for the architecture of the GPU whose tiles it runs (sm_90's float2 atomics for
+  dQ, sm_80's and sm_86's scalar ones); no extension needed, only g++ and the CUDA headers. This
+  checks the kernels' index arithmetic; the GPU part checks the rest.
+- GPU (marker cuda): the fragment self-test first, then both variants (the plain and the fast
+  kernels, chosen with torch.ops.arcana._set_variant by the `variant` fixture) against an fp32
+  reference for the output, lse and the three gradients, the kernels autograd launches under the
+  switch, the errors, peak memory against SDPA, opcheck, torch.compile and a tiny training run. A
+  table of the errors is printed at the end.
 
-Accuracy rule (as FlashAttention's tests): against fp32 math attention on the upcast inputs, each output and
-gradient must be within 2x the error of PyTorch's own SDPA in the same low precision, plus a small floor.
+Accuracy rule (as FlashAttention's tests): against fp32 math attention on the upcast inputs, each
+output and gradient must be within 2x the error of PyTorch's own SDPA in the same low precision,
+plus a small floor.
 """
 
 import ctypes
@@ -52,8 +54,9 @@ def fresh_seed():
 
 def make_inputs(B, T, H, D, dtype, seed, device="cpu", layout="packed"):
     """qkv (B, T, 3, H, D) as the kernels meet it, and dout (B, T, H, D).
-    packed: a view of c_attn's (B, T, 3C) output; stacked: a view of a (3, B, H, T, D) tensor (other strides);
-    padded: rows of 3C + 64 elements of which the last 3C are used (a stride that is not 3C)."""
+    packed: a view of c_attn's (B, T, 3C) output; stacked: a view of a (3, B, H, T, D) tensor
+    (other strides); padded: rows of 3C + 64 elements of which the last 3C are used (a stride that
+    is not 3C)."""
     g = torch.Generator().manual_seed(seed)
     shape = {
         "packed": (B, T, 3 * H * D),
@@ -74,8 +77,9 @@ def make_inputs(B, T, H, D, dtype, seed, device="cpu", layout="packed"):
 
 
 def reference(qkv, dout):
-    """fp32 math attention on the upcast inputs: out (B, T, H, D), lse (B, H, T), dqkv (B, T, 3, H, D).
-    Full fp32 matmuls even where a training run in this process set TF32 ("high")."""
+    """fp32 math attention on the upcast inputs: out (B, T, H, D), lse (B, H, T),
+    dqkv (B, T, 3, H, D). Full fp32 matmuls even where a training run in this process set TF32
+    ("high")."""
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -113,7 +117,8 @@ ROWS = []  # (case, quantity, our error, PyTorch's error, bound, pass, seconds) 
 
 
 def check_against_reference(case, qkv, dout, out, lse, dqkv, seconds=float("nan")):
-    """Assert the 2x rule for out and dQ, dK, dV, and lse within 1e-3 (fp32 on both sides); record the rows."""
+    """Assert the 2x rule for out and dQ, dK, dV,
+    and lse within 1e-3 (fp32 on both sides); record the rows."""
     ref_out, ref_lse, ref_dqkv = reference(qkv, dout)
     low_out, low_dqkv = torch_low_precision(qkv, dout)
     pairs = [("out", out, low_out, ref_out)] + [
@@ -165,7 +170,8 @@ def error_table(request):
 
 SCHEMAS = {
     "attention_fwd": "arcana::attention_fwd(Tensor qkv) -> (Tensor out, Tensor lse)",
-    "attention_bwd": "arcana::attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse) -> Tensor",
+    "attention_bwd": "arcana::attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse)"
+    " -> Tensor",
     "attention_selftest": "arcana::attention_selftest(Tensor x) -> Tensor",
 }
 
@@ -246,8 +252,8 @@ def test_cuda_ops_attention_falls_back_for_float32_and_other_head_sizes():
 
 @pytest.fixture(scope="module")
 def emulators(tmp_path_factory):
-    """emulators(arch): tests/attention_emu.cpp built with g++ for architecture arch (ARCHS) into a shared
-    library, loaded with ctypes; each architecture built once."""
+    """emulators(arch): tests/attention_emu.cpp built with g++ for architecture arch (ARCHS) into a
+    shared library, loaded with ctypes; each architecture built once."""
     libs = {}
 
     def get(arch):
@@ -273,9 +279,11 @@ def emu_qkv_args(qkv):
     return [qkv.data_ptr(), nbytes] + list(qkv.stride()[:4])
 
 
-# Shared memory per block (bytes) that the backward's launcher is told the GPU has: it picks the tiles.
+# Shared memory per block (bytes) that the backward's
+# launcher is told the GPU has: it picks the tiles.
 H100_SMEM, A100_SMEM, SM86_SMEM = 227 * 1024, 163 * 1024, 99 * 1024
-# The architecture each GPU's cases are built for: dQ's float2 atomics on sm_90, scalar ones before it.
+# The architecture each GPU's cases are built for:
+# dQ's float2 atomics on sm_90, scalar ones before it.
 ARCH = {"H100": "sm90", "A100": "sm80", "sm86": "sm86"}
 
 
@@ -315,7 +323,8 @@ def emu_attention(lib, qkv, dout, variant, max_smem=H100_SMEM):
 
 
 def selftest_inputs(dtype, seed):
-    """X, Y, Z: small integers (exact in bf16/fp16 and in every product), X the identity half of the time."""
+    """X, Y, Z: small integers (exact in bf16/fp16 and in every product),
+    X the identity half of the time."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-4, 5, (3, 16, 16), generator=g).float()
     if seed % 2:
@@ -337,12 +346,13 @@ def test_emulated_fragment_selftest(emulators, dtype):
         assert torch.equal(out, selftest_expected(x)), f"seed {seed}"
 
 
-# Variant 1 at awkward sizes: T = 1, below a tile, across tiles, far past them (T = 1025: 17 key tiles in the
-# forward's last query block, 9 query tiles behind the backward's first key tile, so every double-buffered stage
-# is refilled many times while the other is read); both head sizes and dtypes; B, H > 1; the packed, stacked and
-# padded layouts; the backward's tiles for an H100, an A100 and an sm_86 (each head size has a big and a small
-# tile, picked by the shared memory per block), each on an emulator built for that GPU's architecture. Variant 0
-# on tiny T (it takes a warp barrier per key here).
+# Variant 1 at awkward sizes: T = 1, below a tile, across tiles, far past them (T = 1025: 17 key
+# tiles in the forward's last query block, 9 query tiles behind the backward's first key tile, so
+# every double-buffered stage is refilled many times while the other is read); both head sizes and
+# dtypes; B, H > 1; the packed, stacked and padded layouts; the backward's tiles for an H100, an
+# A100 and an sm_86 (each head size has a big and a small tile, picked by the shared memory per
+# block), each on an emulator built for that GPU's architecture. Variant 0 on tiny T (it takes a
+# warp barrier per key here).
 EMU_CASES = [
     (1, 1, 1, 64, "bf16", 1, "packed", "H100"),
     (2, 7, 3, 64, "fp16", 1, "stacked", "sm86"),
@@ -386,10 +396,10 @@ def test_emulated_kernels_match_reference(emulators, B, T, H, D, dtype, variant,
 
 
 def test_emulated_kernels_have_no_shared_memory_races(tmp_path):
-    """The fast kernels under ThreadSanitizer: every shared-memory write and read of two different threads
-    must be ordered by a barrier (a __syncthreads left out shows up here as a data race), and blocks add into dQ
-    with atomics only. Built for sm_80, whose dQ atomics are scalar (test_emulation.py's hardened run has sm_90's
-    float2 ones)."""
+    """The fast kernels under ThreadSanitizer: every shared-memory write and read of two different
+    threads must be ordered by a barrier (a __syncthreads left out shows up here as a data race),
+    and blocks add into dQ with atomics only. Built for sm_80, whose dQ atomics are scalar
+    (test_emulation.py's hardened run has sm_90's float2 ones)."""
     exe = str(tmp_path / "attention_emu_tsan")
     cmd = emulator_command(
         "attention_emu.cpp", exe, "-g", "-fsanitize=thread", "-DARCANA_EMU_MAIN", arch=ARCHS["sm80"]
@@ -499,8 +509,9 @@ def test_strided_layouts(poison, layout, variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [1, 0], indirect=True)
 def test_misaligned_dout_and_out(poison, variant):
-    """dout and out whose data is not 16-byte aligned (contiguous views one element into a buffer) give the
-    gradient of aligned copies: the op copies them rather than hand the kernels misaligned 16-byte loads."""
+    """dout and out whose data is not 16-byte aligned (contiguous views one element into a buffer)
+    give the gradient of aligned copies: the op copies them rather than hand the kernels misaligned
+    16-byte loads."""
     qkv, dout = make_inputs(2, 97, 3, 64, torch.bfloat16, fresh_seed(), device="cuda")
     out, lse = torch.ops.arcana.attention_fwd(qkv)
 
@@ -521,8 +532,8 @@ def test_misaligned_dout_and_out(poison, variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("D", [64, 128])
 def test_bitwise_reproducible_except_dq(arcana, D):
-    """out, lse, dK and dV are the same bits on every run (each block owns its query rows or its keys); only dQ,
-    summed across blocks with fp32 atomics, may differ in the last bits."""
+    """out, lse, dK and dV are the same bits on every run (each block owns its query rows or its
+    keys); only dQ, summed across blocks with fp32 atomics, may differ in the last bits."""
     qkv, dout = make_inputs(2, 1000, 3, D, torch.bfloat16, fresh_seed(), device="cuda")
     runs = [cuda_attention(qkv, dout) for _ in range(3)]
     for out, lse, dqkv in runs[1:]:
@@ -536,9 +547,10 @@ def test_bitwise_reproducible_except_dq(arcana, D):
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [0, 1, 2], indirect=True)
 def test_autograd_runs_the_kernels_the_switch_picks(variant):
-    """The switch is global, so the backward that autograd runs after attention_fwd launches the same kind of
-    kernels as the forward: under _set_variant(0) both directions run the plain kernels, under 1 and 2 (which
-    changes only the cross-entropy kernel) both run the fast ones. The kernels are read off a profile."""
+    """The switch is global, so the backward that autograd runs after attention_fwd launches the
+    same kind of kernels as the forward: under _set_variant(0) both directions run the plain
+    kernels, under 1 and 2 (which changes only the cross-entropy kernel) both run the fast ones. The
+    kernels are read off a profile."""
     qkv, dout = make_inputs(2, 97, 2, 64, torch.bfloat16, fresh_seed(), device="cuda")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
@@ -554,7 +566,8 @@ def test_autograd_runs_the_kernels_the_switch_picks(variant):
     fast = ["attention_fwd_kernel", "attention_bwd_kernel", "attention_bwd_dq_convert_kernel"]
     ran = sorted(k for k in plain + fast if k in names)
     assert ran == sorted(plain if variant == 0 else fast), (
-        f"variant {variant}: the profile shows {ran or 'no attention kernel (no CUDA activity recorded?)'}"
+        f"variant {variant}: the profile shows "
+        f"{ran or 'no attention kernel (no CUDA activity recorded?)'}"
     )
 
 
@@ -596,10 +609,10 @@ def peak_bytes(fn):
 
 @pytest.mark.cuda
 def test_peak_memory_not_above_sdpa():
-    """Training (forward + backward through the model's interface) against PyTorch's default SDPA backend on
-    the same (B, T, 3C) c_attn output; inference likewise, allowing for the fp32 lse (B H T 4 bytes, 1/32 of
-    the output at D = 64) that our forward always returns and PyTorch's no-grad paths may skip. And nothing
-    grows with T^2: doubling T at most doubles our peak."""
+    """Training (forward + backward through the model's interface) against PyTorch's default SDPA
+    backend on the same (B, T, 3C) c_attn output; inference likewise, allowing for the fp32 lse
+    (B H T 4 bytes, 1/32 of the output at D = 64) that our forward always returns and PyTorch's
+    no-grad paths may skip. And nothing grows with T^2: doubling T at most doubles our peak."""
     cuda_ops = require_kernels().CudaOps(TorchOps())
     H, D = 12, 64
 
@@ -653,7 +666,8 @@ def test_opcheck(variant):
 
 @pytest.mark.cuda
 def test_torch_compile_fullgraph():
-    """A c_attn -> attention -> c_proj block compiled with fullgraph=True matches eager, forward and backward."""
+    """A c_attn -> attention -> c_proj block compiled with
+    fullgraph=True matches eager, forward and backward."""
     ops = require_kernels().CudaOps(TorchOps())
     torch.manual_seed(fresh_seed())
     C, H = 256, 4
@@ -691,8 +705,8 @@ def make_shards(folder, n_train=2, tokens=40000, seed=0):
 
 @pytest.mark.cuda
 def test_training_with_cuda_kernels_tracks_torch(tmp_path):
-    """python train_gpt.py --model tiny --kernels cuda vs --kernels torch (head size 64, so the attention
-    kernel runs): the train losses agree within bf16 noise at every step."""
+    """python train_gpt.py --model tiny --kernels cuda vs --kernels torch (head size 64, so the
+    attention kernel runs): the train losses agree within bf16 noise at every step."""
     require_kernels()
     data = make_shards(tmp_path / "data")
     common = [

@@ -1,6 +1,7 @@
-"""bench.py on CPU: the suite dispatcher, flag checks, the suites that run without a GPU on small inputs, the GPU
-suites' clean skip, and the records appended to bench/RESULTS.md. The numbers are measurements, so they are not
-checked beyond being consistent; that each suite runs, prints its table and records what it printed is."""
+"""bench.py on CPU: the suite dispatcher, flag checks, the suites that run without a GPU on small
+inputs, the GPU suites' clean skip, and the records appended to bench/RESULTS.md. The numbers are
+measurements, so they are not checked beyond being consistent; that each suite runs, prints its
+table and records what it printed is."""
 
 import random
 import re
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU paths
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    """bench/RESULTS.md redirected to a temporary folder; yields the path of the file records append to."""
+    """bench/RESULTS.md redirected to a temporary folder;
+    yields the path of the file records append to."""
     (tmp_path / "bench").mkdir()
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "bench.py"))
     return tmp_path / "bench" / "RESULTS.md"
@@ -107,7 +109,8 @@ def test_hellaswag_suite_on_cpu(capsys, results, monkeypatch):
     out = capsys.readouterr().out
     assert "model tiny on synthetic (val-shaped)" in out
     rate = re.search(
-        r"for 2 examples = ([\d.,]+) examples/s: the 10,042-example val split would take ([\d.,]+) s",
+        r"for 2 examples = ([\d.,]+) examples/s: "
+        r"the 10,042-example val split would take ([\d.,]+) s",
         out,
     )
     assert rate, out

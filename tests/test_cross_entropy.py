@@ -1,24 +1,26 @@
-"""The fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu, torch.ops.arcana.cross_entropy_fwd_bwd)
-and the chunked lm_head loss that calls it (csrc/__init__.py: lm_head_loss_op, CudaOps.lm_head_loss).
+"""The fused softmax/cross-entropy/dlogits kernel (csrc/cross_entropy.cu,
+torch.ops.arcana.cross_entropy_fwd_bwd) and the chunked lm_head loss that calls it
+(csrc/__init__.py: lm_head_loss_op, CudaOps.lm_head_loss).
 
 Three parts:
-- CPU: the schema, the fake implementation (meta and fake tensors, torch.compile), the clear error for CPU
-  tensors, CudaOps.lm_head_loss's choice of path. Needs the built extension: skipped without it, failed without
-  it when ARCANA_REQUIRE_KERNELS=1 (CI).
-- CPU emulation: tests/cross_entropy_emu.cpp compiles the kernels and the launcher for the CPU (threads as OS
-  threads, shuffles and barriers emulated) and runs every variant, both vector widths and both places the row
-  is kept between the sweeps, on small shapes, built for sm_90 and for sm_86 (the other branch of the fast
-  kernel's launch bounds); needs only g++ and the CUDA headers.
-- GPU (marker cuda): every variant (torch.ops.arcana._set_variant, set by the `variant` fixture) against a
-  float64 reference for fp32/bf16/fp16 at V = 50304, 50257, 1000, 7 and 1, 7, 4097 rows with -1 targets mixed
-  in and the outputs poisoned with NaN; out-of-range targets, misaligned rows, input checks, determinism,
-  opcheck; the chunked loss against F.cross_entropy on the full logits; a model step with the kernel against
-  TorchOps; the peak memory of a d12-sized loss; and the loss curve of a 200-step d12 run with --kernels cuda
-  against --kernels torch. A table of the worst errors is printed at the end.
+- CPU: the schema, the fake implementation (meta and fake tensors, torch.compile), the clear error
+  for CPU tensors, CudaOps.lm_head_loss's choice of path. Needs the built extension: skipped without
+  it, failed without it when ARCANA_REQUIRE_KERNELS=1 (CI).
+- CPU emulation: tests/cross_entropy_emu.cpp compiles the kernels and the launcher for the CPU
+  (threads as OS threads, shuffles and barriers emulated) and runs every variant, both vector widths
+  and both places the row is kept between the sweeps, on small shapes, built for sm_90 and for sm_86
+  (the other branch of the fast kernel's launch bounds); needs only g++ and the CUDA headers.
+- GPU (marker cuda): every variant (torch.ops.arcana._set_variant, set by the `variant` fixture)
+  against a float64 reference for fp32/bf16/fp16 at V = 50304, 50257, 1000, 7 and 1, 7, 4097 rows
+  with -1 targets mixed in and the outputs poisoned with NaN; out-of-range targets, misaligned rows,
+  input checks, determinism, opcheck; the chunked loss against F.cross_entropy on the full logits; a
+  model step with the kernel against TorchOps; the peak memory of a d12-sized loss; and the loss
+  curve of a 200-step d12 run with --kernels cuda against --kernels torch. A table of the worst
+  errors is printed at the end.
 
-Tolerances: losses (fp32 whatever the input dtype) and fp32 dlogits within 1e-5 of the largest reference value;
-bf16/fp16 dlogits within twice the error of cross_entropy_rows (PyTorch's fp32 softmax rounded once to 16
-bits, the path the kernel replaces), against the same float64 reference.
+Tolerances: losses (fp32 whatever the input dtype) and fp32 dlogits within 1e-5 of the largest
+reference value; bf16/fp16 dlogits within twice the error of cross_entropy_rows (PyTorch's fp32
+softmax rounded once to 16 bits, the path the kernel replaces), against the same float64 reference.
 """
 
 import ctypes
@@ -43,16 +45,17 @@ import train_gpt
 from train_gpt import TorchOps
 
 SCHEMA = (
-    "arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, bool compute_grad) "
-    "-> (Tensor losses, Tensor dlogits)"
+    "arcana::cross_entropy_fwd_bwd(Tensor logits, Tensor targets, Tensor grad_scale, "
+    "bool compute_grad) -> (Tensor losses, Tensor dlogits)"
 )
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def reference(logits, targets, grad_scale, dtype=torch.float64):
-    """(losses, dlogits) computed in dtype from the logits as given (16-bit values upcast exactly). In float32,
-    with dlogits rounded to the logits' dtype, it stands in for csrc.cross_entropy_rows (the PyTorch path the
-    kernel replaces) in the emulator tests, which run without the extension."""
+    """(losses, dlogits) computed in dtype from the logits as given (16-bit values upcast exactly).
+    In float32, with dlogits rounded to the logits' dtype, it stands in for csrc.cross_entropy_rows
+    (the PyTorch path the kernel replaces) in the emulator tests, which run without the
+    extension."""
     x = logits.to(dtype)
     valid = targets != -1
     safe = targets.clamp(min=0)
@@ -65,9 +68,9 @@ def reference(logits, targets, grad_scale, dtype=torch.float64):
 
 
 def random_case(n, V, dtype, device, seed):
-    """Peaked logits like a trained model's (a few large, most small), targets -1 in rows 1, 6, 11, ... and
-    otherwise drawn half from the likely tokens; grad_scale as the chunked loss passes it: 1 / counted rows, a
-    one-element fp32 tensor on the device."""
+    """Peaked logits like a trained model's (a few large, most small), targets -1 in rows 1, 6, 11,
+    ... and otherwise drawn half from the likely tokens; grad_scale as the chunked loss passes it:
+    1 / counted rows, a one-element fp32 tensor on the device."""
     gen = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(n, V, generator=gen, device=device) * 2.0
     hot = torch.randint(0, V, (n, 4), generator=gen, device=device)
@@ -137,9 +140,9 @@ def test_cpu_tensors_get_the_clear_error(arcana):
 
 
 def test_cuda_ops_loss_paths(monkeypatch):
-    """CudaOps.lm_head_loss: the chunked kernel path, without logits, for bf16 and fp32; the full-logits PyTorch
-    path under fp16 autocast, whose GradScaler factor comes too late for dlogits stored in fp16. (The chunked call
-    is replaced here: only the choice is tested.)"""
+    """CudaOps.lm_head_loss: the chunked kernel path, without logits, for bf16 and fp32; the
+    full-logits PyTorch path under fp16 autocast, whose GradScaler factor comes too late for dlogits
+    stored in fp16. (The chunked call is replaced here: only the choice is tested.)"""
     csrc = require_kernels()
     calls = []
     monkeypatch.setattr(
@@ -165,8 +168,8 @@ def test_cuda_ops_loss_paths(monkeypatch):
 
 @pytest.fixture(scope="module")
 def emulators(tmp_path_factory):
-    """emulators(arch): tests/cross_entropy_emu.cpp built with g++ for architecture arch (ARCHS) into a shared
-    library, loaded with ctypes; each architecture built once."""
+    """emulators(arch): tests/cross_entropy_emu.cpp built with g++ for architecture arch (ARCHS)
+    into a shared library, loaded with ctypes; each architecture built once."""
     libs = {}
 
     def get(arch):
@@ -191,8 +194,9 @@ GUARD = 64  # elements after dlogits that must stay untouched
 
 
 def emu_run(lib, logits, targets, grad_scale, compute_grad, variant, row_fits, offset=0):
-    """The launcher on the CPU: (losses, dlogits or None). offset > 0 shifts the logits by that many elements
-    from a 16-byte boundary (the launcher then takes the scalar path, as it would on the GPU)."""
+    """The launcher on the CPU: (losses, dlogits or None). offset > 0 shifts the logits by that many
+    elements from a 16-byte boundary (the launcher then takes the scalar path, as it would on the
+    GPU)."""
     n, V = logits.shape
     store = torch.empty(n * V + offset, dtype=logits.dtype)
     x = store[offset:].view(n, V)
@@ -222,13 +226,15 @@ def emu_run(lib, logits, targets, grad_scale, compute_grad, variant, row_fits, o
     return losses, out[: n * V].view(n, V) if compute_grad else None
 
 
-# (variant, what variant 1 is told about shared memory): the plain kernel, the fast kernel with the row in
-# shared memory, the fast kernel re-reading it (variant 1 where it does not fit, and variant 2)
+# (variant, what variant 1 is told about shared memory): the plain kernel, the fast kernel with the
+# row in shared memory, the fast kernel re-reading it (variant 1 where it does not fit, and
+# variant 2)
 EMU_PATHS = [(0, True), (1, True), (1, False), (2, True)]
 
 
-# small rows in every dtype, GPT-2-sized ones (1024 threads per block) in fp32 and bf16 (emulation time), built for
-# sm_90; and on sm_86, whose fast kernel asks one resident block per SM, not two (sm_80's build is sm_90's)
+# small rows in every dtype, GPT-2-sized ones (1024 threads per block) in fp32 and bf16
+# (emulation time), built for sm_90; and on sm_86, whose fast kernel asks one resident block per SM,
+# not two (sm_80's build is sm_90's)
 EMU_CASES = (
     [(n, V, dtype, "sm90") for n, V in [(3, 7), (6, 1000), (2, 4100)] for dtype in DTYPES]
     + [
@@ -269,7 +275,8 @@ def test_emulated_kernels_match_reference(emulators, n, V, dtype, arch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=short)
 def test_emulated_misaligned_rows_and_no_grad(emu, dtype):
-    """Rows that start off a 16-byte boundary take the scalar path; compute_grad=False writes losses only."""
+    """Rows that start off a 16-byte boundary take the scalar path;
+    compute_grad=False writes losses only."""
     logits, targets, grad_scale = random_case(4, 1024, dtype, "cpu", 7)
     ref_losses, ref_grad = reference(logits, targets, grad_scale)
     for variant, fits in EMU_PATHS:
@@ -283,8 +290,8 @@ def test_emulated_misaligned_rows_and_no_grad(emu, dtype):
 
 
 def test_emulated_out_of_range_targets(emu):
-    """A target outside [-1, V) gives a NaN loss and NaN dlogits for its row only, and no access outside the
-    buffers; -1 gives 0."""
+    """A target outside [-1, V) gives a NaN loss and NaN dlogits for its row only, and no access
+    outside the buffers; -1 gives 0."""
     logits, _, _ = random_case(5, 40, torch.float32, "cpu", 3)
     targets = torch.tensor([3, -2, 40, -1, 10**12])
     for variant, fits in EMU_PATHS:
@@ -296,8 +303,8 @@ def test_emulated_out_of_range_targets(emu):
 
 
 def test_emulated_extreme_logits(emu):
-    """-inf logits (masked tokens) are ignored; a row of one finite value and -inf elsewhere has loss 0 at that
-    value; NaN in a row makes its loss NaN (as PyTorch)."""
+    """-inf logits (masked tokens) are ignored; a row of one finite value and -inf elsewhere has
+    loss 0 at that value; NaN in a row makes its loss NaN (as PyTorch)."""
     V = 64
     logits = torch.randn(3, V)
     logits[0, 5:] = -math.inf
@@ -468,8 +475,9 @@ def rel_err(a, b):
 
 @pytest.mark.cuda
 def test_chunked_loss_with_kernel_equals_cross_entropy(arcana):
-    """fp32: loss and gradients as F.cross_entropy on the full logits, to fp32 rounding. bf16 under autocast:
-    as the TorchOps path (full bf16 logits, F.cross_entropy on their float32 copy), to bf16 rounding."""
+    """fp32: loss and gradients as F.cross_entropy on the full logits, to fp32 rounding. bf16 under
+    autocast: as the TorchOps path (full bf16 logits, F.cross_entropy on their float32 copy), to
+    bf16 rounding."""
     csrc = require_kernels()
     h, weight, targets = lm_head_case(4096, 256, 50304, 0)
     precision = torch.get_float32_matmul_precision()
@@ -523,8 +531,9 @@ def grads_close(model_a, model_b, rtol):
 @pytest.mark.cuda
 @pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compile"])
 def test_model_step_matches_torch_ops(arcana, compile_model):
-    """A GPT forward and backward under bf16 autocast with the chunked kernel loss (eager, and compiled with
-    fullgraph=True) against TorchOps with the same weights: same loss and gradients to bf16 rounding."""
+    """A GPT forward and backward under bf16 autocast with the chunked kernel loss (eager, and
+    compiled with fullgraph=True) against TorchOps with the same weights: same loss and gradients to
+    bf16 rounding."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     mc = train_gpt.GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=4, n_embd=256)
@@ -552,9 +561,9 @@ def test_model_step_matches_torch_ops(arcana, compile_model):
 
 @pytest.mark.cuda
 def test_peak_memory_below_full_logits(arcana):
-    """The d12 lm_head loss at B*T = 16384 rows (C = 768, V = 50304, bf16 autocast), forward and backward: the
-    chunked kernel path peaks far below the full-logits PyTorch path (2 x 824 MB chunks against 1.65 GB of bf16
-    logits plus their fp32 copies)."""
+    """The d12 lm_head loss at B*T = 16384 rows (C = 768, V = 50304, bf16 autocast), forward and
+    backward: the chunked kernel path peaks far below the full-logits PyTorch path (2 x 824 MB
+    chunks against 1.65 GB of bf16 logits plus their fp32 copies)."""
     h, weight, targets = lm_head_case(16384, 768, 50304, 1)
 
     def peak(ops):
@@ -587,11 +596,11 @@ def smooth(values, k=10):
 
 @pytest.mark.cuda
 def test_200_step_loss_curve_matches_torch(arcana, tmp_path):
-    """The issue's end-to-end check: 200 steps of d12 (T = 256, 2048 tokens per step) with --kernels cuda follow
-    --kernels torch within bf16 noise. The noise is measured, not assumed: the distance between the bf16 and the
-    float32 runs of the PyTorch path, both smoothed over 10 steps. The kernels' curve must stay within twice
-    that distance of the bf16 PyTorch curve (plus 0.01 on average, 0.05 at worst, for curves that happen to
-    agree closely), and the loss must fall."""
+    """The issue's end-to-end check: 200 steps of d12 (T = 256, 2048 tokens per step) with --kernels
+    cuda follow --kernels torch within bf16 noise. The noise is measured, not assumed: the distance
+    between the bf16 and the float32 runs of the PyTorch path, both smoothed over 10 steps. The
+    kernels' curve must stay within twice that distance of the bf16 PyTorch curve (plus 0.01 on
+    average, 0.05 at worst, for curves that happen to agree closely), and the loss must fall."""
     data = str(tmp_path / "data")
     write_shards(data, 0, vocab=50257, period=997, n_train=300_000, n_val=20_000)
 
@@ -634,7 +643,8 @@ def test_200_step_loss_curve_matches_torch(arcana, tmp_path):
     d_noise = [abs(a - b) for a, b in zip(smooth(fp32), smooth(ref))]
     mean_cuda, mean_noise = sum(d_cuda) / 200, sum(d_noise) / 200
     print(
-        f"\n200-step d12 loss: torch bf16 {ref[0]:.3f} -> {ref[-1]:.3f}, cuda {cuda[0]:.3f} -> {cuda[-1]:.3f}, "
+        f"\n200-step d12 loss: torch bf16 {ref[0]:.3f} -> {ref[-1]:.3f}, "
+        f"cuda {cuda[0]:.3f} -> {cuda[-1]:.3f}, "
         f"torch fp32 -> {fp32[-1]:.3f}; |cuda - torch| mean {mean_cuda:.4f} max {max(d_cuda):.4f}, "
         f"|fp32 - bf16| mean {mean_noise:.4f} max {max(d_noise):.4f} (10-step means)"
     )

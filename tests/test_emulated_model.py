@@ -1,23 +1,28 @@
-"""The model on the kernels, and the start-of-run check, without a GPU: the whole arcana library built from csrc/ for
-the CPU (tests/emu_ops.cpp: the real kernels, emulated, behind the torch bindings a GPU run goes through) takes
-the place of the extension in a fresh process (tests/emulated_ops.py), where csrc/__init__.py adds autograd,
-CudaOps and the check on top, as on a GPU. Select these tests with `-k emulated_model`.
+"""The model on the kernels, and the start-of-run check, without a GPU: the whole arcana library
+built from csrc/ for the CPU (tests/emu_ops.cpp: the real kernels, emulated, behind the torch
+bindings a GPU run goes through) takes the place of the extension in a fresh process
+(tests/emulated_ops.py), where csrc/__init__.py adds autograd, CudaOps and the check on top, as on a
+GPU. Select these tests with `-k emulated_model`.
 
-- A tiny GPT (2 blocks; head sizes 64 and 128; T = 97 and 120, ragged on every kernel's tiles, with the causal
-  diagonal inside a tile; vocabularies of 1000 and 1001, the cross-entropy kernel's vector and scalar rows) runs
-  forward, backward and 3 AdamW steps through CudaOps on CPU tensors, with every output buffer NaN-poisoned, and
-  matches TorchOps with the tolerances of the GPU tests: in float32, and under CPU autocast to bfloat16, which gives
-  the ops the dtypes bf16 autocast gives them on a GPU (float32 residual stream, bf16 branch outputs, LayerNorm
-  outputs and attention inputs; checked op by op). Fast kernels, plain ones (variant 0) and the cross-entropy's
-  L2 re-read (variant 2), on an emulated H100; the fast ones also on an A100 and an sm_86 GPU, each from a build
-  for its architecture (ARCANA_ARCH: its branches, its shared memory and threads per SM).
+- A tiny GPT (2 blocks; head sizes 64 and 128; T = 97 and 120, ragged on every kernel's tiles, with
+  the causal diagonal inside a tile; vocabularies of 1000 and 1001, the cross-entropy kernel's
+  vector and scalar rows) runs forward, backward and 3 AdamW steps through CudaOps on CPU tensors,
+  with every output buffer NaN-poisoned, and matches TorchOps with the tolerances of the GPU tests:
+  in float32, and under CPU autocast to bfloat16, which gives the ops the dtypes bf16 autocast gives
+  them on a GPU (float32 residual stream, bf16 branch outputs, LayerNorm outputs and attention
+  inputs; checked op by op). Fast kernels, plain ones (variant 0) and the cross-entropy's L2 re-read
+  (variant 2), on an emulated H100; the fast ones also on an A100 and an sm_86 GPU, each from a
+  build for its architecture (ARCANA_ARCH: its branches, its shared memory and threads per SM).
 - torch.compile(fullgraph=True) of that model (inductor) runs the emulated ops and matches eager.
-- torch.library.opcheck on every op with real data; contiguous views off a 16-byte boundary through the bindings.
-- The start-of-run check (train_gpt.checked_kernels over csrc.check_kernels) passes the kernels, and catches a
-  copy of csrc/ built with a planted bug in GELU's backward: --kernels auto falls back to PyTorch's GELU with a
-  warning naming it, --kernels cuda stops naming it. Its choices and lines are also checked on made-up verdicts.
+- torch.library.opcheck on every op with real data;
+  contiguous views off a 16-byte boundary through the bindings.
+- The start-of-run check (train_gpt.checked_kernels over csrc.check_kernels) passes the kernels, and
+  catches a copy of csrc/ built with a planted bug in GELU's backward: --kernels auto falls back to
+  PyTorch's GELU with a warning naming it, --kernels cuda stops naming it. Its choices and lines are
+  also checked on made-up verdicts.
 
-Each emulated test runs one function of this module in its own process (their names do not start with test_).
+Each emulated test runs one function of this module in
+its own process (their names do not start with test_).
 """
 
 import math
@@ -39,8 +44,9 @@ MODELS = {  # GPTConfig fields beside n_layer=2
     "hs128": dict(n_embd=256, n_head=2, block_size=120, vocab_size=1001),
 }
 B = 2  # sequences per batch
-# loss (relative), gradients and the 3 steps' weight updates (norm-relative): in bf16 the GPU model tests' loss and
-# gradient bounds; in float32 the kernels' 1e-5, with room for two blocks of them; the updates twice the gradients'
+# loss (relative), gradients and the 3 steps' weight updates (norm-relative): in bf16 the GPU model
+# tests' loss and gradient bounds; in float32 the kernels' 1e-5, with room for two blocks of them;
+# the updates twice the gradients'
 TOLERANCES = {
     "float32": (1e-5, 1e-4, 2e-4),
     "bfloat16": (1e-2, 5e-2, 1e-1),
@@ -53,7 +59,8 @@ PLANTED_BUG = (  # GELU's backward, fast kernel: the derivative of 2z without it
 
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
-    """Where the emulated libraries are built: pytest's cache folder, which keeps them across sessions."""
+    """Where the emulated libraries are built:
+    pytest's cache folder, which keeps them across sessions."""
     cache = getattr(request.config, "cache", None)  # none under -p no:cacheprovider
     if cache is None:
         return str(tmp_path_factory.mktemp("emulated_ops"))
@@ -70,8 +77,8 @@ def built(library):
 
 @pytest.fixture(scope="session")
 def emulated_libraries(build_dir):
-    """emulated_libraries(arch): tests/emu_ops.cpp built from csrc/ for the GPU of architecture arch (ARCHS), or
-    a skip without g++ or the CUDA headers."""
+    """emulated_libraries(arch): tests/emu_ops.cpp built from csrc/ for the GPU of architecture arch
+    (ARCHS), or a skip without g++ or the CUDA headers."""
     return lambda arch: built(build(build_dir, arch=ARCHS[arch]))
 
 
@@ -137,7 +144,8 @@ def test_emulated_model_misaligned_views(emulated_library):
 
 
 def tiny_gpt(model, dtype):
-    """The TorchOps model and a CudaOps copy of it, a batch, and the autocast of dtype ("float32": none)."""
+    """The TorchOps model and a CudaOps copy of it,
+    a batch, and the autocast of dtype ("float32": none)."""
     import csrc
 
     mc = train_gpt.GPTConfig(n_layer=2, **MODELS[model])
@@ -178,8 +186,8 @@ def model_matches_torch_ops(model, dtype, variant):
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    # the weights' updates: the k-slice of c_attn's bias has a zero gradient, rounding noise that AdamW
-    # normalizes into full steps, so the updates are compared as a whole
+    # the weights' updates: the k-slice of c_attn's bias has a zero gradient, rounding noise that
+    # AdamW normalizes into full steps, so the updates are compared as a whole
     ours_delta = torch.cat([(b - s).flatten() for b, s in zip(ours.parameters(), start)])
     ref_delta = torch.cat([(a - s).flatten() for a, s in zip(ref.parameters(), start)])
     assert rel(ours_delta, ref_delta) <= update_tol, (
@@ -195,8 +203,8 @@ def forward_backward(model, idx, targets, amp):
 
 
 class OpDtypes(torch.utils._python_dispatch.TorchDispatchMode):
-    """{arcana op: {the dtypes of its tensor and dtype arguments, per call}} of the ops dispatched while active (not
-    those an op calls inside: lm_head_loss's cross_entropy_fwd_bwd)."""
+    """{arcana op: {the dtypes of its tensor and dtype arguments, per call}} of the ops dispatched
+    while active (not those an op calls inside: lm_head_loss's cross_entropy_fwd_bwd)."""
 
     def __init__(self):
         super().__init__()
@@ -212,9 +220,9 @@ class OpDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def expected_dtypes(dtype):
-    """What OpDtypes sees of the model: under autocast the residual stream (x, r, dr) float32, the branch outputs
-    (y), LayerNorm outputs, attention and the MLP's activation in the autocast dtype, parameters float32, as on a
-    GPU; in float32 everything float32, with attention on SDPA."""
+    """What OpDtypes sees of the model: under autocast the residual stream (x, r, dr) float32, the
+    branch outputs (y), LayerNorm outputs, attention and the MLP's activation in the autocast dtype,
+    parameters float32, as on a GPU; in float32 everything float32, with attention on SDPA."""
     f, low = "float32", "bfloat16"
     if dtype == f:
         low = f
@@ -236,7 +244,8 @@ def expected_dtypes(dtype):
 
 
 def compiled_matches_eager():
-    """torch.compile(fullgraph=True), inductor: forward and backward of the bf16 model, against eager."""
+    """torch.compile(fullgraph=True), inductor:
+    forward and backward of the bf16 model, against eager."""
     _, model, idx, targets, amp = tiny_gpt("hs64", "bfloat16")
     params = list(model.parameters())
     results = []
@@ -251,8 +260,8 @@ def compiled_matches_eager():
 
 
 def opcheck_every_op():
-    """opcheck (schema, fake implementation, autograd registration, AOT dispatch) with real data, in the model's
-    dtypes; attention_selftest's products."""
+    """opcheck (schema, fake implementation, autograd registration, AOT dispatch) with real data, in
+    the model's dtypes; attention_selftest's products."""
     import csrc
 
     arcana = torch.ops.arcana
@@ -290,15 +299,17 @@ def opcheck_every_op():
 
 
 def off_by_one(t):
-    """A contiguous copy of t whose data starts one element past a 16-byte boundary (as a view at an odd offset)."""
+    """A contiguous copy of t whose data starts one element
+    past a 16-byte boundary (as a view at an odd offset)."""
     buf = torch.empty(t.numel() + 1, dtype=t.dtype)
     buf[1:] = t.detach().reshape(-1)
     return buf[1:].view(t.shape)
 
 
 def misaligned_views():
-    """Contiguous views off a 16-byte boundary go through the bindings to the kernels that take them (the plain ones;
-    attention_bwd copies them) with the results of aligned data, or, for qkv, get the clear error."""
+    """Contiguous views off a 16-byte boundary go through the bindings to the kernels that take them
+    (the plain ones; attention_bwd copies them) with the results of aligned data, or, for qkv, get
+    the clear error."""
     arcana = torch.ops.arcana
     arcana._set_poison(True)
     x, y = torch.randn(3, 40, 128), torch.randn(3, 40, 128).bfloat16()
@@ -364,8 +375,8 @@ def check_config():
 
 
 def start_check_passes():
-    """Every kernel passes at the tiny model's shapes in bf16 (attention and the loss included) and in float32;
-    --kernels cuda then runs them all."""
+    """Every kernel passes at the tiny model's shapes in bf16 (attention and the loss included) and
+    in float32; --kernels cuda then runs them all."""
     import csrc
 
     for dtype, checked in (
@@ -383,8 +394,9 @@ def start_check_passes():
 
 
 def start_check_catches_the_planted_bug():
-    """GELU's backward is wrong (PLANTED_BUG): auto keeps every other kernel that is faster and runs PyTorch's GELU,
-    with one warning line naming it and its error; cuda stops with one line naming it."""
+    """GELU's backward is wrong (PLANTED_BUG): auto keeps every other kernel that is faster and runs
+    PyTorch's GELU, with one warning line naming it and its error; cuda stops with one line naming
+    it."""
     import csrc
 
     verdicts = csrc.check_kernels(
@@ -419,9 +431,9 @@ def fake_check(monkeypatch, csrc, verdicts):
 
 
 def test_emulated_model_start_check_choices(monkeypatch):
-    """auto takes a kernel that passed and is faster, PyTorch's op where the kernel is slower (saying so) or failed
-    (with a warning); cuda every kernel, or a UserError naming the first that failed; a kernel that broke the GPU
-    stops the run with one line pointing at --kernels torch."""
+    """auto takes a kernel that passed and is faster, PyTorch's op where the kernel is slower
+    (saying so) or failed (with a warning); cuda every kernel, or a UserError naming the first that
+    failed; a kernel that broke the GPU stops the run with one line pointing at --kernels torch."""
     csrc = require_kernels()
     verdicts = [
         csrc.Verdict("layer_norm", True, "", 1.0, 2.0),
@@ -439,8 +451,8 @@ def test_emulated_model_start_check_choices(monkeypatch):
     assert lines[1].split() == "layer_norm kernels 1.000 ms, PyTorch 2.000 ms: kernels".split()
     assert lines[2].endswith("ms: PyTorch (faster)")
     assert lines[3] == (
-        "warning: the linear_gelu kernels failed their start-of-run check (dx: max error 0.5 > tolerance "
-        "0.01); using PyTorch's"
+        "warning: the linear_gelu kernels failed their start-of-run check "
+        "(dx: max error 0.5 > tolerance 0.01); using PyTorch's"
     )
     with pytest.raises(
         UserError, match=r"--kernels cuda: the linear_gelu kernels failed their start-of-run "
@@ -464,8 +476,9 @@ def test_emulated_model_start_check_choices(monkeypatch):
 
 
 def test_emulated_model_start_check_tells_errors_from_device_faults(monkeypatch):
-    """csrc.check_kernels, here with the real extension on CPU tensors: an op that refuses its inputs fails its
-    verdict with the op's message; a CUDA error (the context is lost) raises KernelCrash."""
+    """csrc.check_kernels, here with the real extension on CPU tensors: an op that refuses its
+    inputs fails its verdict with the op's message; a CUDA error (the context is lost) raises
+    KernelCrash."""
     csrc = require_kernels()
     mc = check_config()
     args = (
@@ -496,8 +509,8 @@ def test_emulated_model_start_check_tells_errors_from_device_faults(monkeypatch)
 
 
 def test_emulated_model_start_check_agreed_across_processes(monkeypatch):
-    """Under torch.distributed a kernel is used only where every process would use it: the flags are reduced with
-    MIN (here against another process's, [True, True, False, True])."""
+    """Under torch.distributed a kernel is used only where every process would use it: the flags are
+    reduced with MIN (here against another process's, [True, True, False, True])."""
     import torch.distributed as dist
 
     def all_reduce(t, op):

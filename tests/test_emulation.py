@@ -1,16 +1,18 @@
 """What a GPU would see that the kernel tests' emulated runs cannot, checked on the CPU:
 
-- tests/emu_hardened.cpp, one build per kernel family and sanitizer: device shapes and inputs large enough that every
-  persistent and grid-stride loop takes several turns and every partial sum has more partials than a warp, inputs
-  off a 16-byte boundary, fast kernels against plain ones. AddressSanitizer reports any global access out of its
-  buffer, UBSan a misaligned 16-byte access; ThreadSanitizer runs blocks unordered with cp.async copies landing
-  when issued, so a missing barrier, a stage refilled while read, or two blocks writing one address without an
-  atomic is a reported race. Built for sm_90 (ARCANA_ARCH), the H100's branches.
-- Launch bounds: every kernel of csrc/ has its __launch_bounds__ checked by the emulators, which refuse a block
-  larger than them, as a GPU's launch fails, and bounds whose resident blocks an SM of the architecture cannot
-  hold (planted in a scratch copy of csrc/).
-- ptxas's resource use of every kernel at sm_80 and sm_90, as the extension is built: no spills, and the
-  registers of the block size and resident blocks each kernel's __launch_bounds__ asks for fit an SM.
+- tests/emu_hardened.cpp, one build per kernel family and sanitizer: device shapes and inputs large
+  enough that every persistent and grid-stride loop takes several turns and every partial sum has
+  more partials than a warp, inputs off a 16-byte boundary, fast kernels against plain ones.
+  AddressSanitizer reports any global access out of its buffer, UBSan a misaligned 16-byte access;
+  ThreadSanitizer runs blocks unordered with cp.async copies landing when issued, so a missing
+  barrier, a stage refilled while read, or two blocks writing one address without an atomic is a
+  reported race. Built for sm_90 (ARCANA_ARCH), the H100's branches.
+- Launch bounds: every kernel of csrc/ has its __launch_bounds__ checked by the emulators, which
+  refuse a block larger than them, as a GPU's launch fails, and bounds whose resident blocks an SM
+  of the architecture cannot hold (planted in a scratch copy of csrc/).
+- ptxas's resource use of every kernel at sm_80 and sm_90, as the extension is built: no spills, and
+  the registers of the block size and resident blocks each kernel's __launch_bounds__ asks for fit
+  an SM.
 """
 
 import os
@@ -51,9 +53,9 @@ def test_hardened_emulation(tmp_path, family, sanitizer):
 # -----------------------------------------------------------------------------
 # launch bounds: what a GPU refuses at launch, refused by the emulators
 
-# A launch of more threads per block than the kernel's __launch_bounds__, and bounds asking more blocks of
-# threads than an SM of the architecture holds, each planted in a scratch copy of csrc/: (emulator family,
-# architecture, file, text, planted text, the emulator's refusal)
+# A launch of more threads per block than the kernel's __launch_bounds__, and bounds asking more
+# blocks of threads than an SM of the architecture holds, each planted in a scratch copy of csrc/:
+# (emulator family, architecture, file, text, planted text, the emulator's refusal)
 OVER_BOUNDS = {
     "block": (
         "NORM_GELU",
@@ -75,25 +77,28 @@ OVER_BOUNDS = {
 
 
 def test_every_kernel_checks_its_launch_bounds():
-    """Each __global__ function of csrc/ is written `__global__ void __launch_bounds__(...) name(...) {`, the form
-    whose bounds the emulators' copy of the sources checks (kernel_testing.with_launch_bounds_checked)."""
+    """Each __global__ function of csrc/ is written
+    `__global__ void __launch_bounds__(...) name(...) {`, the form whose bounds the emulators' copy
+    of the sources checks (kernel_testing.with_launch_bounds_checked)."""
     for name in sorted(os.listdir(checked_csrc())):
         if name.endswith((".cu", ".cuh")):
             with open(os.path.join(checked_csrc(), name)) as f:
                 source = f.read()
             checked = with_launch_bounds_checked(source).count("emu::launch_bounds(")
             assert checked == source.count("__global__"), (
-                f"{name}: {source.count('__global__')} kernels, {checked} with their launch bounds checked; "
+                f"{name}: {source.count('__global__')} kernels, "
+                f"{checked} with their launch bounds checked; "
                 "write each as `__global__ void __launch_bounds__(THREADS) name(...) {`"
             )
 
 
 @pytest.mark.parametrize("case", OVER_BOUNDS)
 def test_launches_beyond_the_launch_bounds_are_refused(tmp_path, monkeypatch, case):
-    """A GPU refuses to launch a block larger than its kernel's __launch_bounds__; so does the emulator (GELU's
-    bias kernel declared for 128 threads and launched with 256). And where the bounds' minimum of resident blocks
-    exceeds an SM of the architecture, ptxas drops it and the register cap it sets; the emulator refuses those
-    bounds (the fast cross-entropy kernel asking 2 blocks of 1024 threads on an sm_86 SM of 1536)."""
+    """A GPU refuses to launch a block larger than its kernel's __launch_bounds__; so does the
+    emulator (GELU's bias kernel declared for 128 threads and launched with 256). And where the
+    bounds' minimum of resident blocks exceeds an SM of the architecture, ptxas drops it and the
+    register cap it sets; the emulator refuses those bounds (the fast cross-entropy kernel asking 2
+    blocks of 1024 threads on an sm_86 SM of 1536)."""
     family, arch, name, text, planted, refusal = OVER_BOUNDS[case]
     csrc = tmp_path / "csrc"
     shutil.copytree(checked_csrc(), csrc, ignore=shutil.ignore_patterns("*.so", "*.py*"))
@@ -119,8 +124,8 @@ ALLOCATION_UNIT = 256  # registers are given to a warp in units of 256 (8 per th
 
 
 def kernel_launch_bounds(ptx):
-    """{mangled kernel name: (max threads per block, min resident blocks per SM)} from a PTX file's .entry
-    directives (__launch_bounds__ becomes .maxntid and .minnctapersm)."""
+    """{mangled kernel name: (max threads per block, min resident blocks per SM)} from a PTX file's
+    .entry directives (__launch_bounds__ becomes .maxntid and .minnctapersm)."""
     bounds = {}
     for m in re.finditer(r"\.entry\s+(\w+)\s*\((.*?)\)(.*?)\{", ptx, re.S):
         directives = m.group(3)
@@ -132,7 +137,8 @@ def kernel_launch_bounds(ptx):
 
 
 def ptxas_usage(log):
-    """{mangled kernel name: (registers, spill store bytes, spill load bytes)} from `ptxas -v` output."""
+    """{mangled kernel name: (registers, spill store bytes, spill load bytes)}
+    from `ptxas -v` output."""
     usage, name = {}, None
     for line in log.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
@@ -147,7 +153,8 @@ def ptxas_usage(log):
 
 @pytest.fixture(scope="module")
 def nvcc_flags():
-    """nvcc's flags for csrc/*.cu as torch's BuildExtension passes them; a skip without nvcc or torch's headers."""
+    """nvcc's flags for csrc/*.cu as torch's BuildExtension passes them;
+    a skip without nvcc or torch's headers."""
     nvcc, inc = shutil.which("nvcc"), cuda_include_dir()
     if nvcc is None or inc is None:
         pytest.skip("the resource check needs nvcc and the CUDA headers; set CUDA_HOME")

@@ -1,5 +1,5 @@
-"""Every error a user can cause, run as the user runs it: each tool ends with one `error:` line naming the problem,
-a non-zero exit code and no Python traceback."""
+"""Every error a user can cause, run as the user runs it: each tool ends with one `error:` line
+naming the problem, a non-zero exit code and no Python traceback."""
 
 import json
 import os
@@ -34,7 +34,8 @@ TRAIN = [
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A small data folder, a file where a folder belongs, random bytes named like a checkpoint, bad inputs."""
+    """A small data folder, a file where a folder belongs,
+    random bytes named like a checkpoint, bad inputs."""
     d = tmp_path_factory.mktemp("errors")
     os.makedirs(d / "data")
     np.save(d / "data" / "t_val_000000.npy", np.arange(1000, dtype=np.uint16))

@@ -1,6 +1,6 @@
-"""hellaswag.py on CPU without network: hand-made files in the official format, a tiny random GPT scored
-against a one-example-at-a-time reference, batching, fixed shapes, two processes, train_gpt.py's hella
-lines, downloads, and every bad input's message."""
+"""hellaswag.py on CPU without network: hand-made files in the official format, a tiny random GPT
+scored against a one-example-at-a-time reference, batching, fixed shapes, two processes,
+train_gpt.py's hella lines, downloads, and every bad input's message."""
 
 import json
 import os
@@ -22,7 +22,8 @@ BLOCK_SIZE = 64
 
 
 def example(ind, activity, ctx_a, ctx_b, endings, label=None, split="val"):
-    """A row with the official file's fields (ctx is ctx_a and ctx_b joined, as in the released data)."""
+    """A row with the official file's fields
+    (ctx is ctx_a and ctx_b joined, as in the released data)."""
     row = {
         "ind": ind,
         "activity_label": activity,
@@ -222,8 +223,8 @@ def write_jsonl(path, rows):
 
 
 def tiny_gpt(seed=0):
-    """A small random GPT whose choices differ from example to example (a wide embedding init makes the
-    logits decisive instead of near-uniform)."""
+    """A small random GPT whose choices differ from example to example (a wide embedding init makes
+    the logits decisive instead of near-uniform)."""
     torch.manual_seed(seed)
     model = train_gpt.GPT(
         train_gpt.GPTConfig(block_size=BLOCK_SIZE, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
@@ -262,8 +263,8 @@ def checkpoint(tmp_path_factory, model):
 
 @torch.no_grad()
 def reference_losses(model, examples, block_size=BLOCK_SIZE):
-    """The straightforward computation: one example at a time, each ending its own unpadded forward pass.
-    Returns (summed, mean) ending cross-entropies, each (len(examples), 4)."""
+    """The straightforward computation: one example at a time, each ending its own unpadded forward
+    pass. Returns (summed, mean) ending cross-entropies, each (len(examples), 4)."""
     enc = gpt2_encoding()
     sums, means = np.zeros((len(examples), 4)), np.zeros((len(examples), 4))
     for i, ex in enumerate(examples):
@@ -337,7 +338,10 @@ def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypat
         with pytest.raises(UserError) as e:
             fetch("val", str(tmp_path))
         assert (
-            f"could not download http://127.0.0.1:9/hellaswag_val.jsonl to {tmp_path / 'hellaswag_val.jsonl'}"
+            (
+                "could not download http://127.0.0.1:9/hellaswag_val.jsonl "
+                f"to {tmp_path / 'hellaswag_val.jsonl'}"
+            )
             in str(e.value)
             and "fix the network" in str(e.value)
             and "--file" in str(e.value)
@@ -376,7 +380,8 @@ def test_download_without_network_says_where_to_put_the_file(tmp_path, monkeypat
         ),
         (
             '{"ind": 6, "ctx": "x", "endings": ["a", "b", "c"], "label": 0}',
-            r'bad\.jsonl:3: example ind=6 has endings \["a", "b", "c"\]; every example has a list of 4 strings',
+            r'bad\.jsonl:3: example ind=6 has endings \["a", "b", "c"\]; '
+            r"every example has a list of 4 strings",
         ),
         (
             '{"ind": 6, "ctx": "x", "endings": ["a", "b", "c", 4], "label": 0}',
@@ -625,7 +630,7 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
                "indices": s.indices.tolist(), "sum_loss": s.sum_loss.tolist()}}, f)
 del model
 train_gpt.end_distributed()
-"""
+"""  # noqa: E501 (the script's own lines, kept as they run)
 
 
 def test_two_processes_give_the_same_totals(tmp_path, model, checkpoint, short_file):
@@ -765,7 +770,8 @@ def hf_directory(path, model, vocab_size=50257):
 
 
 def test_cli_scores_a_hugging_face_directory(capsys, tmp_path, model, data_file, unbatched):
-    # the unpadded 50,257-token vocabulary has the same weights for every real token: the same scores
+    # the unpadded 50,257-token vocabulary has the same
+    # weights for every real token: the same scores
     code, out, err = run_cli(
         capsys,
         "--model_dir",

@@ -1,28 +1,31 @@
-"""The LayerNorm and GELU ops of the arcana_kernels extension (csrc/layernorm.cu, csrc/gelu.cu, schemas in
-csrc/ops.cpp) and their Python half in csrc/__init__.py (fake implementations, autograd, CudaOps).
+"""The LayerNorm and GELU ops of the arcana_kernels extension (csrc/layernorm.cu, csrc/gelu.cu,
+schemas in csrc/ops.cpp) and their Python half in csrc/__init__.py (fake implementations, autograd,
+CudaOps).
 
-Without a GPU (CI): the module imports (a failure when ARCANA_REQUIRE_KERNELS=1, else a skip), every op has its
-schema, the fake implementations give the right shapes, dtypes and strides on meta and fake tensors, autograd
-reaches every backward op (with the autocast dtypes, and no cast of an activation on the way),
-torch.compile(fullgraph=True) traces through the ops, CPU tensors get the clear error,
-the test-only kernel switch (_set_variant) refuses unknown values, and --kernels cuda is refused on CPU. The
-kernels and their launchers also run under a CPU emulation of the CUDA features they use
-(tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on small awkward shapes and every
-dtype pairing, with fenced NaN-filled outputs, against float64 and bitwise against the float32-output runs;
-with each pointer misaligned in turn (the launchers must take the plain kernels); and with their launch shapes
-read back on an emulated device of several SMs: this checks their index arithmetic, layouts, grids,
-synchronization and reductions before any GPU run.
+Without a GPU (CI): the module imports (a failure when ARCANA_REQUIRE_KERNELS=1, else a skip), every
+op has its schema, the fake implementations give the right shapes, dtypes and strides on meta and
+fake tensors, autograd reaches every backward op (with the autocast dtypes, and no cast of an
+activation on the way), torch.compile(fullgraph=True) traces through the ops, CPU tensors get the
+clear error, the test-only kernel switch (_set_variant) refuses unknown values, and --kernels cuda
+is refused on CPU. The kernels and their launchers also run under a CPU emulation of the CUDA
+features they use (tests/norm_gelu_emu.cpp, built with g++; no extension needed), both variants on
+small awkward shapes and every dtype pairing, with fenced NaN-filled outputs, against float64 and
+bitwise against the float32-output runs; with each pointer misaligned in turn (the launchers must
+take the plain kernels); and with their launch shapes read back on an emulated device of several
+SMs: this checks their index arithmetic, layouts, grids, synchronization and reductions before any
+GPU run.
 
-On a GPU (marker cuda): every op and its backward, plain and fast kernels (torch.ops.arcana._set_variant(0) and
-(1), set by the `variant` fixture), against PyTorch on fresh random inputs at C = 768, 1000, 1024, 1600 (GELU
-also 3072) and 1, 7, 4097, 65536 rows, with every output buffer poisoned with NaN first
-(torch.ops.arcana._set_poison) so an unwritten element fails. Tolerances: fp32 inputs, max-norm relative error
-under 1e-5 against the op in float64; bf16/fp16 inputs, at most twice PyTorch's own bf16/fp16 error against the
-op in fp32 on the same inputs (or under the fp32 tolerance, where PyTorch computes in fp32 too); LayerNorm out
-in bf16/fp16 of float32 x against F.layer_norm in fp32 then cast. Then opcheck, input checks, determinism,
-CudaOps against TorchOps under autocast (no cast kernels either way), a torch.compile(fullgraph=True) GPT, and 50
-training steps with --kernels cuda against --kernels torch. The worst error of each op, output and dtype is
-printed as a table at the end.
+On a GPU (marker cuda): every op and its backward, plain and fast kernels
+(torch.ops.arcana._set_variant(0) and (1), set by the `variant` fixture), against PyTorch on fresh
+random inputs at C = 768, 1000, 1024, 1600 (GELU also 3072) and 1, 7, 4097, 65536 rows, with every
+output buffer poisoned with NaN first (torch.ops.arcana._set_poison) so an unwritten element fails.
+Tolerances: fp32 inputs, max-norm relative error under 1e-5 against the op in float64; bf16/fp16
+inputs, at most twice PyTorch's own bf16/fp16 error against the op in fp32 on the same inputs (or
+under the fp32 tolerance, where PyTorch computes in fp32 too); LayerNorm out in bf16/fp16 of
+float32 x against F.layer_norm in fp32 then cast. Then opcheck, input checks, determinism, CudaOps
+against TorchOps under autocast (no cast kernels either way), a torch.compile(fullgraph=True) GPT,
+and 50 training steps with --kernels cuda against --kernels torch. The worst error of each op,
+output and dtype is printed as a table at the end.
 """
 
 import ctypes
@@ -53,13 +56,15 @@ import train_gpt
 SCHEMAS = {
     "layer_norm_fwd": "arcana::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps,"
     " ScalarType? out_dtype=None) -> (Tensor out, Tensor mean, Tensor rstd)",
-    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps,"
-    " ScalarType? out_dtype=None) -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
-    "layer_norm_bwd": "arcana::layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd,"
-    " Tensor? dr=None, ScalarType? dy_dtype=None)"
+    "add_layer_norm_fwd": "arcana::add_layer_norm_fwd(Tensor x, Tensor y, Tensor weight,"
+    " Tensor bias, float eps, ScalarType? out_dtype=None)"
+    " -> (Tensor r, Tensor out, Tensor mean, Tensor rstd)",
+    "layer_norm_bwd": "arcana::layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean,"
+    " Tensor rstd, Tensor? dr=None, ScalarType? dy_dtype=None)"
     " -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dy)",
     "gelu_fwd": "arcana::gelu_fwd(Tensor x, Tensor? bias=None) -> Tensor",
-    "gelu_bwd": "arcana::gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None) -> (Tensor dx, Tensor dbias)",
+    "gelu_bwd": "arcana::gelu_bwd(Tensor dout, Tensor x, Tensor? bias=None)"
+    " -> (Tensor dx, Tensor dbias)",
     "_set_poison": "arcana::_set_poison(bool enabled) -> ()",
     "_set_variant": "arcana::_set_variant(int variant) -> ()",
 }
@@ -144,7 +149,8 @@ def test_fake_shapes_in_fake_tensor_mode(arcana):
 
 
 class OpLog(TorchDispatchMode):
-    """The aten and arcana ops dispatched while it is active: names, and (name, shape of the first argument)."""
+    """The aten and arcana ops dispatched while it is active:
+    names, and (name, shape of the first argument)."""
 
     def __init__(self):
         super().__init__()
@@ -159,11 +165,12 @@ class OpLog(TorchDispatchMode):
 
 
 def test_autograd_reaches_every_backward_op_on_meta(arcana):
-    """Gradients of every input, with the model's dtypes under autocast: residual stream float32, branch output
-    and MLP activation bfloat16, LayerNorm outputs bfloat16 (the next matmul's), parameters float32. Each
-    gradient comes back in its input's dtype, with no cast of a (B, T, C) tensor on the way: the backward takes
-    the LayerNorm outputs' gradients in bfloat16 and writes y's in bfloat16 itself. (A bias in another dtype than
-    its weight, never in the model, gets its (C,) gradient cast by autograd.)"""
+    """Gradients of every input, with the model's dtypes under autocast: residual stream float32,
+    branch output and MLP activation bfloat16, LayerNorm outputs bfloat16 (the next matmul's),
+    parameters float32. Each gradient comes back in its input's dtype, with no cast of a (B, T, C)
+    tensor on the way: the backward takes the LayerNorm outputs' gradients in bfloat16 and writes
+    y's in bfloat16 itself. (A bias in another dtype than its weight, never in the model, gets its
+    (C,) gradient cast by autograd.)"""
     B, T, C = 2, 5, 16
     bf16 = torch.bfloat16
     x = torch.empty(B, T, C, device="meta", requires_grad=True)
@@ -194,8 +201,8 @@ def test_autograd_reaches_every_backward_op_on_meta(arcana):
 
 
 class NormGeluOps(train_gpt.TorchOps):
-    """TorchOps with this file's ops from CudaOps (LayerNorm, the fused add + LayerNorm, GELU): attention and the
-    loss stay PyTorch's."""
+    """TorchOps with this file's ops from CudaOps (LayerNorm, the fused add + LayerNorm, GELU):
+    attention and the loss stay PyTorch's."""
 
     def __init__(self):
         self.kernels = require_kernels().CudaOps(train_gpt.TorchOps())
@@ -211,12 +218,13 @@ class NormGeluOps(train_gpt.TorchOps):
 
 
 def test_compile_fullgraph_traces_through_the_ops(arcana):
-    """The model with the LayerNorm/GELU kernels compiles with fullgraph=True (no graph break) and runs its
-    backward, with the kernels' ops in the traced graphs and the loss's gradient flowing back through them.
-    Traced with aot_eager's compiler on fake CPU tensors, where the ops' fake implementations stand in for the
-    kernels: no GPU needed. (Not on meta tensors: under torch.compile, aten::nll_loss on the meta device goes to
-    a Python meta kernel instead of its CompositeImplicitAutograd one, so it has no autograd kernel and the
-    traced backward silently starts from zeros instead of the loss's gradient.)"""
+    """The model with the LayerNorm/GELU kernels compiles with fullgraph=True (no graph break) and
+    runs its backward, with the kernels' ops in the traced graphs and the loss's gradient flowing
+    back through them. Traced with aot_eager's compiler on fake CPU tensors, where the ops' fake
+    implementations stand in for the kernels: no GPU needed. (Not on meta tensors: under
+    torch.compile, aten::nll_loss on the meta device goes to a Python meta kernel instead of its
+    CompositeImplicitAutograd one, so it has no autograd kernel and the traced backward silently
+    starts from zeros instead of the loss's gradient.)"""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -284,9 +292,9 @@ def test_kernels_cuda_is_refused_on_cpu():
 
 
 def test_setup_without_a_toolkit_skips_or_fails_when_required():
-    """No CUDA toolkit (a CUDA_HOME without one, and every other place setup.py looks hidden by making
-    include/cuda_runtime.h invisible): setup.py builds nothing, says why and exits 0; ARCANA_REQUIRE_KERNELS=1
-    makes it fail."""
+    """No CUDA toolkit (a CUDA_HOME without one, and every other place setup.py looks hidden by
+    making include/cuda_runtime.h invisible): setup.py builds nothing, says why and exits 0;
+    ARCANA_REQUIRE_KERNELS=1 makes it fail."""
     hide_toolkit = (
         "import os, runpy, sys; isfile = os.path.isfile; "
         "os.path.isfile = lambda p: not str(p).endswith('cuda_runtime.h') and isfile(p); "
@@ -326,7 +334,8 @@ EMU_SHAPE = (
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """tests/norm_gelu_emu.cpp built with g++ into a shared library, loaded with ctypes, on the EMU_SHAPE device."""
+    """tests/norm_gelu_emu.cpp built with g++ into a shared library,
+    loaded with ctypes, on the EMU_SHAPE device."""
     lib = build_emulator(tmp_path_factory, "norm_gelu_emu.cpp")
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.emu_set_shape.argtypes = [I, I, I]
@@ -340,8 +349,8 @@ def emu(tmp_path_factory):
 
 @contextmanager
 def emu_device(emu, sms, blocks_per_sm):
-    """The emulated device with sms SMs on which blocks_per_sm blocks of any kernel fit at once (the occupancy
-    API's answer), while the block runs."""
+    """The emulated device with sms SMs on which blocks_per_sm blocks of any kernel fit at once (the
+    occupancy API's answer), while the block runs."""
     emu.emu_set_shape(sms, 2048, blocks_per_sm)
     try:
         yield
@@ -350,7 +359,8 @@ def emu_device(emu, sms, blocks_per_sm):
 
 
 def emu_launches(emu):
-    """The launches of the last emulated op: [(grid (x, y), block (x, y), dynamic shared memory bytes)]."""
+    """The launches of the last emulated op:
+    [(grid (x, y), block (x, y), dynamic shared memory bytes)]."""
     buf = (ctypes.c_int64 * 40)()
     n = emu.emu_launches(buf, 8)
     return [
@@ -360,8 +370,9 @@ def emu_launches(emu):
 
 
 class Guarded:
-    """An output buffer that starts as NaN (an element left unwritten fails) inside 64 sentinel elements on
-    each side (a write out of bounds fails); the data is 256-byte aligned, or `offset` elements past that."""
+    """An output buffer that starts as NaN (an element left unwritten fails) inside 64 sentinel
+    elements on each side (a write out of bounds fails); the data is 256-byte aligned, or `offset`
+    elements past that."""
 
     PAD = 64
 
@@ -394,7 +405,8 @@ def ptr(t):
 
 
 def misaligned(t, name, which):
-    """t, or where name is `which` a copy of it one element past a 16-byte boundary (None stays None)."""
+    """t, or where name is `which` a copy of it one
+    element past a 16-byte boundary (None stays None)."""
     if t is None or name != which:
         return t
     buf = torch.empty(t.numel() + 1, dtype=t.dtype)
@@ -403,8 +415,9 @@ def misaligned(t, name, which):
 
 
 def emu_ln_forward(emu, variant, x, y, w, b, out_dtype, misalign=None):
-    """layer_norm_fwd (y None) or add_layer_norm_fwd through the real launcher: (r or None, out in out_dtype, mean,
-    rstd). misalign names the one pointer (x, y, r, out, weight, bias) to put one element off 16 bytes."""
+    """layer_norm_fwd (y None) or add_layer_norm_fwd through the real launcher: (r or None, out in
+    out_dtype, mean, rstd). misalign names the one pointer (x, y, r, out, weight, bias) to put one
+    element off 16 bytes."""
     N, C = x.shape
     x, y, w, b = (
         misaligned(t, n, misalign) for t, n in ((x, "x"), (y, "y"), (w, "weight"), (b, "bias"))
@@ -441,8 +454,8 @@ def emu_ln_forward(emu, variant, x, y, w, b, out_dtype, misalign=None):
 
 
 def emu_ln_backward(emu, variant, dout, x, w, mean, rstd, dr, dy_dtype, misalign=None):
-    """layer_norm_bwd through the real launcher: (dx, dy or None, dweight, dbias). misalign as in emu_ln_forward,
-    of dout, x, dr, dx, dy or weight."""
+    """layer_norm_bwd through the real launcher: (dx, dy or None, dweight, dbias). misalign as in
+    emu_ln_forward, of dout, x, dr, dx, dy or weight."""
     N, C = x.shape
     dout, x, w, dr = (
         misaligned(t, n, misalign) for t, n in ((dout, "dout"), (x, "x"), (w, "weight"), (dr, "dr"))
@@ -480,7 +493,8 @@ def emu_ln_backward(emu, variant, dout, x, w, mean, rstd, dr, dy_dtype, misalign
 
 
 def ln_inputs(N, C, dtype, ydtype, out_dtype, seed):
-    """x (mean 1, so a one-pass variance would cancel), y or None, weight, bias, and dout in out's dtype."""
+    """x (mean 1, so a one-pass variance would cancel),
+    y or None, weight, bias, and dout in out's dtype."""
     torch.manual_seed(seed)
     x = (2 * torch.randn(N, C) + 1).to(dtype)
     y = None if ydtype is None else torch.randn(N, C).to(ydtype)
@@ -528,11 +542,12 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 )
 @pytest.mark.parametrize("variant", [0, 1])
 def test_emulated_layer_norm(emu, case, variant):
-    """layer_norm_fwd / add_layer_norm_fwd and layer_norm_bwd (with dr, and y's gradient in y's dtype where it
-    is not x's, for the fused op), run by the real launchers and kernels on the CPU, against float64; outputs
-    NaN-poisoned and fenced. out and dout are in the case's out dtype. Where that differs from x's, or y's
-    gradient is asked for, the results are bitwise those of the run in x's dtype rounded once: the new dtypes
-    change only the loads and stores, never the fp32 arithmetic."""
+    """layer_norm_fwd / add_layer_norm_fwd and layer_norm_bwd (with dr, and y's gradient in y's
+    dtype where it is not x's, for the fused op), run by the real launchers and kernels on the CPU,
+    against float64; outputs NaN-poisoned and fenced. out and dout are in the case's out dtype.
+    Where that differs from x's, or y's gradient is asked for, the results are bitwise those of the
+    run in x's dtype rounded once: the new dtypes change only the loads and stores, never the fp32
+    arithmetic."""
     N, C, dtype, ydtype, odtype = case
     x, y, w, b, dout = ln_inputs(N, C, dtype, ydtype, odtype, seed=N * C + variant)
     r, out, mean, rstd = emu_ln_forward(emu, variant, x, y, w, b, odtype)
@@ -574,17 +589,19 @@ def test_emulated_layer_norm(emu, case, variant):
             emu, variant, dout.to(dtype), src, w, mean, rstd, dr, None
         )
         assert torch.equal(dx, dx_x) and torch.equal(dw, dw_x) and torch.equal(db, db_x), (
-            "the gradients from dout in out's dtype differ from those from the same values in x's dtype"
+            "the gradients from dout in out's dtype differ "
+            "from those from the same values in x's dtype"
         )
         if dy_dtype is not None:
             assert torch.equal(dy, dx.to(dy_dtype)), "dy is not dx rounded once to y's dtype"
 
 
 def test_emulated_misaligned_data_takes_the_plain_kernels(emu):
-    """Each pointer of each op in turn one element past a 16-byte boundary (LayerNorm with the model's dtypes under
-    autocast): variant 1's launchers must run the plain kernels (their 128-bit accesses would fault on a GPU), so
-    its results are bitwise those of variant 0. With aligned data they differ in the last bits (the fast kernels
-    sum in another order, GELU takes another formula): the comparison sees which kernels ran."""
+    """Each pointer of each op in turn one element past a 16-byte boundary (LayerNorm with the
+    model's dtypes under autocast): variant 1's launchers must run the plain kernels (their 128-bit
+    accesses would fault on a GPU), so its results are bitwise those of variant 0. With aligned data
+    they differ in the last bits (the fast kernels sum in another order, GELU takes another
+    formula): the comparison sees which kernels ran."""
     N, C = 5, 200
     x, y, w, b, dout = ln_inputs(N, C, F32, BF16, BF16, seed=0)
     dr = torch.randn(N, C)
@@ -625,10 +642,11 @@ def test_emulated_misaligned_data_takes_the_plain_kernels(emu):
 
 
 def test_emulated_launch_shapes(emu):
-    """The fast kernels' grids, read off the emulator's launches on a device of 3 SMs where 5 blocks of any
-    kernel fit at once: one resident wave (15 blocks) or fewer where there is less work, never an assumed
-    blocks-per-SM figure (the GELU grids once took 8 blocks per SM for granted); LayerNorm rows of up to 256
-    vectors two or more to a block; its shared memory weight and bias (and the backward's combine); results right."""
+    """The fast kernels' grids, read off the emulator's launches on a device of 3 SMs where 5 blocks
+    of any kernel fit at once: one resident wave (15 blocks) or fewer where there is less work,
+    never an assumed blocks-per-SM figure (the GELU grids once took 8 blocks per SM for granted);
+    LayerNorm rows of up to 256 vectors two or more to a block; its shared memory weight and bias
+    (and the backward's combine); results right."""
     with emu_device(emu, 3, 5):
         for dtype, threads, rows in ((F32, 192, 2), (BF16, 96, 5)):
             for N in (100, 3):
@@ -644,7 +662,8 @@ def test_emulated_launch_shapes(emu):
                     ((blocks, 1), (threads, rows), 3 * 768 * 4),
                     ((24, 2), (32, 32), 0),
                 ]
-        # GELU: 200 rows of 16 vectors (one column tile) with bias: 25 row groups of 8 rows, 15 blocks
+        # GELU: 200 rows of 16 vectors (one column tile) with bias:
+        # 25 row groups of 8 rows, 15 blocks
         for dout in (False, True):
             emu_gelu(emu, 1, (200, 64), F32, True, seed=2, backward=dout)
             assert emu_launches(emu)[0] == ((1, 15), (32, 8), 0)
@@ -654,9 +673,9 @@ def test_emulated_launch_shapes(emu):
 
 
 def test_emulated_layer_norm_more_partials_than_a_warp(emu):
-    """On a device of 8 SMs x 5 blocks, 1285 rows of 64 (16 to a block) with the model's dtypes: 40 blocks, each
-    visiting 2 or 3 row groups, and 40 partial sums of dweight/dbias, more than sum_partials_kernel's 32 rows of
-    threads take in one turn."""
+    """On a device of 8 SMs x 5 blocks, 1285 rows of 64 (16 to a block) with the model's dtypes: 40
+    blocks, each visiting 2 or 3 row groups, and 40 partial sums of dweight/dbias, more than
+    sum_partials_kernel's 32 rows of threads take in one turn."""
     N, C = 1285, 64
     x, y, w, b, dout = ln_inputs(N, C, F32, BF16, BF16, seed=4)
     dr = torch.randn(N, C)
@@ -675,9 +694,9 @@ def test_emulated_layer_norm_more_partials_than_a_warp(emu):
 
 
 def emu_gelu(emu, variant, shape, dtype, with_bias, seed, backward=True, misalign=None):
-    """gelu_fwd and, with backward, gelu_bwd through the real launchers: (out, dx or None, dbias or None), checked
-    against float64. misalign names the one pointer (x, out, dout, bias) to put one element off 16 bytes; out
-    stands for dx as well."""
+    """gelu_fwd and, with backward, gelu_bwd through the real launchers: (out, dx or None, dbias or
+    None), checked against float64. misalign names the one pointer (x, out, dout, bias) to put one
+    element off 16 bytes; out stands for dx as well."""
     torch.manual_seed(seed)
     x = (3 * torch.randn(shape)).to(dtype)
     C, n = shape[-1], math.prod(shape)
@@ -730,9 +749,9 @@ def emu_gelu(emu, variant, shape, dtype, with_bias, seed, backward=True, misalig
 )
 @pytest.mark.parametrize("variant", [0, 1])
 def test_emulated_gelu(emu, case, variant):
-    """gelu_fwd and gelu_bwd (dx, dbias) through the real launchers and kernels on the CPU, against float64:
-    flat with a tail (1001 columns: 7007 elements), with bias on the 2-D tiles, 1001-wide bias rows (the plain
-    fallback), one row."""
+    """gelu_fwd and gelu_bwd (dx, dbias) through the real launchers and kernels on the CPU, against
+    float64: flat with a tail (1001 columns: 7007 elements), with bias on the 2-D tiles, 1001-wide
+    bias rows (the plain fallback), one row."""
     shape, dtype, with_bias = case
     emu_gelu(emu, variant, shape, dtype, with_bias, seed=math.prod(shape) + variant)
 
@@ -761,8 +780,9 @@ def seed():
 
 
 def check(op, name, ours, ref, torch_lowp, variant, seed, shape):
-    """ours against ref (float64 for fp32 inputs, fp32 for 16-bit ones); torch_lowp is PyTorch's own result on
-    the 16-bit inputs (None for fp32). Errors are max-norm: max |a - ref|, relative to max |ref| for fp32."""
+    """ours against ref (float64 for fp32 inputs, fp32 for 16-bit ones); torch_lowp is PyTorch's own
+    result on the 16-bit inputs (None for fp32). Errors are max-norm: max |a - ref|, relative to
+    max |ref| for fp32."""
     ours = ours.detach()
     assert torch.isfinite(ours).all(), (
         f"{op} {name}: non-finite values (an element left unwritten, still NaN "
@@ -789,10 +809,11 @@ def reference_dtype(dtype):
 
 
 def ln_reference(x, weight, bias, dout, y=None, dr=None, round_to=None):
-    """LayerNorm of r = x (+ y) and its gradients (dr, if given, is the gradient arriving at r) with PyTorch in
-    x's dtype: (r, out, dx, dy, dweight, dbias). With round_to, PyTorch's 16-bit result as it computes one for
-    16-bit inputs and float32 weights: in fp32, with r rounded to round_to before it is normalized (it is
-    stored) and r, out, dx, dy rounded at the end; dweight and dbias stay float32, as the weights."""
+    """LayerNorm of r = x (+ y) and its gradients (dr, if given, is the gradient arriving at r) with
+    PyTorch in x's dtype: (r, out, dx, dy, dweight, dbias). With round_to, PyTorch's 16-bit result
+    as it computes one for 16-bit inputs and float32 weights: in fp32, with r rounded to round_to
+    before it is normalized (it is stored) and r, out, dx, dy rounded at the end; dweight and dbias
+    stay float32, as the weights."""
     x = x.detach().requires_grad_()
     weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
     inputs = [x, weight, bias]
@@ -828,8 +849,8 @@ def ln_reference(x, weight, bias, dout, y=None, dr=None, round_to=None):
 @pytest.mark.parametrize("C", WIDTHS)
 @pytest.mark.parametrize("N", ROWS)
 def test_layer_norm(arcana, poison, seed, N, C, dtype, variant):
-    """layer_norm_fwd (out, mean, rstd) and layer_norm_bwd (dx, dweight, dbias), weights in float32 as the
-    model's; x has a non-zero mean so a one-pass variance would show its cancellation."""
+    """layer_norm_fwd (out, mean, rstd) and layer_norm_bwd (dx, dweight, dbias), weights in float32
+    as the model's; x has a non-zero mean so a one-pass variance would show its cancellation."""
     x = (2 * torch.randn(N, C, device="cuda") + 3).to(dtype)
     weight, bias = ln_params(C, "cuda")
     dout = torch.randn(N, C, device="cuda").to(dtype)
@@ -879,7 +900,8 @@ ADD_DTYPES = [
 @pytest.mark.parametrize("C", WIDTHS)
 @pytest.mark.parametrize("N", ROWS)
 def test_add_layer_norm(arcana, poison, seed, N, C, dtypes, variant):
-    """add_layer_norm_fwd (r, out, mean, rstd) and its backward: layer_norm_bwd on r with the incoming dr."""
+    """add_layer_norm_fwd (r, out, mean, rstd) and its backward:
+    layer_norm_bwd on r with the incoming dr."""
     xdt, ydt = dtypes
     x = (2 * torch.randn(N, C, device="cuda") + 1).to(xdt)
     y = torch.randn(N, C, device="cuda").to(ydt)
@@ -923,11 +945,12 @@ OUT_DTYPES = [
 @pytest.mark.parametrize("C", WIDTHS)
 @pytest.mark.parametrize("N", ROWS)
 def test_layer_norm_out_in_the_autocast_dtype(arcana, poison, seed, N, C, dtypes, variant):
-    """x float32 (the residual stream) and out_dtype bf16/fp16, as CudaOps calls them under autocast, without and
-    with the fused add of a y in that dtype. out against PyTorch's path, F.layer_norm in float32 then the cast the
-    next Linear makes (2x its error against float64), and bitwise our own float32 out rounded once. The backward
-    takes dout in out's dtype and gives y's gradient in y's dtype: dx, dweight and dbias bitwise those from the
-    same dout in float32, dy bitwise that dx rounded once (PyTorch's autograd casts r's gradient for y)."""
+    """x float32 (the residual stream) and out_dtype bf16/fp16, as CudaOps calls them under
+    autocast, without and with the fused add of a y in that dtype. out against PyTorch's path,
+    F.layer_norm in float32 then the cast the next Linear makes (2x its error against float64), and
+    bitwise our own float32 out rounded once. The backward takes dout in out's dtype and gives y's
+    gradient in y's dtype: dx, dweight and dbias bitwise those from the same dout in float32, dy
+    bitwise that dx rounded once (PyTorch's autograd casts r's gradient for y)."""
     ydt, odt = dtypes
     x = 2 * torch.randn(N, C, device="cuda") + 1
     y = None if ydt is None else torch.randn(N, C, device="cuda").to(ydt)
@@ -983,9 +1006,10 @@ def test_layer_norm_out_in_the_autocast_dtype(arcana, poison, seed, N, C, dtypes
 @pytest.mark.parametrize("variant", [0, 1], indirect=True)
 @pytest.mark.parametrize("shape", [(5, 37), (3, 2, 100), (4, 2056), (3, 8192)], ids=str)
 def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, variant):
-    """Rows whose bytes are not a multiple of 16 (C = 37, C = 100 in bf16), 3-D inputs, and rows too wide for the
-    fast forward (C = 8192: its weight and bias would take 64 KB of shared memory) or for any fast kernel (C = 8192
-    in fp32) run correctly with either variant (variant 1 falls back to the plain kernels)."""
+    """Rows whose bytes are not a multiple of 16 (C = 37, C = 100 in bf16), 3-D inputs, and rows too
+    wide for the fast forward (C = 8192: its weight and bias would take 64 KB of shared memory) or
+    for any fast kernel (C = 8192 in fp32) run correctly with either variant (variant 1 falls back
+    to the plain kernels)."""
     for dtype in DTYPES:
         x = torch.randn(shape, device="cuda").to(dtype)
         C = shape[-1]
@@ -1023,7 +1047,8 @@ def test_layer_norm_shapes_off_the_fast_path(arcana, poison, seed, shape, varian
 
 @pytest.mark.cuda
 def test_layer_norm_weights_in_low_precision(arcana, poison, seed):
-    """weight and bias in the input's dtype (a model cast with .to(bfloat16)): gradients come back in it."""
+    """weight and bias in the input's dtype
+    (a model cast with .to(bfloat16)): gradients come back in it."""
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(4097, 768, device="cuda").to(dtype)
         weight, bias = ln_params(768, "cuda", dtype)
@@ -1058,8 +1083,9 @@ def gelu_reference(x, bias, dout):
 
 
 def gelu_torch_lowp(x, bias, dout):
-    """PyTorch's 16-bit version as the model runs it: under autocast the bias is added in the matmul and u
-    rounded to x's dtype; GELU and its gradient in that dtype; dbias is the sum of the 16-bit gradients."""
+    """PyTorch's 16-bit version as the model runs it: under autocast the bias is added in the matmul
+    and u rounded to x's dtype; GELU and its gradient in that dtype; dbias is the sum of the 16-bit
+    gradients."""
     u = x if bias is None else (x.float() + bias.float()).to(x.dtype)
     out = F.gelu(u, approximate="tanh")
     dx = torch.ops.aten.gelu_backward(dout, u, approximate="tanh")
@@ -1100,8 +1126,8 @@ def test_gelu(arcana, poison, seed, N, C, dtype, with_bias, variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [0, 1], indirect=True)
 def test_gelu_shapes_off_the_fast_path(arcana, poison, seed, variant):
-    """A flat tail (numel not a multiple of 8), a misaligned view (offset by one element), a bias row of 1001
-    (not a multiple of 8), and a 3-D input all run correctly."""
+    """A flat tail (numel not a multiple of 8), a misaligned view (offset by one element), a bias
+    row of 1001 (not a multiple of 8), and a 3-D input all run correctly."""
     base = torch.randn(7 * 1001 + 1, device="cuda")
     cases = [
         (base[: 7 * 1001].view(7, 1001), False),
@@ -1147,7 +1173,8 @@ def test_gelu_shapes_off_the_fast_path(arcana, poison, seed, variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [0, 1], indirect=True)
 def test_opcheck(arcana, variant):
-    """torch.library.opcheck: schema, autograd registration, fake tensors and AOT dispatch of every op."""
+    """torch.library.opcheck: schema, autograd registration,
+    fake tensors and AOT dispatch of every op."""
     N, C = 7, 1000
     for dtype in DTYPES:
         x = torch.randn(N, C, device="cuda").to(dtype).requires_grad_()
@@ -1187,7 +1214,8 @@ def test_bad_inputs_get_clear_errors(arcana):
         (lambda: arcana.layer_norm_fwd(x, w, b.cpu(), EPS), r"bias must be a CUDA tensor, got cpu"),
         (
             lambda: arcana.add_layer_norm_fwd(x.bfloat16(), x, w, b, EPS),
-            r"y of dtype Float does not go with x of dtype BFloat16; it must be x's dtype, or x must be float32",
+            r"y of dtype Float does not go with x of dtype BFloat16; "
+            r"it must be x's dtype, or x must be float32",
         ),
         (
             lambda: arcana.layer_norm_fwd(x.half(), w, b, EPS, torch.bfloat16),
@@ -1239,8 +1267,8 @@ def test_bad_inputs_get_clear_errors(arcana):
 
 @pytest.mark.cuda
 def test_backward_reductions_are_deterministic(arcana):
-    """dweight, dbias (LayerNorm, in bf16 and in the model's autocast dtypes) and dbias (GELU) come from
-    fixed-order sums: bitwise equal run to run."""
+    """dweight, dbias (LayerNorm, in bf16 and in the model's autocast dtypes) and dbias (GELU) come
+    from fixed-order sums: bitwise equal run to run."""
     w, b = ln_params(768, "cuda")
     for x, dout, dr, dy_dtype in (
         (torch.randn(65536, 768, device="cuda", dtype=torch.bfloat16),) * 2 + (None, None),
@@ -1267,11 +1295,12 @@ def test_backward_reductions_are_deterministic(arcana):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=short)
 def test_cuda_ops_match_torch_ops_under_autocast(arcana, seed, dtype):
-    """CudaOps against TorchOps with the model's dtypes under autocast: the float32 residual stream, 16-bit branch
-    outputs and MLP activations. LayerNorm outputs come in the autocast dtype, TorchOps's float32 ones as the
-    Linear after them rounds them; r stays float32. Through those Linears and back: x's gradient in float32, y's
-    in y's dtype, the LayerNorm weights' in float32, all as TorchOps's, and no cast kernel (aten::_to_copy)
-    anywhere, where TorchOps runs one each way at each LayerNorm."""
+    """CudaOps against TorchOps with the model's dtypes under autocast: the float32 residual stream,
+    16-bit branch outputs and MLP activations. LayerNorm outputs come in the autocast dtype,
+    TorchOps's float32 ones as the Linear after them rounds them; r stays float32. Through those
+    Linears and back: x's gradient in float32, y's in y's dtype, the LayerNorm weights' in float32,
+    all as TorchOps's, and no cast kernel (aten::_to_copy) anywhere, where TorchOps runs one each
+    way at each LayerNorm."""
     C = 768
     ln = torch.nn.LayerNorm(C).cuda()
     fc = torch.nn.Linear(C, 4 * C).cuda()
@@ -1287,7 +1316,8 @@ def test_cuda_ops_match_torch_ops_under_autocast(arcana, seed, dtype):
     douts = [torch.randn(4, 64, C, device="cuda", dtype=t) for t in (dtype, torch.float32, dtype)]
 
     def layer_norms(ops):
-        """h1 = LN(x), (r, h2) = (x + y, LN(x + y)) and the gradients through h1 @ m, r and h2 @ m, profiled."""
+        """h1 = LN(x), (r, h2) = (x + y, LN(x + y)) and the
+        gradients through h1 @ m, r and h2 @ m, profiled."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             with torch.autocast("cuda", dtype=dtype):
                 h1 = ops.layer_norm(x, ln)
@@ -1338,8 +1368,8 @@ def grads_close(model_a, model_b, rtol):
 
 @pytest.mark.cuda
 def test_compiled_model_with_kernels_matches_eager_torch(arcana, seed):
-    """A torch.compile(fullgraph=True) GPT with the kernels, forward and backward under bf16 autocast, against
-    the eager PyTorch model with the same weights."""
+    """A torch.compile(fullgraph=True) GPT with the kernels, forward and backward under bf16
+    autocast, against the eager PyTorch model with the same weights."""
     torch._dynamo.reset()
     mc = train_gpt.GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=4, n_embd=256)
     ref = train_gpt.GPT(mc, train_gpt.TorchOps()).cuda()
@@ -1359,8 +1389,9 @@ def test_compiled_model_with_kernels_matches_eager_torch(arcana, seed):
 
 @pytest.mark.cuda
 def test_training_with_kernels_matches_torch(arcana, tmp_path, seed):
-    """50 steps of the tiny model: the loss curve with --kernels cuda follows --kernels torch within bf16
-    tolerance (2% per step, the drift of 50 steps of bf16 rounding differences), and it goes down."""
+    """50 steps of the tiny model: the loss curve with --kernels cuda follows --kernels torch within
+    bf16 tolerance (2% per step, the drift of 50 steps of bf16 rounding differences), and it goes
+    down."""
     data = str(tmp_path / "data")
     write_shards(
         data, seed, vocab=1000, period=97, n_train=40000, n_val=8192

@@ -1,4 +1,5 @@
-"""plot.py: parsing edge cases, the summary numbers, errors, --watch, and real PNGs from synthetic logs."""
+"""plot.py: parsing edge cases, the summary numbers,
+errors, --watch, and real PNGs from synthetic logs."""
 
 import json
 import math
@@ -30,8 +31,8 @@ def fake_run(steps=600, val_every=100, seed=0, extra_stream=None):
 
 
 def write_log(folder, lines, tail="", tokens_per_step=None):
-    """folder/log.txt; with tokens_per_step, a run.json beside it as train_gpt.py writes (build-nanogpt: none).
-    tail is appended raw: a line still being written."""
+    """folder/log.txt; with tokens_per_step, a run.json beside it as train_gpt.py writes
+    (build-nanogpt: none). tail is appended raw: a line still being written."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "log.txt"), "w") as f:
         f.write("".join(line + "\n" for line in lines) + tail)

