@@ -592,10 +592,16 @@ def run_stage(args, csrc, timeout):
         raise SystemExit(f"no tests selected by {' '.join(args)}")
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
     nodes = NODE.findall(out)
-    test = failed[0] if failed else nodes[-1] if nodes else "(pytest crashed)"
+    if failed:
+        test = failed[0]
+    elif nodes:
+        test = nodes[-1]
+    else:
+        test = "(pytest crashed)"
     causes = CAUSE.findall(out)
     cause = causes[0] if causes else f"exit code {res.returncode}"
-    if "building the emulator failed" in out or "building the emulated library failed" in out:
+    # the raised message, not the assert source that pytest prints for any failure of the test
+    if re.search(r"Error: building the emulat(or|ed library) failed", out):
         cause = "DOES NOT COMPILE: " + cause
     return test.split("::", 1)[-1] if "::" in test else test, " ".join(cause.split())[:160]
 
