@@ -4,7 +4,7 @@ a time in a scratch copy of csrc/ and run against the emulated tests that cover 
 touched). A mutant is killed by the first test that fails on it; one that every stage passes
 SURVIVED.
 
-    python tests/mutations.py                          # every mutant: hours on two cores
+    python tests/mutations.py                          # every mutant: about an hour on two cores
     python tests/mutations.py --classes race,causal    # some classes
     python tests/mutations.py --list                   # the mutants, without running them
     python tests/mutations.py --json results.json      # also write the results
