@@ -13,7 +13,15 @@ import zipfile
 
 import pytest
 import torch
-from test_train import ROOT, SCRIPT, SMALL, make_shards, read_log, run_script
+from test_train import (
+    SCRIPT,
+    SMALL,
+    make_shards,
+    read_log,
+    run_script,
+    start_script,
+    wait_for_steps,
+)
 
 import prepare
 import train_gpt
@@ -22,22 +30,6 @@ import train_gpt
 @pytest.fixture
 def data_dir(tmp_path):
     return make_shards(tmp_path / "data")
-
-
-def start_script(args, launcher=None, output=subprocess.PIPE):
-    cmd = (launcher or [sys.executable]) + [SCRIPT] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=output, stderr=output, text=True, env=env)
-
-
-def wait_for_steps(log_dir, steps, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(os.path.join(log_dir, "log.txt")):
-            if len(read_log(log_dir, "train")) >= steps:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{log_dir} did not reach {steps} steps")
 
 
 def last_error(stderr):

@@ -84,6 +84,23 @@ def run_script(args, env=None, timeout=300, launcher=None):
     )
 
 
+def start_script(args, launcher=None, output=subprocess.PIPE):
+    """train_gpt.py started in the background, as run_script runs it."""
+    cmd = (launcher or [sys.executable]) + [SCRIPT] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=output, stderr=output, text=True, env=env)
+
+
+def wait_for_steps(log_dir, steps, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(log_dir, "log.txt")):
+            if len(read_log(log_dir, "train")) >= steps:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{log_dir} did not reach {steps} steps")
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     return make_shards(tmp_path / "data")
@@ -685,20 +702,8 @@ def test_sigterm_checkpoints_and_resume_matches(data_dir, tmp_path):
     # every part runs with the same thread count:
     # float sums on CPU are bitwise reproducible only then
     assert run_script(args + ["--log_dir", full]).returncode == 0
-    proc = subprocess.Popen(
-        [sys.executable, SCRIPT] + args + ["--log_dir", interrupted],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    log_txt = os.path.join(interrupted, "log.txt")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.exists(log_txt) and len(read_log(interrupted, "train")) >= 2:
-            break
-        time.sleep(0.05)
+    proc = start_script(args + ["--log_dir", interrupted])
+    wait_for_steps(interrupted, 2, timeout=120)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -708,7 +713,7 @@ def test_sigterm_checkpoints_and_resume_matches(data_dir, tmp_path):
     stopped_at = checkpoints[0][0]
     assert 2 <= stopped_at < 12 and len(read_log(interrupted, "train")) == stopped_at
     assert run_script(args + ["--log_dir", interrupted, "--resume", "auto"]).returncode == 0
-    with open(os.path.join(full, "log.txt")) as f, open(log_txt) as g:
+    with open(os.path.join(full, "log.txt")) as f, open(os.path.join(interrupted, "log.txt")) as g:
         assert g.read() == f.read()
 
 
